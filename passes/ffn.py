@@ -1,0 +1,329 @@
+"""Find the non-gated GELU feed-forward networks of a graph.
+
+An FFN is ``[Reshape] → MatMul|Gemm(x, W1) → [Add b1] → [Reshape|Cast] → GELU →
+[Reshape|Cast] → MatMul|Gemm(·, W2) → [Add b2]`` with constant, unshared weights
+and no intermediate value used outside it. Every GELU that is not such an FFN,
+and every ReLU/SiLU between two projections, is reported with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from tardis_onnx.graph import GraphIndex, attribute, node_label
+from tardis_onnx.passes.gelu import GeluMatch, anchors, match_gelu
+
+# Nodes allowed between a projection and the GELU: layout-only or dtype-only.
+_PASSTHROUGH = {"Reshape", "Cast", "Identity"}
+_OTHER_ACTIVATIONS = {"Relu": "ReLU", "Sigmoid": "SiLU/Swish", "LeakyRelu": "LeakyReLU", "Softplus": "Softplus"}
+
+
+@dataclass
+class FfnMatch:
+    """One foldable FFN: ``output = GELU(x·W1 + b1)·W2 + b2``, weights as float64 arrays."""
+
+    name: str
+    gelu: GeluMatch
+    x: str
+    output: str
+    w1: np.ndarray  # [d, h]
+    b1: np.ndarray | None  # [h]
+    w2: np.ndarray  # [h, d_out]
+    b2: np.ndarray | None  # [d_out]
+    dtype: np.dtype  # the model's compute dtype for this FFN
+    nodes: list[onnx.NodeProto]
+    preactivation: str  # the value to capture in calibration (plus ``preactivation_bias``)
+    preactivation_bias: np.ndarray | None
+    preactivation_dtype: np.dtype
+
+    @property
+    def hidden(self) -> int:
+        return int(self.w1.shape[1])
+
+
+@dataclass
+class Refusal:
+    """A candidate that is left unchanged, with the reason (stable ``rule`` name + message)."""
+
+    name: str
+    rule: str
+    reason: str
+
+
+class _Refuse(Exception):
+    def __init__(self, rule: str, reason: str) -> None:
+        super().__init__(reason)
+        self.rule = rule
+        self.reason = reason
+
+
+def find_ffns(model: onnx.ModelProto) -> tuple[list[FfnMatch], list[Refusal]]:
+    """Every foldable FFN of the main graph, and every refused candidate with its reason."""
+    index = GraphIndex(model.graph)
+    matches: list[FfnMatch] = []
+    refusals: list[Refusal] = []
+    claimed: set[int] = set()
+    for anchor in anchors(index):
+        if id(anchor) in claimed:
+            continue
+        gelu = match_gelu(index, anchor)
+        if isinstance(gelu, str):
+            if _between_projections(index, anchor):
+                refusals.append(Refusal(anchor.name or anchor.op_type, "not-gelu", gelu))
+            continue
+        claimed.update(id(n) for n in gelu.nodes)
+        try:
+            matches.append(_match_ffn(index, gelu))
+        except _Refuse as refusal:
+            refusals.append(Refusal(_name_of(gelu.nodes[0].name), refusal.rule, refusal.reason))
+    for node in index.graph.node:
+        kind = _OTHER_ACTIVATIONS.get(node.op_type)
+        if kind and _between_projections(index, node):
+            reason = f"{kind} activation, not GELU: TARDIS folds GELU FFNs only"
+            if node.op_type == "Sigmoid":
+                reason = "gated FFN (SiLU/SwiGLU): the product of two projections does not fold into one matrix"
+            refusals.append(Refusal(_name_of(node.name), "not-gelu", reason))
+    _make_unique([m for m in matches])
+    return matches, refusals
+
+
+def _match_ffn(index: GraphIndex, gelu: GeluMatch) -> FfnMatch:
+    nodes = list(gelu.nodes)
+    # Upstream: [bias Add] ← projection.
+    value, b1_parts = gelu.input, []
+    if gelu.bias is not None:
+        b1_parts.append(_const(index, gelu.bias, "first bias"))
+    value, skipped = _skip_passthrough_up(index, value)
+    nodes += skipped
+    node = index.producer.get(value)
+    if node is not None and node.op_type == "Add":
+        bias, other = _split_constant(index, node)
+        if bias is not None:
+            b1_parts.append(bias)
+            nodes.append(node)
+            value, skipped = _skip_passthrough_up(index, other)
+            nodes += skipped
+            node = index.producer.get(value)
+    if node is None or node.op_type not in ("MatMul", "Gemm"):
+        what = node.op_type if node is not None else "a graph input"
+        raise _Refuse("no-first-projection", f"GELU input comes from {what}, not a MatMul/Gemm with constant weights")
+    x, w1, gemm_bias = _projection(index, node, "W1")
+    nodes.append(node)
+    if gemm_bias is not None:
+        b1_parts.append(gemm_bias)
+    # Downstream: projection → [bias Add].
+    value, skipped = _skip_passthrough_down(index, gelu.output)
+    nodes += skipped
+    users = index.consumers_of(value)
+    if value in index.graph_outputs:
+        raise _Refuse("gelu-output-shared", f"GELU output '{value}' is also a graph output")
+    if len(users) != 1:
+        raise _Refuse("gelu-output-shared", f"GELU output '{value}' is used by {len(users)} nodes")
+    node = users[0]
+    if node.op_type == "Mul":
+        raise _Refuse("gated", "gated FFN (GeGLU): the GELU output is multiplied by another projection")
+    if node.op_type not in ("MatMul", "Gemm") or node.input[0] != value:
+        raise _Refuse("no-second-projection", f"GELU output feeds {node.op_type} '{node.name}', not a MatMul/Gemm")
+    _, w2, b2 = _projection(index, node, "W2")
+    nodes.append(node)
+    output = node.output[0]
+    users = index.consumers_of(output)
+    if b2 is None and len(users) == 1 and users[0].op_type == "Add" and output not in index.graph_outputs:
+        bias, _ = _split_constant(index, users[0])
+        if bias is not None:
+            b2 = bias
+            nodes.append(users[0])
+            output = users[0].output[0]
+    # Shapes.
+    d, h = w1.shape
+    b1 = _sum_biases(b1_parts, h)
+    if w2.shape[0] != h:
+        raise _Refuse("shape", f"W1 is {w1.shape} but W2 is {w2.shape}: hidden sizes differ")
+    for label, bias, size in (("first bias", b1, h), ("second bias", b2, w2.shape[1])):
+        if bias is not None and bias.shape != (size,):
+            raise _Refuse("shape", f"{label} has shape {bias.shape}, expected ({size},)")
+    _check_enclosed(index, nodes, output)
+    name = _name_of(_common_prefix(nodes[len(gelu.nodes) :]))
+    preact_bias = _const(index, gelu.bias, "first bias") if gelu.bias is not None else None
+    return FfnMatch(
+        name=name,
+        gelu=gelu,
+        x=x,
+        output=output,
+        w1=w1,
+        b1=b1,
+        w2=w2,
+        b2=b2,
+        dtype=_weight_dtype(index, node),
+        nodes=nodes,
+        preactivation=gelu.input,
+        preactivation_bias=None if preact_bias is None else preact_bias.reshape(-1),
+        preactivation_dtype=_value_dtype(index, gelu.input, _weight_dtype(index, node)),
+    )
+
+
+def _projection(index: GraphIndex, node: onnx.NodeProto, label: str) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """(input, weight [in, out] float64, bias or None) of a MatMul or Gemm."""
+    weight = index.constant(node.input[1])
+    if weight is None:
+        raise _Refuse("non-constant-weight", f"{label} of {node_label(node)} is not a constant")
+    _check_unshared(index, node.input[1], node, label)
+    weight = weight.astype(np.float64)
+    if weight.ndim != 2:
+        raise _Refuse("shape", f"{label} of {node_label(node)} has rank {weight.ndim}, expected 2")
+    if node.op_type == "MatMul":
+        return node.input[0], weight, None
+    if attribute(node, "transA", 0):
+        raise _Refuse("unsupported", f"{node_label(node)} transposes its input (transA=1)")
+    if attribute(node, "transB", 0):
+        weight = weight.T
+    weight = weight * attribute(node, "alpha", 1.0)
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = _const(index, node.input[2], f"bias of {node_label(node)}") * attribute(node, "beta", 1.0)
+        bias = np.broadcast_to(bias, (weight.shape[1],)).astype(np.float64)
+    return node.input[0], weight, bias
+
+
+def _const(index: GraphIndex, value: str, label: str) -> np.ndarray:
+    array = index.constant(value)
+    if array is None:
+        raise _Refuse("non-constant-weight", f"{label} '{value}' is not a constant")
+    return array.astype(np.float64)
+
+
+def _split_constant(index: GraphIndex, node: onnx.NodeProto) -> tuple[np.ndarray | None, str]:
+    """For ``Add(a, b)`` with exactly one constant input: (that constant, the other input)."""
+    a, b = node.input[0], node.input[1]
+    if index.is_constant(a) and not index.is_constant(b):
+        return index.constant(a).astype(np.float64).reshape(-1), b
+    if index.is_constant(b) and not index.is_constant(a):
+        return index.constant(b).astype(np.float64).reshape(-1), a
+    return None, a
+
+
+def _sum_biases(parts: list[np.ndarray], h: int) -> np.ndarray | None:
+    if not parts:
+        return None
+    total = np.zeros(h)
+    for part in parts:
+        try:
+            total = total + np.broadcast_to(part.reshape(-1), (h,))
+        except ValueError:
+            raise _Refuse("shape", f"first bias has shape {part.shape}, expected ({h},)") from None
+    return total
+
+
+def _skip_passthrough_up(index: GraphIndex, value: str) -> tuple[str, list[onnx.NodeProto]]:
+    skipped = []
+    node = index.producer.get(value)
+    while node is not None and node.op_type in _PASSTHROUGH and node.domain in ("", "ai.onnx"):
+        skipped.append(node)
+        value = node.input[0]
+        node = index.producer.get(value)
+    return value, skipped
+
+
+def _skip_passthrough_down(index: GraphIndex, value: str) -> tuple[str, list[onnx.NodeProto]]:
+    skipped = []
+    users = index.consumers_of(value)
+    while len(users) == 1 and users[0].op_type in _PASSTHROUGH and users[0].input[0] == value:
+        if value in index.graph_outputs:
+            break
+        skipped.append(users[0])
+        value = users[0].output[0]
+        users = index.consumers_of(value)
+    return value, skipped
+
+
+def _check_unshared(index: GraphIndex, value: str, user: onnx.NodeProto, label: str) -> None:
+    """Each value on the weight's constant chain (Transpose/Cast/... up to the initializer) feeds only that chain."""
+    while True:
+        others = [u for u in index.consumers_of(value) if u is not user]
+        if others:
+            raise _Refuse("shared-weight", f"{label} '{value}' is shared with node {node_label(others[0])}")
+        producer = index.producer.get(value)
+        if producer is None or producer.op_type == "Constant" or not producer.input:
+            return
+        user, value = producer, producer.input[0]
+
+
+def _check_enclosed(index: GraphIndex, nodes: list[onnx.NodeProto], output: str) -> None:
+    """No value computed inside the FFN (except its output) is used outside it."""
+    inside = {id(n) for n in nodes}
+    for node in nodes:
+        for value in node.output:
+            if value == output:
+                continue
+            if value in index.graph_outputs:
+                raise _Refuse("intermediate-used", f"intermediate value '{value}' is a graph output")
+            for user in index.consumers_of(value):
+                if id(user) not in inside:
+                    raise _Refuse(
+                        "intermediate-used", f"intermediate value '{value}' is also used by node {node_label(user)}"
+                    )
+
+
+def _between_projections(index: GraphIndex, node: onnx.NodeProto, depth: int = 4) -> bool:
+    """Whether ``node`` sits between a constant-weight projection and another projection."""
+
+    def is_projection(n: onnx.NodeProto | None) -> bool:
+        return n is not None and n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and index.is_constant(n.input[1])
+
+    found_above = found_below = False
+    value = node.input[0] if node.input else ""
+    for _ in range(depth):
+        above = index.producer.get(value)
+        if above is None or (found_above := is_projection(above)):
+            break
+        value = next((v for v in above.input if not index.is_constant(v)), "")
+    value = node.output[0]
+    for _ in range(depth):
+        users = index.consumers_of(value)
+        if not users or (found_below := is_projection(users[0])):
+            break
+        value = users[0].output[0]
+    return found_above and found_below
+
+
+def _value_dtype(index: GraphIndex, value: str, default: np.dtype) -> np.dtype:
+    """The dtype of ``value``: a Cast's target, else ``default`` (the projection's dtype)."""
+    node = index.producer.get(value)
+    if node is not None and node.op_type == "Cast":
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
+    return default
+
+
+def _weight_dtype(index: GraphIndex, node: onnx.NodeProto) -> np.dtype:
+    """The dtype the projection computes in (that of its weight as fed to it)."""
+    return index.constant(node.input[1]).dtype
+
+
+def _common_prefix(nodes: list[onnx.NodeProto]) -> str:
+    parts = [n.name.strip("/").split("/") for n in nodes if n.name]
+    if not parts:
+        return ""
+    prefix = []
+    for segment in zip(*parts, strict=False):
+        if len(set(segment)) != 1:
+            break
+        prefix.append(segment[0])
+    return "/".join(prefix) or parts[0][0]
+
+
+def _name_of(raw: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", raw.strip("/"))
+    return name or "ffn"
+
+
+def _make_unique(matches: list[FfnMatch]) -> None:
+    seen: dict[str, int] = {}
+    for match in matches:
+        count = seen.get(match.name, 0)
+        seen[match.name] = count + 1
+        if count:
+            match.name = f"{match.name}_{count}"

@@ -1,0 +1,184 @@
+"""Emit: the folded MatMul and the outlier fallback that replace one FFN, and the graph surgery."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from tardis_onnx import reference
+from tardis_onnx.passes.ffn import FfnMatch
+
+DOMAIN = "ai.tardis"
+FALLBACK_OP = "FfnFallback"
+MIN_OPSET = 13  # GreaterOrEqual/LessOrEqual (12), Where, MatMul on any rank
+
+
+class _Builder:
+    """Collects nodes and initializers under one name prefix."""
+
+    def __init__(self, prefix: str, dtype: np.dtype) -> None:
+        self.prefix = prefix
+        self.dtype = dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+
+    def constant(self, name: str, array: np.ndarray, dtype: np.dtype | None = None) -> str:
+        full = f"{self.prefix}/{name}"
+        value = np.asarray(array).astype(dtype or self.dtype)
+        self.initializers.append(numpy_helper.from_array(value, full))
+        return full
+
+    def op(self, op_type: str, inputs: list[str], name: str, output: str | None = None, **attrs) -> str:
+        out = output or f"{self.prefix}/{name}_output"
+        domain = attrs.pop("domain", "")
+        doc = attrs.pop("doc_string", None)
+        node = helper.make_node(op_type, inputs, [out], name=f"{self.prefix}/{name}", domain=domain, **attrs)
+        if doc:
+            node.doc_string = doc
+        self.nodes.append(node)
+        return out
+
+
+def emit_ffn(
+    ffn: FfnMatch, lines: reference.NeuronLines, fallback: str, opset: int, margin: float, coverage: float
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and initializers computing ``ffn.output`` from ``ffn.x``: folded map + outlier fallback."""
+    b = _Builder(f"tardis/{ffn.name}", ffn.dtype)
+    wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
+    d, h = ffn.w1.shape
+    doc = (
+        f"TARDIS fold of FFN '{ffn.name}': W1 [{d}x{h}] . diag(a) . W2 [{h}x{ffn.w2.shape[1]}] -> one "
+        f"[{d}x{ffn.w2.shape[1]}] MatMul; GELU ({ffn.gelu.spelling}) replaced per neuron by a line fitted "
+        f"at coverage {coverage:g}"
+    )
+    folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], "FoldedMatMul", doc_string=doc)
+    folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
+    z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Fallback/PreActivationMatMul")
+    b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
+    if ffn.b1 is not None:
+        z = b.op("Add", [z, b.constant("b1", b1)], "Fallback/PreActivation")
+    w2 = b.constant("w2", ffn.w2)
+    if fallback == "custom":
+        packed = b.constant("lines", reference.pack_lines(lines), np.float32)
+        w1t = b.constant("w1t", np.ascontiguousarray(ffn.w1.T))
+        b1_name = b.constant("b1_fallback", b1)
+        inputs = [ffn.x, folded, z, w1t, b1_name, w2, packed]
+        approximate = "tanh" if ffn.gelu.form == "tanh" else "none"
+        fallback_doc = "outlier fallback: adds GELU(z)-(a z+c) times W2 rows for neurons outside [lo, hi]"
+        b.op(
+            FALLBACK_OP,
+            inputs,
+            "FfnFallback",
+            output=ffn.output,
+            domain=DOMAIN,
+            margin=float(margin),
+            approximate=approximate,
+            doc_string=fallback_doc,
+        )
+        return b.nodes, b.initializers
+    inside = b.op(
+        "And",
+        [
+            b.op("GreaterOrEqual", [z, b.constant("lo", lines.lo - margin)], "Fallback/AboveLow"),
+            b.op("LessOrEqual", [z, b.constant("hi", lines.hi + margin)], "Fallback/BelowHigh"),
+        ],
+        "Fallback/InsideWindow",
+    )
+    gelu = _gelu(b, z, ffn.gelu.form, opset)
+    line = b.op(
+        "Add",
+        [
+            b.op("Mul", [z, b.constant("slope", lines.slope)], "Fallback/LineSlope"),
+            b.constant("intercept", lines.intercept),
+        ],
+        "Fallback/Line",
+    )
+    residual = b.op("Sub", [gelu, line], "Fallback/Residual")
+    outliers = b.op("Where", [inside, b.constant("zero", np.zeros(())), residual], "Fallback/OutliersOnly")
+    correction = b.op("MatMul", [outliers, w2], "Fallback/Correction")
+    b.op("Add", [folded, correction], "Output", output=ffn.output)
+    return b.nodes, b.initializers
+
+
+def _gelu(b: _Builder, z: str, form: str, opset: int) -> str:
+    """GELU of ``z`` in standard ops: the ``Gelu`` op from opset 20, else its decomposition."""
+    if opset >= 20:
+        return b.op("Gelu", [z], "Fallback/Gelu", approximate="tanh" if form == "tanh" else "none")
+    if form == "erf":
+        inner = b.op("Mul", [z, b.constant("inv_sqrt2", np.array(1 / math.sqrt(2)))], "Fallback/GeluScale")
+        cdf = b.op("Erf", [inner], "Fallback/GeluErf")
+    else:
+        cube = b.op("Mul", [b.op("Mul", [z, z], "Fallback/GeluSquare"), z], "Fallback/GeluCube")
+        cubic = b.op(
+            "Add",
+            [z, b.op("Mul", [cube, b.constant("k", np.array(0.044715))], "Fallback/GeluCubic")],
+            "Fallback/GeluPoly",
+        )
+        inner = b.op(
+            "Mul", [cubic, b.constant("sqrt_2_over_pi", np.array(math.sqrt(2 / math.pi)))], "Fallback/GeluScale"
+        )
+        cdf = b.op("Tanh", [inner], "Fallback/GeluTanh")
+    one_plus = b.op("Add", [cdf, b.constant("one", np.array(1.0))], "Fallback/GeluOnePlus")
+    half_z = b.op("Mul", [z, b.constant("half", np.array(0.5))], "Fallback/GeluHalf")
+    return b.op("Mul", [half_z, one_plus], "Fallback/Gelu")
+
+
+def replace_nodes(
+    model: onnx.ModelProto, replacements: list[tuple[list[onnx.NodeProto], list[onnx.NodeProto], list]]
+) -> None:
+    """In place: for each ``(old nodes, new nodes, new initializers)`` put the new nodes where the
+    first old node stood, then drop nodes and initializers nothing uses any more."""
+    graph = model.graph
+    removed = {id(n) for old, _, _ in replacements for n in old}
+    insert_at = {id(min(old, key=lambda n: _position(graph, n))): new for old, new, _ in replacements}
+    nodes = []
+    for node in graph.node:
+        if id(node) in insert_at:
+            nodes.extend(insert_at[id(node)])
+        if id(node) not in removed:
+            nodes.append(node)
+    for _, _, initializers in replacements:
+        graph.initializer.extend(initializers)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_unused(model)
+
+
+def _position(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
+    for i, candidate in enumerate(graph.node):
+        if candidate is node:
+            return i
+    raise ValueError("node not in graph")
+
+
+def remove_unused(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads, then unread initializers (subgraph reads count)."""
+    graph = model.graph
+    used = {o.name for o in graph.output} | _subgraph_reads(graph)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in used for o in node.output):
+            kept.append(node)
+            used.update(node.input)
+    kept.reverse()
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    initializers = [t for t in graph.initializer if t.name in used]
+    if len(initializers) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    reads: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                for inner in sub.node:
+                    reads.update(inner.input)
+                reads |= _subgraph_reads(sub)
+    return reads

@@ -1,0 +1,174 @@
+"""``python -m tardis_onnx.optimize MODEL``: fold every GELU FFN of an ONNX model (TARDIS).
+
+Pipeline: load → match (passes) → calibrate → fold and emit the fallback → save + report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from tardis_onnx import __version__, runtime
+from tardis_onnx.calibrate import calibrate, capture_preactivations
+from tardis_onnx.config import FALLBACKS, TardisConfig
+from tardis_onnx.emit import DOMAIN, MIN_OPSET, emit_ffn, replace_nodes
+from tardis_onnx.errors import TardisError
+from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
+from tardis_onnx.io import check_writable, load_model, save_model
+from tardis_onnx.passes import Refusal, find_ffns
+from tardis_onnx.report import FfnReport, print_report
+
+METADATA_VERSION = "tardis_onnx.version"
+METADATA_CONFIG = "tardis_onnx.config"
+
+
+@dataclass
+class OptimizeResult:
+    """What the pass did: the rewritten model, a row per folded FFN, the refusals."""
+
+    model: onnx.ModelProto
+    ffns: list[FfnReport]
+    refusals: list[Refusal]
+    config: TardisConfig
+    fallback: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "tool": "tardis-onnx",
+            "version": __version__,
+            "config": self.config.to_dict(),
+            "fallback": self.fallback,
+            "ffns": [row.to_dict() for row in self.ffns],
+            "refused": [vars(r) for r in self.refusals],
+            "totals": FfnReport.totals(self.ffns),
+        }
+
+
+def default_output(model_path: Path) -> Path:
+    """``model.onnx`` → ``model.tardis.onnx`` beside it."""
+    return model_path.with_name(model_path.name.removesuffix(".onnx") + ".tardis.onnx")
+
+
+def optimize_model(
+    model: onnx.ModelProto, config: TardisConfig, calibration: list[Feeds] | None = None
+) -> OptimizeResult:
+    """Rewrite ``model`` in place: every foldable FFN becomes a folded MatMul plus an outlier fallback."""
+    if is_rewritten(model):
+        raise TardisError("the model was already rewritten by tardis-onnx: nothing to do")
+    opset = _default_opset(model)
+    if opset < MIN_OPSET:
+        raise TardisError(f"the model uses opset {opset}; tardis-onnx needs opset >= {MIN_OPSET}")
+    ffns, refusals = find_ffns(model)
+    if not ffns:
+        reasons = "; ".join(f"{r.name}: {r.reason}" for r in refusals[:3])
+        raise TardisError("no foldable GELU FFN found" + (f" ({reasons})" if reasons else ""))
+    fallback = _resolve_fallback(config.fallback)
+    feeds = calibration or [
+        random_feeds(model, config.calib_batch, config.calib_sequence, seed=config.seed + i)
+        for i in range(config.calib_batches)
+    ]
+    samples = capture_preactivations(model, ffns, feeds, config.max_samples, config.seed)
+    replacements, rows = [], []
+    for ffn, preact in zip(ffns, samples, strict=True):
+        result = calibrate(preact, config.coverage, ffn.gelu.form)
+        nodes, initializers = emit_ffn(ffn, result.lines, fallback, opset, config.margin, config.coverage)
+        replacements.append((ffn.nodes, nodes, initializers))
+        rows.append(FfnReport.of(ffn, result, config.coverage, initializers))
+    replace_nodes(model, replacements)
+    if fallback == "custom" and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    _set_metadata(model, config, fallback)
+    return OptimizeResult(model, rows, refusals, config, fallback)
+
+
+def is_rewritten(model: onnx.ModelProto) -> bool:
+    return any(p.key == METADATA_VERSION for p in model.metadata_props)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _resolve_fallback(choice: str) -> str:
+    if choice == "auto":
+        return "custom" if runtime.library_available() else "portable"
+    if choice == "custom" and not runtime.library_available():
+        raise TardisError("--fallback custom needs the ai.tardis library: build it with `make lib`")
+    return choice
+
+
+def _set_metadata(model: onnx.ModelProto, config: TardisConfig, fallback: str) -> None:
+    settings = json.dumps({**config.to_dict(), "fallback": fallback}, sort_keys=True)
+    for key, value in ((METADATA_VERSION, __version__), (METADATA_CONFIG, settings)):
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tardis_onnx.optimize",
+        description="Fold every GELU FFN of an ONNX model into one MatMul plus an outlier fallback (TARDIS).",
+    )
+    parser.add_argument("model", type=Path, help="the ONNX model (an Optimum or torch.onnx export)")
+    parser.add_argument("-o", "--output", type=Path, help="where to write (default: MODEL with .tardis.onnx)")
+    parser.add_argument(
+        "--coverage",
+        type=float,
+        default=TardisConfig.coverage,
+        help="fraction of calibration pre-activations each neuron's line covers (0 = exact)",
+    )
+    parser.add_argument("--calib", type=Path, help="calibration feeds (.npz: one array per input, or name/0, ...)")
+    parser.add_argument("--fallback", choices=FALLBACKS, default="auto", help="outlier fallback form")
+    parser.add_argument("--margin", type=float, default=0.0, help="widen each window by this much when flagging")
+    parser.add_argument(
+        "--max-samples", type=int, default=TardisConfig.max_samples, help="calibration tokens kept per FFN"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of random calibration feeds and subsampling")
+    parser.add_argument("--report", type=Path, help="JSON report path (default: beside the output)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        try:
+            config = TardisConfig(
+                coverage=args.coverage,
+                fallback=args.fallback,
+                margin=args.margin,
+                max_samples=args.max_samples,
+                seed=args.seed,
+            )
+        except ValueError as exc:
+            raise TardisError(str(exc)) from None
+        output = args.output or default_output(args.model)
+        report_path = args.report or output.with_name(output.name.removesuffix(".onnx") + ".json")
+        check_writable(output, args.model)
+        model = load_model(args.model)
+        calibration = load_feeds(args.calib, model) if args.calib else None
+        result = optimize_model(model, config, calibration)
+        written = save_model(result.model, output)
+        try:
+            report_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise TardisError(f"{report_path}: cannot write the report ({exc.strerror or exc})") from None
+    except TardisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if not args.quiet:
+        print_report(result, output, report_path)
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    sys.exit(main())

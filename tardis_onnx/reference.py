@@ -1,0 +1,211 @@
+"""The numpy reference (float64) for all TARDIS math: the one source of truth.
+
+Folding code, the portable fallback, the custom-op oracle and every test call
+these functions; nothing else reimplements GELU.
+
+Layout follows ONNX ``MatMul(x, W)``: ``W1: [d, h]``, ``W2: [h, d]``.
+
+    Wf = W1 · diag(a) · W2                       [d, d]
+    bf = (a ⊙ b1 + c) · W2 + b2                  [d]
+    y  = x·Wf + bf + Σ_{i ∈ O(x)} r_i(z_i) · W2[i, :]
+    r_i(z) = GELU(z) − (a_i z + c_i)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import erf
+
+GELU_FORMS = ("erf", "tanh")
+_TANH_SCALE = math.sqrt(2.0 / math.pi)
+
+
+def gelu(z: np.ndarray, form: str = "erf") -> np.ndarray:
+    """GELU in float64: ``form='erf'`` exact, ``form='tanh'`` the GPT-2 approximation."""
+    z = np.asarray(z, dtype=np.float64)
+    if form == "erf":
+        return 0.5 * z * (1.0 + erf(z / math.sqrt(2.0)))
+    if form == "tanh":
+        return 0.5 * z * (1.0 + np.tanh(_TANH_SCALE * (z + 0.044715 * z**3)))
+    raise ValueError(f"unknown GELU form {form!r}; expected one of {GELU_FORMS}")
+
+
+def gelu_derivative(z: np.ndarray, form: str = "erf") -> np.ndarray:
+    """d GELU / dz in float64."""
+    z = np.asarray(z, dtype=np.float64)
+    if form == "erf":
+        return 0.5 * (1.0 + erf(z / math.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    if form == "tanh":
+        inner = _TANH_SCALE * (z + 0.044715 * z**3)
+        t = np.tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _TANH_SCALE * (1.0 + 3 * 0.044715 * z * z)
+    raise ValueError(f"unknown GELU form {form!r}; expected one of {GELU_FORMS}")
+
+
+def narrowest_window(samples: np.ndarray, coverage: float) -> tuple[float, float]:
+    """Narrowest interval ``[lo, hi]`` holding ``ceil(coverage · n)`` of ``samples``.
+
+    Coverage 0 gives the empty window ``(+inf, -inf)``: every input falls back.
+    """
+    if not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"coverage must be in [0, 1], got {coverage}")
+    s = np.sort(np.asarray(samples, dtype=np.float64).ravel())
+    s = s[np.isfinite(s)]
+    k = math.ceil(coverage * s.size - 1e-9)
+    if k == 0:
+        return math.inf, -math.inf
+    widths = s[k - 1 :] - s[: s.size - k + 1]
+    i = int(np.argmin(widths))
+    return float(s[i]), float(s[i + k - 1])
+
+
+def fit_line(samples: np.ndarray, form: str = "erf") -> tuple[float, float]:
+    """Least-squares line ``(a, c)`` with ``a·z + c ≈ GELU(z)`` over ``samples``.
+
+    With fewer than two distinct samples the tangent at their mean is used
+    (the tangent at 0 when there are none).
+    """
+    s = np.asarray(samples, dtype=np.float64).ravel()
+    s = s[np.isfinite(s)]
+    if s.size == 0 or np.ptp(s) == 0.0:
+        z0 = float(s.mean()) if s.size else 0.0
+        a = float(gelu_derivative(z0, form))
+        return a, float(gelu(z0, form)) - a * z0
+    a, c = np.polyfit(s, gelu(s, form), 1)
+    return float(a), float(c)
+
+
+@dataclass(frozen=True)
+class NeuronLines:
+    """Per-neuron line and window, each an array of shape ``[h]`` (float64)."""
+
+    slope: np.ndarray
+    intercept: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @property
+    def hidden(self) -> int:
+        return int(self.slope.shape[0])
+
+
+def calibrate_lines(preact: np.ndarray, coverage: float, form: str = "erf") -> NeuronLines:
+    """Window and line per neuron from pre-activation samples ``preact: [n, h]``.
+
+    The line is fitted on the in-window samples; an empty window (coverage 0)
+    fits it on all samples, so the fold stays non-trivial and exact fallback
+    of every neuron is a real identity.
+    """
+    preact = np.asarray(preact, dtype=np.float64)
+    if preact.ndim != 2:
+        raise ValueError(f"pre-activations must be [samples, neurons], got shape {preact.shape}")
+    h = preact.shape[1]
+    slope, intercept, lo, hi = (np.empty(h) for _ in range(4))
+    for i in range(h):
+        col = preact[:, i]
+        lo[i], hi[i] = narrowest_window(col, coverage)
+        inside = col[(col >= lo[i]) & (col <= hi[i])] if lo[i] <= hi[i] else col
+        slope[i], intercept[i] = fit_line(inside, form)
+    return NeuronLines(slope, intercept, lo, hi)
+
+
+def fold(
+    w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None, lines: NeuronLines
+) -> tuple[np.ndarray, np.ndarray]:
+    """Folded ``(Wf [d, d], bf [d])`` in float64."""
+    w1 = np.asarray(w1, dtype=np.float64)
+    w2 = np.asarray(w2, dtype=np.float64)
+    d, h = w1.shape
+    b1 = np.zeros(h) if b1 is None else np.asarray(b1, dtype=np.float64)
+    b2 = np.zeros(w2.shape[1]) if b2 is None else np.asarray(b2, dtype=np.float64)
+    wf = (w1 * lines.slope[None, :]) @ w2
+    bf = (lines.slope * b1 + lines.intercept) @ w2 + b2
+    return wf, bf
+
+
+def residual(z: np.ndarray, lines: NeuronLines, form: str = "erf") -> np.ndarray:
+    """Exact residual ``GELU(z) − (a z + c)`` per neuron; ``z: [..., h]``."""
+    z = np.asarray(z, dtype=np.float64)
+    return gelu(z, form) - (lines.slope * z + lines.intercept)
+
+
+def outside_window(z: np.ndarray, lines: NeuronLines, margin: float = 0.0) -> np.ndarray:
+    """Boolean ``[..., h]``: ``z`` outside ``[lo − margin, hi + margin]`` (NaN counts as outside)."""
+    z = np.asarray(z, dtype=np.float64)
+    return ~((z >= lines.lo - margin) & (z <= lines.hi + margin))
+
+
+def dense_ffn(
+    x: np.ndarray, w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None, form: str = "erf"
+) -> np.ndarray:
+    """The original FFN ``GELU(x·W1 + b1)·W2 + b2`` in float64."""
+    z = np.asarray(x, dtype=np.float64) @ np.asarray(w1, dtype=np.float64)
+    if b1 is not None:
+        z = z + b1
+    y = gelu(z, form) @ np.asarray(w2, dtype=np.float64)
+    return y if b2 is None else y + b2
+
+
+def tardis_ffn(
+    x: np.ndarray,
+    w1: np.ndarray,
+    b1: np.ndarray | None,
+    w2: np.ndarray,
+    b2: np.ndarray | None,
+    lines: NeuronLines,
+    form: str = "erf",
+    flagged: np.ndarray | None = None,
+) -> np.ndarray:
+    """The rewritten FFN: folded map plus the exact residual of ``flagged`` neurons.
+
+    ``flagged`` (``[..., h]`` bool) defaults to the exact outlier set, i.e. the
+    neurons whose true pre-activation lies outside their window.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    wf, bf = fold(w1, b1, w2, b2, lines)
+    z = x @ np.asarray(w1, dtype=np.float64)
+    if b1 is not None:
+        z = z + b1
+    if flagged is None:
+        flagged = outside_window(z, lines)
+    r = np.where(flagged, residual(z, lines, form), 0.0)
+    return x @ wf + bf + r @ np.asarray(w2, dtype=np.float64)
+
+
+def pack_lines(lines: NeuronLines) -> np.ndarray:
+    """The ``[4, h]`` float32 tensor the fallback op takes: slope, intercept, lo, hi."""
+    return np.stack([lines.slope, lines.intercept, lines.lo, lines.hi]).astype(np.float32)
+
+
+def unpack_lines(packed: np.ndarray) -> NeuronLines:
+    """Inverse of :func:`pack_lines` (float64)."""
+    p = np.asarray(packed, dtype=np.float64)
+    return NeuronLines(p[0], p[1], p[2], p[3])
+
+
+def fallback_op(
+    x: np.ndarray,
+    y_folded: np.ndarray,
+    z_hat: np.ndarray,
+    w1t: np.ndarray,
+    b1: np.ndarray,
+    w2: np.ndarray,
+    lines: np.ndarray,
+    margin: float = 0.0,
+    form: str = "erf",
+) -> np.ndarray:
+    """Oracle of ``ai.tardis::FfnFallback`` (float64 result).
+
+    Neuron ``i`` of a token is flagged when its predicted pre-activation
+    ``z_hat[..., i]`` lies outside ``[lo_i − margin, hi_i + margin]`` (or is NaN);
+    for flagged neurons the exact ``z_i = x · w1t[i] + b1[i]`` is recomputed and
+    ``r_i(z_i) · w2[i, :]`` is added to ``y_folded``.
+    """
+    unpacked = unpack_lines(lines)
+    flagged = outside_window(z_hat, unpacked, margin)
+    z = np.asarray(x, dtype=np.float64) @ np.asarray(w1t, dtype=np.float64).T + np.asarray(b1, dtype=np.float64)
+    r = np.where(flagged, residual(z, unpacked, form), 0.0)
+    return np.asarray(y_folded, dtype=np.float64) + r @ np.asarray(w2, dtype=np.float64)

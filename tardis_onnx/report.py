@@ -1,0 +1,115 @@
+"""Honest accounting of what the pass did: per-FFN rows, totals, the printed table (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+if TYPE_CHECKING:
+    from tardis_onnx.calibrate import Calibration
+    from tardis_onnx.passes import FfnMatch
+
+
+@dataclass
+class FfnReport:
+    """One folded FFN. Bytes are FFN weight bytes in the model's dtype.
+
+    dense_bytes: W1 + W2 (what the original reads per token).
+    fold_bytes: the folded matrix.
+    fallback_read_bytes: fold + measured outlier fraction × (W1 + W2): reads without the predictor.
+    predictor_bytes: what predicting the outliers reads (the exact predictor reads all of W1).
+    storage_bytes: every initializer the rewritten FFN stores.
+    """
+
+    name: str
+    gelu: str
+    d: int
+    hidden: int
+    coverage: float
+    outlier_fraction: float
+    calibration_tokens: int
+    dense_bytes: int
+    fold_bytes: int
+    fallback_read_bytes: int
+    predictor_bytes: int
+    storage_bytes: int
+
+    @classmethod
+    def of(cls, ffn: FfnMatch, result: Calibration, coverage: float, initializers: list[onnx.TensorProto]) -> FfnReport:
+        item = np.dtype(ffn.dtype).itemsize
+        d, h = ffn.w1.shape
+        dense = (ffn.w1.size + ffn.w2.size) * item
+        fold = d * ffn.w2.shape[1] * item
+        return cls(
+            name=ffn.name,
+            gelu=ffn.gelu.spelling,
+            d=d,
+            hidden=h,
+            coverage=coverage,
+            outlier_fraction=result.outlier_fraction,
+            calibration_tokens=result.tokens,
+            dense_bytes=dense,
+            fold_bytes=fold,
+            fallback_read_bytes=int(fold + result.outlier_fraction * dense),
+            predictor_bytes=ffn.w1.size * item,
+            storage_bytes=sum(len(t.raw_data) for t in initializers),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def totals(rows: list[FfnReport]) -> dict:
+        dense = sum(r.dense_bytes for r in rows)
+        fallback = sum(r.fallback_read_bytes for r in rows)
+        predictor = sum(r.predictor_bytes for r in rows)
+        storage = sum(r.storage_bytes for r in rows)
+        return {
+            "ffns": len(rows),
+            "dense_bytes": dense,
+            "fallback_read_bytes": fallback,
+            "total_read_bytes": fallback + predictor,
+            "storage_bytes": storage,
+            "fallback_reduction": 1 - fallback / dense if dense else 0.0,
+            "total_read_reduction": 1 - (fallback + predictor) / dense if dense else 0.0,
+        }
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def print_report(result, output: Path, report_path: Path) -> None:
+    """The per-FFN table, refusals and totals, as a person reads them."""
+    header = ("FFN", "GELU", "d→h", "coverage", "outliers f", "dense MiB", "read MiB", "+predictor", "stored MiB")
+    rows = [
+        (
+            r.name,
+            r.gelu,
+            f"{r.d}→{r.hidden}",
+            f"{r.coverage:g}",
+            f"{r.outlier_fraction:.3f}",
+            _mib(r.dense_bytes),
+            _mib(r.fallback_read_bytes),
+            _mib(r.fallback_read_bytes + r.predictor_bytes),
+            _mib(r.storage_bytes),
+        )
+        for r in result.ffns
+    ]
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for refusal in result.refusals:
+        print(f"unchanged: {refusal.name}: {refusal.reason} [{refusal.rule}]")
+    t = FfnReport.totals(result.ffns)
+    print(
+        f"folded {t['ffns']} FFN(s), fallback '{result.fallback}': FFN weights read per token "
+        f"{1 - t['fallback_reduction']:.1%} of dense without the predictor "
+        f"(reduction {t['fallback_reduction']:.1%}), {1 - t['total_read_reduction']:.1%} with the exact predictor; "
+        f"stored {_mib(t['storage_bytes'])} MiB vs {_mib(t['dense_bytes'])} MiB dense"
+    )
+    print(f"wrote {output} and {report_path}")
