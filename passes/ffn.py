@@ -39,6 +39,8 @@ class FfnMatch:
     preactivation: str  # the value to capture in calibration (plus ``preactivation_bias``)
     preactivation_bias: np.ndarray | None
     preactivation_dtype: np.dtype
+    shape_readers: list[onnx.NodeProto]  # Shape nodes of removed values, rewired to ``shape_source``
+    shape_source: str | None
 
     @property
     def hidden(self) -> int:
@@ -99,6 +101,7 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch) -> FfnMatch:
         b1_parts.append(_const(index, gelu.bias, "first bias"))
     value, skipped = _skip_passthrough_up(index, value)
     nodes += skipped
+    middle_reshape = any(n.op_type == "Reshape" for n in skipped)
     node = index.producer.get(value)
     if node is not None and node.op_type == "Add":
         bias, other = _split_constant(index, node)
@@ -107,6 +110,7 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch) -> FfnMatch:
             nodes.append(node)
             value, skipped = _skip_passthrough_up(index, other)
             nodes += skipped
+            middle_reshape = middle_reshape or any(n.op_type == "Reshape" for n in skipped)
             node = index.producer.get(value)
     if node is None or node.op_type not in ("MatMul", "Gemm"):
         what = node.op_type if node is not None else "a graph input"
@@ -116,8 +120,14 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch) -> FfnMatch:
     if gemm_bias is not None:
         b1_parts.append(gemm_bias)
     # Downstream: projection → [bias Add].
-    value, skipped = _skip_passthrough_down(index, gelu.output)
+    value, skipped, shape_readers = _skip_passthrough_down(index, gelu.output)
     nodes += skipped
+    # GPT-2's Conv1D frames the FFN as Reshape(x3d, [-1, d]) → Gemm → Reshape(·, [B, S, h]) → GELU →
+    # Reshape(g, [-1, h]) → Gemm → Reshape(·, Shape(g)[:2] + [d]). The GELU output's Shape readers only
+    # need its leading dims, which are those of x3d: they are rewired to read x3d.
+    outer = index.producer.get(x)
+    if shape_readers and not (outer is not None and outer.op_type == "Reshape" and middle_reshape):
+        raise _Refuse("gelu-output-shared", f"the shape of GELU output '{gelu.output}' is read outside the FFN")
     users = index.consumers_of(value)
     if value in index.graph_outputs:
         raise _Refuse("gelu-output-shared", f"GELU output '{value}' is also a graph output")
@@ -146,7 +156,7 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch) -> FfnMatch:
     for label, bias, size in (("first bias", b1, h), ("second bias", b2, w2.shape[1])):
         if bias is not None and bias.shape != (size,):
             raise _Refuse("shape", f"{label} has shape {bias.shape}, expected ({size},)")
-    _check_enclosed(index, nodes, output)
+    _check_enclosed(index, nodes, output, allowed_readers=shape_readers)
     name = _name_of(_common_prefix(nodes[len(gelu.nodes) :]))
     preact_bias = _const(index, gelu.bias, "first bias") if gelu.bias is not None else None
     return FfnMatch(
@@ -163,6 +173,8 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch) -> FfnMatch:
         preactivation=gelu.input,
         preactivation_bias=None if preact_bias is None else preact_bias.reshape(-1),
         preactivation_dtype=_value_dtype(index, gelu.input, _weight_dtype(index, node)),
+        shape_readers=shape_readers,
+        shape_source=outer.input[0] if shape_readers else None,
     )
 
 
@@ -228,16 +240,18 @@ def _skip_passthrough_up(index: GraphIndex, value: str) -> tuple[str, list[onnx.
     return value, skipped
 
 
-def _skip_passthrough_down(index: GraphIndex, value: str) -> tuple[str, list[onnx.NodeProto]]:
-    skipped = []
-    users = index.consumers_of(value)
-    while len(users) == 1 and users[0].op_type in _PASSTHROUGH and users[0].input[0] == value:
-        if value in index.graph_outputs:
-            break
-        skipped.append(users[0])
-        value = users[0].output[0]
+def _skip_passthrough_down(index: GraphIndex, value: str) -> tuple[str, list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """Follow Reshape/Cast/Identity below ``value``; also return the ``Shape`` nodes that read skipped values."""
+    skipped, shape_readers = [], []
+    while value not in index.graph_outputs:
         users = index.consumers_of(value)
-    return value, skipped
+        data_users = [u for u in users if u.op_type != "Shape"]
+        if len(data_users) != 1 or data_users[0].op_type not in _PASSTHROUGH or data_users[0].input[0] != value:
+            break
+        shape_readers += [u for u in users if u.op_type == "Shape"]
+        skipped.append(data_users[0])
+        value = data_users[0].output[0]
+    return value, skipped, shape_readers
 
 
 def _check_unshared(index: GraphIndex, value: str, user: onnx.NodeProto, label: str) -> None:
@@ -252,9 +266,11 @@ def _check_unshared(index: GraphIndex, value: str, user: onnx.NodeProto, label: 
         user, value = producer, producer.input[0]
 
 
-def _check_enclosed(index: GraphIndex, nodes: list[onnx.NodeProto], output: str) -> None:
-    """No value computed inside the FFN (except its output) is used outside it."""
-    inside = {id(n) for n in nodes}
+def _check_enclosed(
+    index: GraphIndex, nodes: list[onnx.NodeProto], output: str, allowed_readers: list[onnx.NodeProto]
+) -> None:
+    """No value computed inside the FFN (except its output) is used outside it (but by ``allowed_readers``)."""
+    inside = {id(n) for n in nodes} | {id(n) for n in allowed_readers}
     for node in nodes:
         for value in node.output:
             if value == output:

@@ -80,6 +80,8 @@ def optimize_model(
         result = calibrate(preact, config.coverage, ffn.gelu.form)
         nodes, initializers = emit_ffn(ffn, result.lines, fallback, opset, config.margin, config.coverage)
         replacements.append((ffn.nodes, nodes, initializers))
+        for reader in ffn.shape_readers:
+            reader.input[0] = ffn.shape_source
         rows.append(FfnReport.of(ffn, result, config.coverage, initializers))
     replace_nodes(model, replacements)
     if fallback == "custom" and not any(o.domain == DOMAIN for o in model.opset_import):

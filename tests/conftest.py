@@ -1,0 +1,17 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))  # models/ recipes
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__import__("os").environ.get("TARDIS_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA} (set TARDIS_DATA)")
+    return DATA
