@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 
 from tardis_onnx import reference
 from tardis_onnx.passes.ffn import FfnMatch
+from tardis_onnx.predictor import INT4_BLOCK, Predictor, dequantize_int4, quantize_int4
 
 DOMAIN = "ai.tardis"
 FALLBACK_OP = "FfnFallback"
@@ -43,9 +44,20 @@ class _Builder:
 
 
 def emit_ffn(
-    ffn: FfnMatch, lines: reference.NeuronLines, fallback: str, opset: int, margin: float, coverage: float
+    ffn: FfnMatch,
+    lines: reference.NeuronLines,
+    fallback: str,
+    opset: int,
+    margin: float,
+    coverage: float,
+    predictor: Predictor | None = None,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes and initializers computing ``ffn.output`` from ``ffn.x``: folded map + outlier fallback."""
+    """Nodes and initializers computing ``ffn.output`` from ``ffn.x``: folded map + outlier fallback.
+
+    The fallback flags neuron ``i`` when the predictor's ``z_hat_i`` is outside its window and adds
+    the exact residual ``GELU(z_i) − (a_i z_i + c_i)`` times ``W2[i, :]``.
+    """
+    predictor = predictor or Predictor()
     b = _Builder(f"tardis/{ffn.name}", ffn.dtype)
     wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
     d, h = ffn.w1.shape
@@ -56,16 +68,14 @@ def emit_ffn(
     )
     folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], "FoldedMatMul", doc_string=doc)
     folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
-    z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Fallback/PreActivationMatMul")
     b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
-    if ffn.b1 is not None:
-        z = b.op("Add", [z, b.constant("b1", b1)], "Fallback/PreActivation")
+    b1_name = b.constant("b1", b1)
     w2 = b.constant("w2", ffn.w2)
     if fallback == "custom":
+        z_hat = _predictor(b, ffn, predictor, b1_name, standard_only=False)
         packed = b.constant("lines", reference.pack_lines(lines), np.float32)
         w1t = b.constant("w1t", np.ascontiguousarray(ffn.w1.T))
-        b1_name = b.constant("b1_fallback", b1)
-        inputs = [ffn.x, folded, z, w1t, b1_name, w2, packed]
+        inputs = [ffn.x, folded, z_hat, w1t, b1_name, w2, packed]
         approximate = "tanh" if ffn.gelu.form == "tanh" else "none"
         fallback_doc = "outlier fallback: adds GELU(z)-(a z+c) times W2 rows for neurons outside [lo, hi]"
         b.op(
@@ -79,11 +89,14 @@ def emit_ffn(
             doc_string=fallback_doc,
         )
         return b.nodes, b.initializers
+    z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Fallback/PreActivationMatMul")
+    z = b.op("Add", [z, b1_name], "Fallback/PreActivation")
+    z_hat = z if predictor.kind == "exact" else _predictor(b, ffn, predictor, b1_name, standard_only=True)
     inside = b.op(
         "And",
         [
-            b.op("GreaterOrEqual", [z, b.constant("lo", lines.lo - margin)], "Fallback/AboveLow"),
-            b.op("LessOrEqual", [z, b.constant("hi", lines.hi + margin)], "Fallback/BelowHigh"),
+            b.op("GreaterOrEqual", [z_hat, b.constant("lo", lines.lo - margin)], "Fallback/AboveLow"),
+            b.op("LessOrEqual", [z_hat, b.constant("hi", lines.hi + margin)], "Fallback/BelowHigh"),
         ],
         "Fallback/InsideWindow",
     )
@@ -101,6 +114,35 @@ def emit_ffn(
     correction = b.op("MatMul", [outliers, w2], "Fallback/Correction")
     b.op("Add", [folded, correction], "Output", output=ffn.output)
     return b.nodes, b.initializers
+
+
+def _predictor(b: _Builder, ffn: FfnMatch, predictor: Predictor, b1: str, standard_only: bool) -> str:
+    """``z_hat``: exact, from a 4-bit copy of W1 (``MatMulNBits``; in the portable form the same
+    dequantized matrix as a standard MatMul), or from the low-rank factors ``(x·U)·V``."""
+    d, h = ffn.w1.shape
+    if predictor.kind == "exact":
+        z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Predictor/MatMul")
+    elif predictor.kind == "lowrank":
+        t = b.op("MatMul", [ffn.x, b.constant("predictor_u", predictor.u)], "Predictor/LowRankDown")
+        z = b.op("MatMul", [t, b.constant("predictor_v", predictor.v)], "Predictor/LowRankUp")
+    else:
+        packed, scales = quantize_int4(ffn.w1)
+        if standard_only:
+            w1q = b.constant("w1_int4_dequantized", dequantize_int4(packed, scales.astype(ffn.dtype), d))
+            z = b.op("MatMul", [ffn.x, w1q], "Predictor/MatMul")
+        else:
+            inputs = [ffn.x, b.constant("w1_int4", packed, np.uint8), b.constant("w1_int4_scales", scales)]
+            z = b.op(
+                "MatMulNBits",
+                inputs,
+                "Predictor/MatMulNBits",
+                domain="com.microsoft",
+                K=d,
+                N=h,
+                bits=4,
+                block_size=INT4_BLOCK,
+            )
+    return b.op("Add", [z, b1], "Predictor/Bias")
 
 
 def _gelu(b: _Builder, z: str, form: str, opset: int) -> str:

@@ -11,7 +11,6 @@ from tardis_onnx.errors import TardisError
 
 # Protobuf cannot serialise a model over 2 GiB; such models go through a file with external data.
 _PROTO_LIMIT = 2**31 - 2**24
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 def create_session(model: onnx.ModelProto | str | Path, optimization: str = "disable", threads: int | None = None):
@@ -24,15 +23,13 @@ def create_session(model: onnx.ModelProto | str | Path, optimization: str = "dis
 
     from tardis_onnx import runtime
 
-    options = runtime.session_options() if runtime.library_available() else ort.SessionOptions()
-    options.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    if threads:
-        options.intra_op_num_threads = threads
+    if runtime.library_available():
+        options = runtime.session_options(threads, optimization)
+    else:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = runtime.optimization_level(ort, optimization)
+        if threads:
+            options.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto) and _uses_tardis_ops(model) and not runtime.library_available():
         raise TardisError("the model uses ai.tardis custom ops but the library is not built (run `make lib`)")
     providers = ["CPUExecutionProvider"]

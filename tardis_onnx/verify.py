@@ -17,7 +17,8 @@ import numpy as np
 from tardis_onnx.errors import TardisError
 from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
 from tardis_onnx.io import load_model
-from tardis_onnx.session import OPTIMIZATION_LEVELS, create_session
+from tardis_onnx.runtime import OPTIMIZATION_LEVELS
+from tardis_onnx.session import create_session
 
 ERROR_STATS = ("elemwise", "max", "mean", "median")
 

@@ -1,0 +1,184 @@
+"""One FFN in ONNX Runtime (CPU): dense vs folded + outlier fallback, side by side in one run.
+
+For each width d (h = 4d), token count and outlier fraction: the dense FFN and its rewrite (custom-op
+fallback, the chosen predictor) run alternately on the same inputs after a warm-up; medians are
+compared, and the FFN weight bytes-read ratio (DESIGN.md §2) is printed beside the measured one.
+Random weights: speed depends on how many neurons fall back, not on which, so each neuron's window
+is calibrated on the predictor's own outputs to flag the requested fraction (measured on fresh
+tokens and reported). Whether a predictor finds the true outliers is measured on real weights by
+``python -m tardis_onnx.evaluate``, not here.
+
+    python benchmarks/ffn_latency.py --out out/bench            # full grid, JSON + PNG
+    python benchmarks/ffn_latency.py --dims 1024 --tokens 1 --fractions 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tardis_onnx import reference, runtime
+from tardis_onnx.emit import emit_ffn, replace_nodes
+from tardis_onnx.passes import find_ffns
+from tardis_onnx.predictor import PREDICTORS, Predictor, fit_lowrank, predictor_bytes
+
+
+def dense_model(d: int, h: int, rng: np.random.Generator) -> onnx.ModelProto:
+    weights = {
+        "w1": rng.normal(size=(d, h)) / np.sqrt(d),
+        "b1": rng.normal(size=h) * 0.5,
+        "w2": rng.normal(size=(h, d)) / np.sqrt(h),
+        "b2": rng.normal(size=d) * 0.1,
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["z0"], name="/ffn/fc1/MatMul"),
+        helper.make_node("Add", ["z0", "b1"], ["z"], name="/ffn/fc1/Add"),
+        helper.make_node("Gelu", ["z"], ["g"], name="/ffn/act/Gelu"),
+        helper.make_node("MatMul", ["g", "w2"], ["y0"], name="/ffn/fc2/MatMul"),
+        helper.make_node("Add", ["y0", "b2"], ["y"], name="/ffn/fc2/Add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ffn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", d])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+def rewrite(model: onnx.ModelProto, x_cal: np.ndarray, fraction: float, kind: str, rank: int, margin: float):
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    ffn = find_ffns(rewritten)[0][0]
+    predictor = Predictor(kind, *(fit_lowrank(x_cal, ffn.w1, rank) if kind == "lowrank" else (None, None)))
+    # Windows from tokens the predictor was not fitted on, as at inference.
+    x_windows = np.random.default_rng(1).normal(size=x_cal.shape)
+    lines = reference.calibrate_lines(predictor.predict(x_windows, ffn.w1, ffn.b1), 1.0 - fraction, "erf")
+    nodes, initializers = emit_ffn(ffn, lines, "custom", 20, margin, 1.0 - fraction, predictor)
+    replace_nodes(rewritten, [(ffn.nodes, nodes, initializers)])
+    rewritten.opset_import.extend([helper.make_opsetid("ai.tardis", 1), helper.make_opsetid("com.microsoft", 1)])
+    return rewritten, ffn, lines, predictor
+
+
+def median_times(sessions: dict, feeds: dict, repeats: int, warmup: int = 5) -> dict[str, float]:
+    """Median seconds per run, the sessions alternating so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for i in range(warmup + repeats):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[768, 1024, 1280])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 512])
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.10])
+    parser.add_argument("--predictor", choices=PREDICTORS, default="lowrank")
+    parser.add_argument("--rank", type=int, default=64, help="rank of the lowrank predictor")
+    parser.add_argument("--margin", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    args = parser.parse_args(argv)
+    import onnxruntime as ort
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    options = runtime.session_options(threads=args.threads, optimization="all")
+    rows = []
+    print(
+        f"{'d':>5} {'tokens':>6} {'f':>5} {'flagged':>7} {'dense us':>9} {'tardis us':>9} {'speedup':>7} {'bound':>6}"
+    )
+    for d in args.dims:
+        h = 4 * d
+        model = dense_model(d, h, rng)
+        x_cal = rng.normal(size=(4096, d))
+        dense = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for fraction in args.fractions:
+            rewritten, ffn, lines, predictor = rewrite(model, x_cal, fraction, args.predictor, args.rank, args.margin)
+            tardis = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            x_test = rng.normal(size=(2048, d))
+            flagged = float(
+                reference.outside_window(predictor.predict(x_test, ffn.w1, ffn.b1), lines, args.margin).mean()
+            )
+            dense_bytes = 2 * d * h * 4
+            read = d * d * 4 + predictor_bytes(predictor.kind, d, h, 4, predictor.rank) + flagged * dense_bytes
+            for tokens in args.tokens:
+                feeds = {"x": rng.normal(size=(tokens, d)).astype(np.float32)}
+                t = median_times({"dense": dense, "tardis": tardis}, feeds, args.repeats)
+                row = {
+                    "d": d,
+                    "h": h,
+                    "tokens": tokens,
+                    "outlier_fraction": fraction,
+                    "flagged_fraction": flagged,
+                    "predictor": predictor.kind,
+                    "rank": predictor.rank,
+                    "dense_us": t["dense"] * 1e6,
+                    "tardis_us": t["tardis"] * 1e6,
+                    "speedup": t["dense"] / t["tardis"],
+                    "bytes_read_ratio": dense_bytes / read,
+                }
+                rows.append(row)
+                cells = (
+                    d,
+                    tokens,
+                    f"{fraction:.2f}",
+                    f"{flagged:.3f}",
+                    f"{row['dense_us']:.1f}",
+                    f"{row['tardis_us']:.1f}",
+                    f"{row['speedup']:.2f}x",
+                    f"{row['bytes_read_ratio']:.2f}x",
+                )
+                print(" ".join(f"{c:>9}" for c in cells))
+    meta = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "onnxruntime": ort.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "predictor": args.predictor,
+        "rank": args.rank,
+    }
+    (args.out / "ffn_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    plot(rows, args.out / "ffn_latency.png")
+    print(f"wrote {args.out / 'ffn_latency.json'} and {args.out / 'ffn_latency.png'}")
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    token_counts = sorted({r["tokens"] for r in rows})
+    fig, axes = plt.subplots(1, len(token_counts), figsize=(5 * len(token_counts), 4), squeeze=False)
+    for ax, tokens in zip(axes[0], token_counts, strict=True):
+        for d in sorted({r["d"] for r in rows}):
+            sel = [r for r in rows if r["tokens"] == tokens and r["d"] == d]
+            fractions = [r["outlier_fraction"] * 100 for r in sel]
+            ax.plot(fractions, [r["speedup"] for r in sel], "o-", label=f"d={d} measured")
+            ax.plot(fractions, [r["bytes_read_ratio"] for r in sel], "x--", alpha=0.5, label=f"d={d} bytes bound")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"{tokens} token(s)")
+        ax.set_xlabel("outlier fraction (%)")
+        ax.set_ylabel("speedup vs dense FFN")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

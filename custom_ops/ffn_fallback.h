@@ -1,0 +1,60 @@
+// ai.tardis::FfnFallback kernels, independent of ONNX Runtime.
+//
+// For every token (row of the flattened leading dims):
+//   y = y_folded + sum over flagged neurons i of residual_i(z_i) * w2[i, :]
+//   z_i = dot(x, w1t[i]) + b1[i]           (recomputed exactly, float accumulation)
+// where neuron i is flagged when z_hat[i] lies outside [lo_i - margin, hi_i + margin] (or is NaN).
+// Element type T is float or IEEE half (passed as its uint16_t bits); `lines` is always float32.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tardis {
+
+template <typename T>
+struct FallbackArgs {
+  const T* x;            // [tokens, d]
+  const T* y_folded;     // [tokens, d]
+  const T* z_hat;        // [tokens, h]
+  const T* w1t;          // [h, d]  (W1 transposed: neuron i's input weights contiguous)
+  const T* b1;           // [h]
+  const T* w2;           // [h, d]
+  const float* lines;    // [4, h]  slope, intercept, lo, hi
+  T* y;                  // [tokens, d]
+  int64_t tokens;
+  int64_t d;
+  int64_t h;
+  float margin;
+  int approximate;       // 0: erf GELU, 1: tanh GELU
+};
+
+// Runs fn(data, i) for every i in [0, total), possibly concurrently; the CPU kernel's only
+// view of a thread pool. A null `run` means serial execution.
+struct ParallelRunner {
+  void (*run)(void* context, void (*fn)(void*, size_t), size_t total, void* data);
+  void* context;
+};
+
+// CPU kernel (ffn_fallback_cpu.cc). T is float or uint16_t (half bits). Results do not depend on
+// how many threads `runner` uses.
+template <typename T>
+void ffn_fallback_cpu(const FallbackArgs<T>& args, const ParallelRunner& runner);
+
+#ifdef USE_CUDA
+// Device scratch for the CUDA kernel. `free` is called right after the kernels are enqueued, so
+// the memory must be stream-ordered (ONNX Runtime's arena on its compute stream is). A null
+// `alloc` selects CUDA's stream-ordered allocator (cudaMallocAsync / cudaFreeAsync).
+struct DeviceScratch {
+  void* (*alloc)(void* context, size_t bytes);
+  void (*free)(void* context, void* pointer);
+  void* context;
+};
+
+// CUDA kernel (ffn_fallback_cuda.cu): enqueues on `stream` (a cudaStream_t), does not synchronise.
+// Returns nullptr on success, else a static error message.
+template <typename T>
+const char* ffn_fallback_cuda(const FallbackArgs<T>& args, void* stream, const DeviceScratch& scratch);
+#endif
+
+}  // namespace tardis

@@ -1,0 +1,109 @@
+"""Online outlier predictors: what computes ``z_hat ≈ x·W1 + b1`` cheaply for the fallback's flag test.
+
+exact: ``x·W1 + b1`` itself (reads all of W1: the oracle outlier set).
+int4:  ONNX Runtime's ``com.microsoft::MatMulNBits`` on a 4-bit, block-32 copy of W1
+       (1/8 of W1's fp32 bytes plus one scale per block).
+lowrank: ``(x·U)·V`` with ``U [d, r]``, ``V [r, h]`` fitted on calibration inputs: the rank-r map
+       closest to W1 on the data, each neuron's error measured in units of its pre-activation spread
+       (``r·(d + h)`` weights: rank 64 of a 1024→4096 FFN reads 8% of W1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PREDICTORS = ("exact", "int4", "lowrank")
+INT4_BLOCK = 32
+
+
+@dataclass
+class Predictor:
+    """The predictor of one FFN: its kind and, for ``lowrank``, the fitted factors."""
+
+    kind: str = "exact"
+    u: np.ndarray | None = None  # [d, r]
+    v: np.ndarray | None = None  # [r, h]
+
+    def __post_init__(self) -> None:
+        if self.kind not in PREDICTORS:
+            raise ValueError(f"unknown predictor {self.kind!r}; expected one of {PREDICTORS}")
+        if self.kind == "lowrank" and (self.u is None or self.v is None):
+            raise ValueError("a lowrank predictor needs its fitted factors u and v")
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.u is None else int(self.u.shape[1])
+
+    def predict(self, x: np.ndarray, w1: np.ndarray, b1: np.ndarray | None) -> np.ndarray:
+        """``z_hat`` in float64 (the reference for the emitted graph)."""
+        x = np.asarray(x, dtype=np.float64)
+        if self.kind == "exact":
+            z = x @ w1
+        elif self.kind == "int4":
+            packed, scales = quantize_int4(w1)
+            z = x @ dequantize_int4(packed, scales, w1.shape[0])
+        else:
+            z = (x @ self.u) @ self.v
+        return z if b1 is None else z + b1
+
+
+def quantize_int4(w1: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``MatMulNBits`` layout of ``w1 [d, h]``: packed ``uint8 [h, blocks, block/2]`` and scales ``[h·blocks]``.
+
+    Symmetric per block: ``q = round(w / s) + 8`` in 0..15 with ``s = max|w| / 7``; the default zero point 8.
+    """
+    d, h = w1.shape
+    blocks = -(-d // block)
+    padded = np.zeros((h, blocks * block))
+    padded[:, :d] = np.asarray(w1, dtype=np.float64).T
+    grouped = padded.reshape(h, blocks, block)
+    scale = np.abs(grouped).max(axis=2) / 7.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(grouped / scale[..., None]) + 8, 0, 15).astype(np.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    return packed, scale.reshape(-1)
+
+
+def dequantize_int4(packed: np.ndarray, scales: np.ndarray, d: int) -> np.ndarray:
+    """The ``[d, h]`` float64 matrix ``MatMulNBits`` multiplies by (the reference for tests)."""
+    h, blocks, half = packed.shape
+    q = np.empty((h, blocks, half * 2))
+    q[..., 0::2] = packed & 0x0F
+    q[..., 1::2] = packed >> 4
+    w = (q - 8) * scales.reshape(h, blocks, 1)
+    return w.reshape(h, -1)[:, :d].T
+
+
+def fit_lowrank(x: np.ndarray, w1: np.ndarray, rank: int, ridge: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """``U [d, r]``, ``V [r, h]`` minimising ``Σ_tokens Σ_i ((x·W1 − x·U·V)_i / σ_i)²`` over samples ``x [n, d]``.
+
+    ``σ_i`` is neuron ``i``'s pre-activation spread on ``x``. With the second-moment matrix
+    ``C = xᵀx / n = E Λ Eᵀ``, the optimum is the truncated SVD of ``C^½ · W1 · diag(1/σ)`` mapped back.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    w1 = np.asarray(w1, dtype=np.float64)
+    d, h = w1.shape
+    rank = min(rank, d, h)
+    sigma = np.maximum((x @ w1).std(axis=0), 1e-12)
+    eigenvalues, eigenvectors = np.linalg.eigh(x.T @ x / x.shape[0])
+    eigenvalues = np.maximum(eigenvalues, ridge * max(eigenvalues.max(), 1e-30))
+    root = (eigenvectors * np.sqrt(eigenvalues)) @ eigenvectors.T
+    inverse_root = (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
+    left, singular, right = np.linalg.svd(root @ w1 / sigma, full_matrices=False)
+    u = inverse_root @ (left[:, :rank] * singular[:rank])
+    v = right[:rank] * sigma
+    return u, v
+
+
+def predictor_bytes(kind: str, d: int, h: int, itemsize: int, rank: int = 0) -> int:
+    """Bytes the predictor reads per token."""
+    if kind == "exact":
+        return d * h * itemsize
+    if kind == "int4":
+        blocks = -(-d // INT4_BLOCK)
+        return h * blocks * (INT4_BLOCK // 2) + h * blocks * itemsize
+    if kind == "lowrank":
+        return rank * (d + h) * itemsize
+    raise ValueError(f"unknown predictor {kind!r}; expected one of {PREDICTORS}")

@@ -1,0 +1,422 @@
+"""The ai.tardis::FfnFallback custom op (C++ CPU kernel, CUDA kernel) against the numpy oracle.
+
+Every case builds a one-node model with onnx.helper, runs it in ONNX Runtime with the library
+registered, and compares with ``tardis_onnx.reference.fallback_op`` (float64).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from tardis_onnx import runtime
+from tardis_onnx.reference import fallback_op
+
+ort = pytest.importorskip("onnxruntime")
+
+ROOT = Path(__file__).resolve().parent.parent
+INPUTS = ("x", "y_folded", "z_hat", "w1t", "b1", "w2", "lines")
+ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+FORMS = {"none": "erf", "tanh": "tanh"}
+
+
+def needs_library(cuda: bool = False) -> None:
+    if not runtime.library_available(cuda):
+        what = "CUDA custom-op library (needs nvcc)" if cuda else "custom-op library"
+        pytest.skip(f"{what} not built: run `{runtime.BUILD_COMMAND}`")
+
+
+def fallback_model(dtype, margin: float | None = None, approximate: str | None = None) -> bytes:
+    elem = ELEM[dtype]
+    inputs = [helper.make_tensor_value_info(name, elem, None) for name in INPUTS[:-1]]
+    inputs.append(helper.make_tensor_value_info("lines", TensorProto.FLOAT, [4, None]))
+    attrs = {}
+    if margin is not None:
+        attrs["margin"] = margin
+    if approximate is not None:
+        attrs["approximate"] = approximate
+    node = helper.make_node("FfnFallback", list(INPUTS), ["y"], domain="ai.tardis", name="fallback", **attrs)
+    graph = helper.make_graph([node], "ffn_fallback", inputs, [helper.make_tensor_value_info("y", elem, None)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.tardis", 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def make_case(rng, lead: tuple[int, ...], d: int, h: int, dtype=np.float32, flagged: str = "some") -> dict:
+    """Random inputs; ``flagged`` sets how many neurons fall outside their window: none/some/all."""
+    x = rng.standard_normal((*lead, d))
+    w1t = rng.standard_normal((h, d)) / np.sqrt(d)
+    b1 = 0.1 * rng.standard_normal(h)
+    z_hat = x @ w1t.T + b1 + 0.05 * rng.standard_normal((*lead, h))  # a noisy predictor
+    half_width = rng.uniform(0.8, 2.0, h)
+    centre = rng.uniform(-0.3, 0.3, h)
+    lo, hi = centre - half_width, centre + half_width
+    if flagged == "none":
+        lo, hi = np.full(h, -1e4), np.full(h, 1e4)
+    elif flagged == "all":
+        lo, hi = np.full(h, np.inf), np.full(h, -np.inf)  # empty window: coverage 0
+    lines = np.stack([rng.uniform(0.2, 0.9, h), rng.uniform(-0.2, 0.2, h), lo, hi]).astype(np.float32)
+    case = {
+        "x": x,
+        "y_folded": rng.standard_normal((*lead, d)),
+        "z_hat": z_hat,
+        "w1t": w1t,
+        "b1": b1,
+        "w2": rng.standard_normal((h, d)) / np.sqrt(h),
+        "lines": lines,
+    }
+    return {k: (v if k == "lines" else v.astype(dtype)) for k, v in case.items()}
+
+
+def oracle(case: dict, margin: float = 0.0, approximate: str = "none") -> np.ndarray:
+    # The attribute is stored as float32: the oracle must see the same margin.
+    return fallback_op(*(case[k] for k in INPUTS), margin=float(np.float32(margin)), form=FORMS[approximate])
+
+
+def run_op(case: dict, margin=None, approximate=None, threads: int = 1, cuda_library: bool = False) -> np.ndarray:
+    dtype = case["x"].dtype.type
+    so = runtime.session_options(threads=threads, optimization="disable", cuda=cuda_library)
+    session = ort.InferenceSession(fallback_model(dtype, margin, approximate), so, providers=["CPUExecutionProvider"])
+    return session.run(None, case)[0]
+
+
+def assert_matches(y: np.ndarray, ref: np.ndarray, dtype) -> None:
+    assert y.shape == ref.shape
+    assert y.dtype == dtype
+    if y.size == 0:
+        return
+    finite = np.isfinite(ref)
+    scale = max(1.0, float(np.abs(ref[finite]).max())) if finite.any() else 1.0
+    tol = 1e-5 if dtype == np.float32 else 2e-3
+    np.testing.assert_allclose(y.astype(np.float64), ref, rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+# ---- CPU kernel -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=False)
+def cpu_library():
+    needs_library()
+
+
+SHAPES = [(1,), (1, 1), (2, 3), (5,), (3, 40), (2, 70), (0,), (2, 0)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("lead", SHAPES, ids=[str(s) for s in SHAPES])
+def test_matches_reference(cpu_library, lead, threads, approximate, dtype):
+    rng = np.random.default_rng(zlib.crc32(repr((lead, threads, approximate)).encode()))
+    case = make_case(rng, lead, d=48, h=100, dtype=dtype)
+    y = run_op(case, margin=0.05, approximate=approximate, threads=threads)
+    assert_matches(y, oracle(case, 0.05, approximate), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("flagged", ["none", "some", "all"])
+@pytest.mark.parametrize("lead", [(1,), (4, 9)], ids=["decode", "prefill"])
+def test_flag_fraction(cpu_library, lead, flagged, dtype):
+    rng = np.random.default_rng(7)
+    case = make_case(rng, lead, d=33, h=70, dtype=dtype, flagged=flagged)  # odd d: vector-loop tails
+    y = run_op(case, threads=2)
+    if flagged == "none":
+        np.testing.assert_array_equal(y, case["y_folded"])  # nothing touched, bit for bit
+    assert_matches(y, oracle(case), dtype)
+
+
+@pytest.mark.parametrize("lead", [(1,), (6,)], ids=["decode", "prefill"])
+def test_window_boundaries(cpu_library, lead):
+    """z_hat exactly on lo - margin / hi + margin stays unflagged; one ulp outside is flagged."""
+    d = h = 16
+    rng = np.random.default_rng(3)
+    case = make_case(rng, lead, d=d, h=h)
+    margin = 0.25
+    lo, hi = np.float32(-0.5), np.float32(0.75)  # lo - margin and hi + margin are exact in float32
+    case["lines"][2:] = [[lo] * h, [hi] * h]
+    case["lines"][0], case["lines"][1] = 0.0, 5.0  # residual ~ -5: a wrong flag shows at once
+    case["w2"] = np.eye(h, d, dtype=np.float32)  # neuron i writes column i only
+    edges = np.array(
+        [
+            lo - np.float32(margin),
+            hi + np.float32(margin),
+            np.nextafter(lo - np.float32(margin), np.float32(-np.inf)),
+            np.nextafter(hi + np.float32(margin), np.float32(np.inf)),
+            lo,
+            hi,
+            np.nan,
+            np.inf,
+        ],
+        dtype=np.float32,
+    )
+    case["z_hat"] = np.resize(edges, (*lead, h)).astype(np.float32)
+    expected_flags = np.isin(np.arange(h) % len(edges), [2, 3, 6, 7])
+    y = run_op(case, margin=margin)
+    ref = oracle(case, margin)
+    assert_matches(y, ref, np.float32)
+    touched = np.abs(y - case["y_folded"]) > 1.0
+    np.testing.assert_array_equal(touched, np.broadcast_to(expected_flags, touched.shape))
+
+
+@pytest.mark.parametrize("lead", [(1,), (4,)], ids=["decode", "prefill"])
+def test_fp16_every_value_round_trips(cpu_library, lead):
+    """Unflagged tokens return y_folded unchanged: every half bit pattern survives half->float->half."""
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    d = bits.size // lead[0]
+    case = make_case(np.random.default_rng(0), lead, d=d, h=3, dtype=np.float16, flagged="none")
+    case["y_folded"] = bits.view(np.float16).reshape(*lead, d)
+    y = run_op(case, threads=2)
+    nan = np.isnan(case["y_folded"])
+    np.testing.assert_array_equal(y.view(np.uint16)[~nan], case["y_folded"].view(np.uint16)[~nan])
+    assert np.isnan(y[nan]).all()
+
+
+def test_boundary_at_rounded_lo_minus_margin(cpu_library):
+    """z_hat = float32(lo - margin) for arbitrary lo: kernel and oracle decide alike."""
+    rng = np.random.default_rng(11)
+    h = 200
+    case = make_case(rng, (3,), d=24, h=h)
+    margin = np.float32(0.1)
+    lo = case["lines"][2].astype(np.float64)
+    hi = case["lines"][3].astype(np.float64)
+    z = np.where(np.arange(h) % 2 == 0, lo - np.float64(margin), hi + np.float64(margin)).astype(np.float32)
+    case["z_hat"] = np.broadcast_to(z, (3, h)).copy()
+    case["lines"][1] += 3.0  # make every flag decision visible in the output
+    y = run_op(case, margin=float(margin))
+    assert_matches(y, oracle(case, float(margin)), np.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lead", [(1,), (5,)], ids=["decode", "prefill"])
+def test_nan_and_inf_propagate(cpu_library, lead, dtype):
+    rng = np.random.default_rng(5)
+    case = make_case(rng, lead, d=20, h=40, dtype=dtype)
+    case["x"][0, 3] = np.nan
+    if lead[0] > 1:
+        case["x"][1, 0] = np.inf
+        case["x"][2, 5] = -np.inf
+        case["y_folded"][3, 7] = np.nan
+        case["z_hat"][4, :5] = np.nan  # NaN prediction: flagged
+    y = run_op(case, threads=2)
+    ref = oracle(case)
+    assert np.isnan(ref[0]).all()
+    assert_matches(y, ref, dtype)
+
+
+@pytest.mark.parametrize(("d", "h"), [(16, 0), (0, 8)], ids=["h=0", "d=0"])
+@pytest.mark.parametrize("lead", [(1,), (3, 4)], ids=["decode", "prefill"])
+def test_empty_hidden_or_model_dim(cpu_library, lead, d, h):
+    case = make_case(np.random.default_rng(0), lead, d=d, h=h)
+    y = run_op(case, threads=2)
+    assert_matches(y, oracle(case), np.float32)
+    np.testing.assert_array_equal(y, case["y_folded"])
+
+
+def test_results_independent_of_threads(cpu_library):
+    rng = np.random.default_rng(9)
+    for lead in [(1,), (64,)]:
+        case = make_case(rng, lead, d=96, h=384)
+        y1 = run_op(case, threads=1)
+        y4 = run_op(case, threads=4)
+        np.testing.assert_array_equal(y1, y4)
+
+
+def test_decode_size(cpu_library):
+    """One token, d=1024, h=4096, ~5% flagged: the decode case the kernel is tuned for."""
+    rng = np.random.default_rng(1)
+    case = make_case(rng, (1, 1), d=1024, h=4096)
+    flagged = ~((case["z_hat"] >= case["lines"][2]) & (case["z_hat"] <= case["lines"][3]))
+    assert 0.0 < flagged.mean() < 0.5
+    y = run_op(case, threads=2)
+    assert_matches(y, oracle(case), np.float32)
+
+
+def test_defaults_are_erf_and_zero_margin(cpu_library):
+    rng = np.random.default_rng(2)
+    case = make_case(rng, (3,), d=16, h=32)
+    assert_matches(run_op(case), oracle(case, 0.0, "none"), np.float32)
+
+
+def test_shape_mismatch_is_reported(cpu_library):
+    rng = np.random.default_rng(4)
+    case = make_case(rng, (2,), d=16, h=32)
+    case["w2"] = case["w2"][:, :8].copy()
+    with pytest.raises(Exception, match=r"ai\.tardis::FfnFallback: w2 shape \[32, 8\] must be \[h, d\]"):
+        run_op(case)
+
+
+def test_unknown_approximate_is_rejected(cpu_library):
+    rng = np.random.default_rng(4)
+    case = make_case(rng, (2,), d=16, h=32)
+    with pytest.raises(Exception, match="approximate must be 'none' or 'tanh'"):
+        run_op(case, approximate="sigmoid")
+
+
+def test_cuda_library_runs_cpu_nodes():
+    """The CUDA build also registers the CPU kernels and loads without a GPU."""
+    needs_library(cuda=True)
+    rng = np.random.default_rng(6)
+    case = make_case(rng, (2, 3), d=32, h=64)
+    assert_matches(run_op(case, margin=0.1, cuda_library=True), oracle(case, 0.1), np.float32)
+
+
+def test_old_onnxruntime_gets_a_clear_error():
+    """RegisterCustomOps refuses an ONNX Runtime whose API is older than the headers it was built with."""
+    needs_library()
+    found = sorted((Path(ort.__file__).parent / "capi").glob("libonnxruntime.so*"))
+    if not found:
+        pytest.skip("no libonnxruntime.so in the onnxruntime package")
+    get_api = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
+    version_string = ctypes.CFUNCTYPE(ctypes.c_void_p)
+
+    class ApiBase(ctypes.Structure):
+        _fields_ = [("GetApi", get_api), ("GetVersionString", version_string)]
+
+    ort_lib = ctypes.CDLL(str(found[0]))
+    ort_lib.OrtGetApiBase.restype = ctypes.POINTER(ApiBase)
+    real = ort_lib.OrtGetApiBase().contents
+    old_version = ctypes.create_string_buffer(b"1.16.3")
+    # An ONNX Runtime 1.16: it serves API versions up to 16 only.
+    fake = ApiBase(
+        get_api(lambda version: real.GetApi(version) if version <= 16 else None),
+        version_string(lambda: ctypes.addressof(old_version)),
+    )
+    lib = ctypes.CDLL(str(runtime.library_path()))
+    lib.RegisterCustomOps.restype = ctypes.c_void_p
+    lib.RegisterCustomOps.argtypes = [ctypes.c_void_p, ctypes.POINTER(ApiBase)]
+    status = lib.RegisterCustomOps(None, ctypes.byref(fake))
+    assert status, "registration against an old API must fail"
+    api = ctypes.cast(real.GetApi(1), ctypes.POINTER(ctypes.c_void_p))
+    get_error_message = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(api[2])  # OrtApi::GetErrorMessage
+    message = get_error_message(status).decode()
+    assert "tardis-onnx custom ops need ONNX Runtime API >=" in message
+    assert "1.16.3" in message and "older" in message
+
+
+# ---- runtime helpers and build --------------------------------------------------------------
+
+
+def test_missing_library_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.delenv(runtime.LIBRARY_ENV, raising=False)
+    monkeypatch.setattr(runtime, "LIB_DIR", tmp_path)
+    assert not runtime.library_available()
+    with pytest.raises(FileNotFoundError, match="custom_ops/build.py"):
+        runtime.library_path()
+
+
+def test_bad_optimization_level():
+    needs_library()
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        runtime.session_options(optimization="fast")
+
+
+def test_make_session_runs_the_op():
+    needs_library()
+    rng = np.random.default_rng(8)
+    case = make_case(rng, (2,), d=16, h=32)
+    session = runtime.make_session(fallback_model(np.float32), threads=1, optimization="all")
+    assert_matches(session.run(None, case)[0], oracle(case), np.float32)
+
+
+def test_readme_example_runs():
+    """custom_ops/README.md's Python example is executed, so it cannot rot."""
+    needs_library()
+    readme = ROOT / "custom_ops" / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        exec(compile(block, str(readme), "exec"), {})
+
+
+def test_build_without_headers_fails_clearly(tmp_path):
+    empty = tmp_path / "include"
+    empty.mkdir()
+    env = {**os.environ, "ORT_INCLUDE_DIR": str(empty)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "custom_ops" / "build.py"), "--out", str(tmp_path / "lib"), "--no-cuda"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "ORT_INCLUDE_DIR" in result.stderr and "onnxruntime_c_api.h" in result.stderr
+    assert not (tmp_path / "lib" / runtime.CPU_LIBRARY).exists()
+
+
+# ---- CUDA kernel through its C entry point --------------------------------------------------
+
+
+def cuda_entry(dtype):
+    lib = ctypes.CDLL(str(runtime.library_path(cuda=True)))
+    fn = lib.tardis_ffn_fallback_cuda_f32 if dtype == np.float32 else lib.tardis_ffn_fallback_cuda_f16
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+    lib.tardis_cuda_error_string.restype = ctypes.c_char_p
+    lib.tardis_cuda_error_string.argtypes = [ctypes.c_int]
+    return fn, lib.tardis_cuda_error_string
+
+
+def torch_cuda():
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch
+
+
+CUDA_SHAPES = [(1,), (1, 1), (3, 5), (300,), (0,)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("lead", CUDA_SHAPES, ids=[str(s) for s in CUDA_SHAPES])
+def test_cuda_kernel_matches_reference(lead, approximate, dtype):
+    needs_library(cuda=True)
+    torch = torch_cuda()
+    rng = np.random.default_rng(12)
+    case = make_case(rng, lead, d=200, h=300, dtype=dtype)  # h > 2 chunks of 128, d not a multiple of 32
+    if lead[0] > 2:
+        case["x"][1, 0] = np.nan
+        case["z_hat"][2, :4] = np.nan
+    device = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in case.items()}
+    y = torch.empty_like(device["y_folded"])
+    fn, error_string = cuda_entry(dtype)
+    tokens = int(np.prod(lead))
+    code = fn(
+        *(device[k].data_ptr() for k in INPUTS),
+        y.data_ptr(),
+        tokens,
+        200,
+        300,
+        0.05,
+        1 if approximate == "tanh" else 0,
+        torch.cuda.current_stream().cuda_stream,
+    )
+    torch.cuda.synchronize()
+    assert code == 0, error_string(code).decode()
+    assert_matches(y.cpu().numpy(), oracle(case, 0.05, approximate), dtype)
+
+
+def test_cuda_entry_point_reports_errors():
+    """Without a GPU the entry point returns a CUDA error code instead of crashing."""
+    needs_library(cuda=True)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present: covered by test_cuda_kernel_matches_reference")
+    except ImportError:
+        pass
+    fn, error_string = cuda_entry(np.float32)
+    assert fn(*([None] * 8), 0, 8, 8, 0.0, 0, None) == 0  # zero tokens: nothing to launch
+    code = fn(*([None] * 8), 1, 8, 8, 0.0, 0, None)
+    assert code != 0
+    assert error_string(code)
