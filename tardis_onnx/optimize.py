@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tardis_onnx import __version__, runtime
-from tardis_onnx.calibrate import calibrate, capture_preactivations
-from tardis_onnx.config import FALLBACKS, TardisConfig
+from tardis_onnx import __version__, runtime, text
+from tardis_onnx.calibrate import FfnSamples, calibrate_ffns, capture_ffn_inputs
+from tardis_onnx.config import ALLOCATIONS, FALLBACKS, WINDOWS, TardisConfig
 from tardis_onnx.emit import DOMAIN, MIN_OPSET, emit_ffn, replace_nodes
 from tardis_onnx.errors import TardisError
 from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
@@ -57,9 +57,17 @@ def default_output(model_path: Path) -> Path:
 
 
 def optimize_model(
-    model: onnx.ModelProto, config: TardisConfig, calibration: list[Feeds] | None = None
+    model: onnx.ModelProto,
+    config: TardisConfig,
+    calibration: list[Feeds] | None = None,
+    *,
+    samples: list[FfnSamples] | None = None,
 ) -> OptimizeResult:
-    """Rewrite ``model`` in place: every foldable FFN becomes a folded MatMul plus an outlier fallback."""
+    """Rewrite ``model`` in place: every foldable FFN becomes a folded MatMul plus an outlier fallback.
+
+    ``samples``: calibration inputs already captured by :func:`capture_ffn_inputs` on this model
+    (one per FFN, in :func:`find_ffns` order); they are reused instead of running ``calibration``.
+    """
     if is_rewritten(model):
         raise TardisError("the model was already rewritten by tardis-onnx: nothing to do")
     opset = _default_opset(model)
@@ -70,24 +78,38 @@ def optimize_model(
         reasons = "; ".join(f"{r.name}: {r.reason}" for r in refusals[:3])
         raise TardisError("no foldable GELU FFN found" + (f" ({reasons})" if reasons else ""))
     fallback = _resolve_fallback(config.fallback)
-    feeds = calibration or [
-        random_feeds(model, config.calib_batch, config.calib_sequence, seed=config.seed + i)
-        for i in range(config.calib_batches)
-    ]
-    samples = capture_preactivations(model, ffns, feeds, config.max_samples, config.seed)
+    if samples is None:
+        feeds = calibration or [
+            random_feeds(model, config.calib_batch, config.calib_sequence, seed=config.seed + i)
+            for i in range(config.calib_batches)
+        ]
+        samples = capture_ffn_inputs(model, ffns, feeds, config.max_samples, config.seed)
     replacements, rows = [], []
-    for ffn, preact in zip(ffns, samples, strict=True):
-        result = calibrate(preact, config.coverage, ffn.gelu.form)
-        nodes, initializers = emit_ffn(ffn, result.lines, fallback, opset, config.margin, config.coverage)
+    for ffn, result in zip(ffns, calibrate_ffns(ffns, samples, config), strict=True):
+        nodes, initializers = emit_ffn(ffn, result.lines, fallback, opset, config.margin, result.coverage)
+        if result.fold is not None:
+            _replace_fold(ffn, initializers, *result.fold)
         replacements.append((ffn.nodes, nodes, initializers))
         for reader in ffn.shape_readers:
             reader.input[0] = ffn.shape_source
-        rows.append(FfnReport.of(ffn, result, config.coverage, initializers))
+        rows.append(FfnReport.of(ffn, result, result.coverage, initializers))
     replace_nodes(model, replacements)
     if fallback == "custom" and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
     _set_metadata(model, config, fallback)
     return OptimizeResult(model, rows, refusals, config, fallback)
+
+
+def _replace_fold(ffn, initializers: list[onnx.TensorProto], wf: np.ndarray, bf: np.ndarray) -> None:
+    """Put the refitted fold into the emitted ``folded_weight``/``folded_bias`` initializers."""
+    prefix = f"tardis/{ffn.name}/"
+    values = {prefix + "folded_weight": wf, prefix + "folded_bias": bf}
+    for i, tensor in enumerate(initializers):
+        if tensor.name in values:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            initializers[i] = onnx.numpy_helper.from_array(values.pop(tensor.name).astype(dtype), tensor.name)
+    if values:
+        raise TardisError(f"internal: emitted FFN '{ffn.name}' lacks {sorted(values)}")
 
 
 def is_rewritten(model: onnx.ModelProto) -> bool:
@@ -112,6 +134,18 @@ def _set_metadata(model: onnx.ModelProto, config: TardisConfig, fallback: str) -
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 
+def _calibration_feeds(args: argparse.Namespace, model: onnx.ModelProto) -> list[Feeds] | None:
+    """``--calib``: feeds from an ``.npz``, from a text file, or from the builtin corpus."""
+    if not args.calib:
+        return None
+    if args.calib != text.BUILTIN and Path(args.calib).suffix == ".npz":
+        return load_feeds(args.calib, model)
+    if args.calib != text.BUILTIN and not Path(args.calib).is_file():
+        raise TardisError(f"calibration text '{args.calib}' not found")
+    tokenizer = args.tokenizer or args.model.parent
+    return text.calibration_feeds(args.calib, model, tokenizer, args.calib_samples, args.calib_seq_len)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tardis_onnx.optimize",
@@ -125,7 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=TardisConfig.coverage,
         help="fraction of calibration pre-activations each neuron's line covers (0 = exact)",
     )
-    parser.add_argument("--calib", type=Path, help="calibration feeds (.npz: one array per input, or name/0, ...)")
+    parser.add_argument(
+        "--calib",
+        help="calibration data: an .npz of feeds (one array per input, or name/0, ...), a text file "
+        "(one paragraph per line), or 'builtin' (CPython's documentation text)",
+    )
+    parser.add_argument(
+        "--calib-samples", type=int, default=text.DEFAULT_SAMPLES, help="text calibration: paragraphs used"
+    )
+    parser.add_argument(
+        "--calib-seq-len", type=int, default=text.DEFAULT_SEQ_LEN, help="text calibration: tokens per paragraph"
+    )
+    parser.add_argument("--tokenizer", type=Path, help="text calibration: tokenizer folder (default: the model's)")
+    parser.add_argument(
+        "--target-reduction",
+        type=float,
+        help="fallback reduction 1-(d²+f·2dh)/(2dh) every FFN must reach on the calibration tokens "
+        "(sets the outlier budget; replaces --coverage)",
+    )
+    parser.add_argument("--window", choices=WINDOWS, default=TardisConfig.window, help="window per neuron")
+    parser.add_argument(
+        "--allocation", choices=ALLOCATIONS, default=TardisConfig.allocation, help="coverage per neuron"
+    )
+    parser.add_argument("--refit", action="store_true", help="least-squares refit of the folded map and bias")
     parser.add_argument("--fallback", choices=FALLBACKS, default="auto", help="outlier fallback form")
     parser.add_argument("--margin", type=float, default=0.0, help="widen each window by this much when flagging")
     parser.add_argument(
@@ -145,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 coverage=args.coverage,
                 fallback=args.fallback,
                 margin=args.margin,
+                target_reduction=args.target_reduction,
+                window=args.window,
+                allocation=args.allocation,
+                refit=args.refit,
                 max_samples=args.max_samples,
                 seed=args.seed,
             )
@@ -154,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         report_path = args.report or output.with_name(output.name.removesuffix(".onnx") + ".json")
         check_writable(output, args.model)
         model = load_model(args.model)
-        calibration = load_feeds(args.calib, model) if args.calib else None
+        calibration = _calibration_feeds(args, model)
         result = optimize_model(model, config, calibration)
         written = save_model(result.model, output)
         try:

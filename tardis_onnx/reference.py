@@ -95,21 +95,71 @@ class NeuronLines:
 def calibrate_lines(preact: np.ndarray, coverage: float, form: str = "erf") -> NeuronLines:
     """Window and line per neuron from pre-activation samples ``preact: [n, h]``.
 
-    The line is fitted on the in-window samples; an empty window (coverage 0)
-    fits it on all samples, so the fold stays non-trivial and exact fallback
-    of every neuron is a real identity.
+    Same result as :func:`narrowest_window` then :func:`fit_line` on the in-window samples of
+    every column (the definitions), vectorised over neurons. The line is fitted on the in-window
+    samples; an empty window (coverage 0) fits it on all samples, so the fold stays non-trivial
+    and exact fallback of every neuron is a real identity.
     """
     preact = np.asarray(preact, dtype=np.float64)
     if preact.ndim != 2:
         raise ValueError(f"pre-activations must be [samples, neurons], got shape {preact.shape}")
+    if not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"coverage must be in [0, 1], got {coverage}")
     h = preact.shape[1]
     slope, intercept, lo, hi = (np.empty(h) for _ in range(4))
-    for i in range(h):
+    finite = np.isfinite(preact).all(axis=0)
+    for i in np.flatnonzero(~finite):  # columns with NaN/inf: the scalar definitions drop those samples
         col = preact[:, i]
         lo[i], hi[i] = narrowest_window(col, coverage)
         inside = col[(col >= lo[i]) & (col <= hi[i])] if lo[i] <= hi[i] else col
         slope[i], intercept[i] = fit_line(inside, form)
+    for cols in column_blocks(preact.shape[0], np.flatnonzero(finite)):
+        z = preact[:, cols]
+        lo[cols], hi[cols] = narrowest_windows(np.sort(z, axis=0), coverage)
+        empty = lo[cols] > hi[cols]
+        inside = ((z >= lo[cols]) & (z <= hi[cols])) | empty
+        slope[cols], intercept[cols] = fit_lines(z, inside, form)
     return NeuronLines(slope, intercept, lo, hi)
+
+
+def column_blocks(rows: int, columns: np.ndarray | int, elements: int = 1 << 22) -> list[np.ndarray]:
+    """Split ``columns`` (indices, or a count) into blocks of about ``elements`` values of ``rows`` rows each."""
+    columns = np.arange(columns) if isinstance(columns, int) else np.asarray(columns)
+    width = max(1, elements // max(rows, 1))
+    return [columns[i : i + width] for i in range(0, columns.size, width)]
+
+
+def narrowest_windows(sorted_z: np.ndarray, coverage: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`narrowest_window` of every column of ``sorted_z: [n, h]`` (sorted along axis 0, finite)."""
+    n, h = sorted_z.shape
+    k = math.ceil(coverage * n - 1e-9)
+    if k == 0:
+        return np.full(h, math.inf), np.full(h, -math.inf)
+    start = np.argmin(sorted_z[k - 1 :] - sorted_z[: n - k + 1], axis=0)
+    cols = np.arange(h)
+    return sorted_z[start, cols], sorted_z[start + k - 1, cols]
+
+
+def fit_lines(z: np.ndarray, inside: np.ndarray, form: str = "erf") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fit_line` of every column of ``z: [n, h]`` over the samples where ``inside`` is true."""
+    w = np.asarray(inside, dtype=np.float64)
+    count = w.sum(axis=0)
+    safe = np.maximum(count, 1.0)
+    mean_z = (w * z).sum(axis=0) / safe
+    g = gelu(z, form)
+    mean_g = (w * g).sum(axis=0) / safe
+    dz = z - mean_z
+    sxx = (w * dz * dz).sum(axis=0)
+    sxy = (w * dz * (g - mean_g)).sum(axis=0)
+    spread = np.where(inside, z, -np.inf).max(axis=0) - np.where(inside, z, np.inf).min(axis=0)
+    degenerate = (count == 0) | ~(spread > 0)
+    slope = np.where(degenerate, 0.0, sxy / np.where(degenerate, 1.0, sxx))
+    intercept = mean_g - slope * mean_z
+    if degenerate.any():  # the tangent at the mean (at 0 with no samples), as fit_line does
+        z0 = np.where(count > 0, mean_z, 0.0)[degenerate]
+        slope[degenerate] = gelu_derivative(z0, form)
+        intercept[degenerate] = gelu(z0, form) - slope[degenerate] * z0
+    return slope, intercept
 
 
 def fold(

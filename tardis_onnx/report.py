@@ -23,6 +23,8 @@ class FfnReport:
     fallback_read_bytes: fold + measured outlier fraction × (W1 + W2): reads without the predictor.
     predictor_bytes: what predicting the outliers reads (the exact predictor reads all of W1).
     storage_bytes: every initializer the rewritten FFN stores.
+    calibration_error: ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN (exact outlier set) on the
+        calibration tokens.
     """
 
     name: str
@@ -37,6 +39,7 @@ class FfnReport:
     fallback_read_bytes: int
     predictor_bytes: int
     storage_bytes: int
+    calibration_error: float | None = None
 
     @classmethod
     def of(cls, ffn: FfnMatch, result: Calibration, coverage: float, initializers: list[onnx.TensorProto]) -> FfnReport:
@@ -57,6 +60,7 @@ class FfnReport:
             fallback_read_bytes=int(fold + result.outlier_fraction * dense),
             predictor_bytes=ffn.w1.size * item,
             storage_bytes=sum(len(t.raw_data) for t in initializers),
+            calibration_error=getattr(result, "calibration_error", None),
         )
 
     def to_dict(self) -> dict:

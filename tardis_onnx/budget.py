@@ -1,0 +1,226 @@
+"""Budgets and better lines (DESIGN.md §7), in numpy float64 on calibration samples.
+
+Three switchable ideas on top of the plain recipe (narrowest window, one coverage for all):
+
+- **least-error windows**: among the windows holding ``k = ceil(t·n)`` consecutive sorted samples,
+  the one whose least-squares line has the least in-window squared error (not the narrowest).
+- **per-neuron coverage** by a Lagrangian: for each neuron pick ``t_i`` from a grid to minimise
+  ``Σ_i cost_i(t_i) + λ · Σ_i fallback_i(t_i)``, cost = in-window SSE / n · ‖W2[i,:]‖²; ``λ`` is
+  bisected so each layer (``allocation="layer"``) or all FFNs together (``"global"``) meet the
+  fallback budget.
+- **refit** of the folded ``d×d`` map and bias by least squares on calibration tokens, target =
+  true FFN output − the exact fallback term (no extra weights at inference).
+
+A window here is ``k`` consecutive samples in sorted order (ties at its edges are ignored), so the
+calibration outlier fraction of coverage ``t`` is exactly ``1 − k/n``. GELU and the fold come from
+:mod:`tardis_onnx.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tardis_onnx import reference
+from tardis_onnx.config import DEFAULT_GRID, WINDOWS  # noqa: F401  (re-exported)
+
+
+@dataclass
+class CandidateTable:
+    """Per coverage ``grid[g]`` and neuron ``i``: window, line and in-window squared error (``[G, h]``)."""
+
+    grid: np.ndarray  # [G]
+    lo: np.ndarray
+    hi: np.ndarray
+    slope: np.ndarray
+    intercept: np.ndarray
+    sse: np.ndarray  # Σ over in-window samples of (GELU(z) − a z − c)², divided by n (per token)
+    fraction: np.ndarray  # [G]: calibration outlier fraction 1 − k/n
+
+    def lines(self, choice: np.ndarray) -> reference.NeuronLines:
+        """The lines of grid index ``choice[i]`` for each neuron ``i``."""
+        cols = np.arange(self.slope.shape[1])
+        return reference.NeuronLines(
+            self.slope[choice, cols], self.intercept[choice, cols], self.lo[choice, cols], self.hi[choice, cols]
+        )
+
+
+def window_size(n: int, coverage: float) -> int:
+    return math.ceil(coverage * n - 1e-9)
+
+
+def candidate_table(z: np.ndarray, grid: tuple[float, ...], form: str, window: str = "narrowest") -> CandidateTable:
+    """Windows, lines and errors of every neuron of ``z: [n, h]`` at each coverage of ``grid``.
+
+    ``z`` may be any object with ``shape`` whose ``z[:, cols]`` gives a block of columns (computed lazily).
+
+    Memory: one block of columns at a time (about 16 arrays of ``2**22`` float64 values).
+    """
+    if window not in WINDOWS:
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
+    if isinstance(z, np.ndarray) or not hasattr(z, "shape"):
+        z = np.asarray(z, dtype=np.float64)
+    n, h = z.shape
+    grid_arr = np.asarray(grid, dtype=np.float64)
+    if n == 0:
+        raise ValueError("no calibration samples")
+    shape = (grid_arr.size, h)
+    lo, hi, slope, intercept, sse = (np.empty(shape) for _ in range(5))
+    for cols in reference.column_blocks(n, h):
+        s = np.sort(np.asarray(z[:, cols], dtype=np.float64), axis=0)
+        shift_z = s.mean(axis=0)
+        g = reference.gelu(s, form)
+        shift_g = g.mean(axis=0)
+        zc, gc = s - shift_z, g - shift_g  # centred: prefix sums lose less precision
+        prefix = [
+            np.concatenate([np.zeros((1, cols.size)), np.cumsum(v, axis=0)])
+            for v in (zc, gc, zc * zc, gc * gc, zc * gc)
+        ]
+        for gi, t in enumerate(grid_arr):
+            k = window_size(n, t)
+            if k == 0:  # every sample falls back: fit the line on all samples (as reference.calibrate_lines)
+                start = np.zeros(cols.size, dtype=np.int64)
+                k_fit = n
+            else:
+                k_fit = k
+                if window == "narrowest":
+                    start = np.argmin(s[k - 1 :] - s[: n - k + 1], axis=0)
+                else:
+                    start = np.argmin(_window_errors(prefix, k, slice(None)), axis=0)
+            a, c, err = _window_fit(prefix, start, k_fit, s, shift_z, shift_g, form)
+            idx = np.arange(cols.size)
+            if k == 0:
+                lo[gi, cols], hi[gi, cols] = math.inf, -math.inf
+                err = np.zeros(cols.size)
+            else:
+                lo[gi, cols], hi[gi, cols] = s[start, idx], s[start + k - 1, idx]
+            slope[gi, cols] = a
+            intercept[gi, cols] = c
+            sse[gi, cols] = err / n
+    fraction = np.array([1.0 - window_size(n, t) / n for t in grid_arr])
+    return CandidateTable(grid_arr, lo, hi, slope, intercept, sse, fraction)
+
+
+def _window_sums(prefix: list[np.ndarray], start: np.ndarray | slice, k: int):
+    if isinstance(start, slice):
+        return [p[k:] - p[: p.shape[0] - k] for p in prefix]
+    cols = np.arange(prefix[0].shape[1])
+    return [p[start + k, cols] - p[start, cols] for p in prefix]
+
+
+def _window_errors(prefix: list[np.ndarray], k: int, start) -> np.ndarray:
+    """In-window least-squares SSE of every window of ``k`` consecutive sorted samples."""
+    sz, sg, szz, sgg, szg = _window_sums(prefix, start, k)
+    sxx = szz - sz * sz / k
+    sxy = szg - sz * sg / k
+    syy = sgg - sg * sg / k
+    safe = np.where(sxx > 0, sxx, 1.0)
+    return np.maximum(np.where(sxx > 0, syy - sxy * sxy / safe, syy), 0.0)
+
+
+def _window_fit(prefix, start, k, s, shift_z, shift_g, form):
+    """Line ``(a, c)`` and SSE of the window ``[start, start + k)`` of each sorted column ``s``."""
+    cols = np.arange(s.shape[1])
+    sz, sg, szz, sgg, szg = _window_sums(prefix, start, k)
+    sxx = szz - sz * sz / k
+    sxy = szg - sz * sg / k
+    syy = sgg - sg * sg / k
+    ok = (s[start + k - 1, cols] > s[start, cols]) & (sxx > 0)
+    a = np.where(ok, sxy / np.where(ok, sxx, 1.0), 0.0)
+    c = (sg - a * sz) / k + shift_g - a * shift_z
+    err = np.maximum(syy - a * sxy, 0.0)
+    if not ok.all():  # one distinct value: the tangent there (as reference.fit_line), no in-window error
+        z0 = s[start[~ok], cols[~ok]]
+        a[~ok] = reference.gelu_derivative(z0, form)
+        c[~ok] = reference.gelu(z0, form) - a[~ok] * z0
+        err[~ok] = 0.0
+    return a, c, err
+
+
+def fallback_budget(target_reduction: float, d: int, h: int, d_out: int) -> float:
+    """Outlier fraction ``f`` giving fallback reduction ``target`` for one FFN (DESIGN §2)."""
+    dense = d * h + h * d_out
+    f = 1.0 - target_reduction - d * d_out / dense
+    if f < 0:
+        ceiling = 1.0 - d * d_out / dense
+        raise ValueError(f"target reduction {target_reduction:g} exceeds this FFN's ceiling {ceiling:.4f}")
+    return f
+
+
+def allocate(
+    tables: list[CandidateTable],
+    importance: list[np.ndarray],
+    budgets: list[float],
+    weights: list[float],
+    scope: str = "layer",
+) -> list[np.ndarray]:
+    """Grid index per neuron minimising ``Σ sse · importance`` with the fallback budgets met.
+
+    ``budgets[l]``: the allowed mean outlier fraction of FFN ``l``; ``weights[l]``: bytes one
+    unit of its outlier fraction costs (for ``scope="global"``, where one multiplier ``λ`` serves
+    all FFNs and only the weighted total must be met). ``importance[l]``: ``‖W2[i,:]‖²`` per neuron.
+    """
+    costs = [t.sse * imp[None, :] for t, imp in zip(tables, importance, strict=True)]
+    if scope == "layer":
+        return [_bisect([c], [t.fraction], [1.0], b * 1.0)[0] for c, t, b in zip(costs, tables, budgets, strict=True)]
+    if scope == "global":
+        total = sum(b * w * t.sse.shape[1] for b, w, t in zip(budgets, weights, tables, strict=True))
+        return _bisect(costs, [t.fraction for t in tables], weights, total, per_neuron=True)
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+
+
+def _bisect(costs, fractions, weights, budget, per_neuron=False):
+    """Smallest ``λ`` (log-bisection) whose choices spend at most ``budget``."""
+
+    def choose(lam):
+        return [np.argmin(c + lam * w * f[:, None], axis=0) for c, f, w in zip(costs, fractions, weights, strict=True)]
+
+    def spent(choice):
+        if per_neuron:
+            return sum(w * f[ch].sum() for ch, f, w in zip(choice, fractions, weights, strict=True))
+        return float(np.mean(fractions[0][choice[0]]))
+
+    scale = max(max(float(c.max()) for c in costs), 1e-30)
+    lo_lam, hi_lam = 0.0, scale
+    while spent(choose(hi_lam)) > budget + 1e-12:
+        hi_lam *= 10.0
+        if hi_lam > scale * 1e12:
+            break  # the budget is below the cheapest grid point: return the cheapest choice
+    if spent(choose(lo_lam)) <= budget + 1e-12:
+        return choose(lo_lam)
+    for _ in range(60):
+        mid = 0.5 * (lo_lam + hi_lam) if lo_lam > 0 else hi_lam * 1e-6 if hi_lam > scale * 1e-6 else 0.5 * hi_lam
+        if spent(choose(mid)) <= budget + 1e-12:
+            hi_lam = mid
+        else:
+            lo_lam = mid
+        if hi_lam - lo_lam <= 1e-9 * hi_lam:
+            break
+    return choose(hi_lam)
+
+
+def normal_equations(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``([x 1]ᵀ[x 1], [x 1]ᵀ·target, Σ target²)`` of one block of tokens: sums that stream over blocks."""
+    a = np.concatenate([np.asarray(x, dtype=np.float64), np.ones((x.shape[0], 1))], axis=1)
+    return a.T @ a, a.T @ target, float((target * target).sum())
+
+
+def refit_fold(
+    gram: np.ndarray, cross: np.ndarray, wf: np.ndarray, bf: np.ndarray, ridge: float = 1e-6
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares ``(Wf, bf)`` with ``x·Wf + bf ≈ target`` from :func:`normal_equations` sums.
+
+    Solves ``min ‖[x 1]·B − target‖² + ρ‖B − B0‖²`` (``B0`` = the fold, ``ρ = ridge · mean diag(gram)``).
+    """
+    rho = ridge * float(np.mean(np.diag(gram)))
+    b0 = np.concatenate([wf, bf[None, :]], axis=0)
+    solution = np.linalg.solve(gram + rho * np.eye(gram.shape[0]), cross + rho * b0)
+    return solution[:-1], solution[-1]
+
+
+def squared_error(gram: np.ndarray, cross: np.ndarray, target_sq: float, wf: np.ndarray, bf: np.ndarray) -> float:
+    """``Σ‖x·Wf + bf − target‖²`` from :func:`normal_equations` sums (no second pass over tokens)."""
+    b = np.concatenate([wf, bf[None, :]], axis=0)
+    return max(float(np.sum(b * (gram @ b)) - 2.0 * np.sum(b * cross) + target_sq), 0.0)

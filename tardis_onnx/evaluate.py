@@ -1,0 +1,314 @@
+"""``python -m tardis_onnx.evaluate``: accuracy of TARDIS vs pruning on a real model (all-MiniLM-L6-v2).
+
+Calibrates once on real text (WikiText-2 test by default), then scores in ONNX Runtime, by STS-B dev
+Spearman × 100 (mean pooling with the attention mask, L2 norm, cosine): the dense model; TARDIS at
+several fallback reductions with each idea switched on in turn (plain recipe, least-error windows,
+per-neuron Lagrangian coverage, refit), all with the exact outlier set (portable fallback, which
+recomputes z); magnitude / Wanda / RIA pruning at the same FFN reduction. Reports the measured
+outlier fraction per layer on the evaluation tokens and FFN weights read per token, both figures of
+DESIGN.md §2. Writes ``results.json`` and ``accuracy_vs_bytes.png`` to ``--out`` (default ``out/eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from tardis_onnx import baselines, text
+from tardis_onnx.calibrate import capture_ffn_inputs
+from tardis_onnx.config import TardisConfig
+from tardis_onnx.errors import TardisError
+from tardis_onnx.optimize import optimize_model
+from tardis_onnx.passes import find_ffns
+from tardis_onnx.session import create_session
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = "wikitext-2-raw/wiki.test.raw"
+STSB = "stsbenchmark/sts-dev.csv"
+
+# The ideas of DESIGN §7, switched on one after another (names are the table's rows).
+IDEAS = {
+    "plain": {},
+    "least-error": {"window": "least-error"},
+    "least-error+layer": {"window": "least-error", "allocation": "layer"},
+    "least-error+layer+refit": {"window": "least-error", "allocation": "layer", "refit": True},
+    "least-error+global+refit": {"window": "least-error", "allocation": "global", "refit": True},
+}
+BEST = "least-error+layer+refit"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("TARDIS_DATA", REPO.parent / "shared" / "data"))
+
+
+def read_stsb(path: Path, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
+    """STS-B pairs: tab-separated, no quoting, score and sentences in fields 5–7 (extra fields ignored)."""
+    first, second, scores = [], [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = line.split("\t")
+        if len(fields) < 7:
+            continue
+        scores.append(float(fields[4]))
+        first.append(fields[5])
+        second.append(fields[6])
+    if limit:
+        first, second, scores = first[:limit], second[:limit], scores[:limit]
+    return first, second, np.array(scores)
+
+
+class StsEvaluator:
+    """Embeds the STS-B sentences once per model and scores Spearman × 100."""
+
+    def __init__(self, tokenizer, model: onnx.ModelProto, path: Path, limit: int | None, batch: int = 64) -> None:
+        self.first, self.second, self.gold = read_stsb(path, limit)
+        sentences = sorted(set(self.first) | set(self.second), key=len)
+        self.index = {s: i for i, s in enumerate(sentences)}
+        self.feeds = text.text_feeds(tokenizer, sentences, model, samples=len(sentences), seq_len=128, batch=batch)
+        self.tokens = int(sum(f["attention_mask"].sum() for f in self.feeds))
+
+    def score(self, model: onnx.ModelProto, probes: list[str] = ()) -> tuple[float, dict[str, float]]:
+        """Spearman × 100, and for each boolean ``probe`` output the fraction of False over real tokens."""
+        from scipy.stats import spearmanr
+
+        probe_model = onnx.ModelProto()
+        probe_model.CopyFrom(model)
+        for name in probes:
+            probe_model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+        session = create_session(probe_model)
+        output = model.graph.output[0].name
+        embeddings, outside = [], dict.fromkeys(probes, 0.0)
+        for feeds in self.feeds:
+            values = session.run([output, *probes], feeds)
+            mask = feeds["attention_mask"].astype(np.float64)
+            pooled = (values[0] * mask[..., None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
+            embeddings.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
+            real = mask.astype(bool)
+            for name, inside in zip(probes, values[1:], strict=True):
+                outside[name] += float((~inside[real]).sum())
+        emb = np.concatenate(embeddings)
+        a = emb[[self.index[s] for s in self.first]]
+        b = emb[[self.index[s] for s in self.second]]
+        rho = spearmanr((a * b).sum(axis=1), self.gold).statistic
+        return 100.0 * float(rho), outside
+
+
+def _load_minilm() -> Path:
+    sys.path.insert(0, str(REPO / "models"))
+    try:
+        from minilm import export_minilm
+    finally:
+        sys.path.pop(0)
+    return export_minilm()
+
+
+def _tardis_row(name, model, ffns, samples, evaluator, config) -> dict:
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(model)
+    t0 = time.perf_counter()
+    result = optimize_model(rewritten, config, samples=samples)
+    fit_s = time.perf_counter() - t0
+    probes = [f"tardis/{f.name}/Fallback/InsideWindow_output" for f in ffns]
+    stsb, outside = evaluator.score(result.model, probes)
+    per_layer = [outside[p] / (evaluator.tokens * f.hidden) for p, f in zip(probes, ffns, strict=True)]
+    dense = sum(r.dense_bytes for r in result.ffns)
+    fold = sum(r.fold_bytes for r in result.ffns)
+    fallback = fold + sum(f * r.dense_bytes for f, r in zip(per_layer, result.ffns, strict=True))
+    predictor = sum(r.predictor_bytes for r in result.ffns)
+    totals = result.to_dict()["totals"]
+    return {
+        "method": "tardis",
+        "name": name,
+        "target_reduction": config.target_reduction,
+        "config": {k: v for k, v in config.to_dict().items() if k in ("window", "allocation", "refit")},
+        "stsb": stsb,
+        "outlier_fraction_eval": per_layer,
+        "outlier_fraction_calibration": [r.outlier_fraction for r in result.ffns],
+        "coverage_mean": [r.coverage for r in result.ffns],
+        "calibration_error": [r.calibration_error for r in result.ffns],
+        "fallback_reduction_calibration": totals["fallback_reduction"],
+        "fallback_reduction": 1 - fallback / dense,
+        "total_read_reduction_exact_predictor": 1 - (fallback + predictor) / dense,
+        "weights_read": fallback / dense,
+        "weights_read_with_exact_predictor": (fallback + predictor) / dense,
+        "storage_bytes": totals["storage_bytes"],
+        "dense_bytes": dense,
+        "fit_seconds": fit_s,
+    }
+
+
+def _baseline_row(method, sparsity, model, ffns, samples, evaluator) -> dict:
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    norms = {s.name: s.tables.setdefault("activation_norms", None) for s in samples}
+    info = baselines.prune_model(pruned, {s.name: s.x for s in samples}, method, sparsity, norms)
+    for s in samples:
+        s.tables["activation_norms"] = info["norms"][s.name]
+    stsb, _ = evaluator.score(pruned)
+    return {
+        "method": method,
+        "name": f"{method}@{sparsity:g}",
+        "target_reduction": sparsity,
+        "stsb": stsb,
+        "sparsity": info["sparsity"],
+        "weights_read": 1 - info["sparsity"],
+    }
+
+
+def plot(rows: list[dict], dense: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.axhline(dense, color="grey", linestyle=":", label=f"dense {dense:.2f}")
+    markers = {"magnitude": "v", "wanda": "s", "ria": "D"}
+    names = sorted({r["name"].split("@")[0] for r in rows if r["method"] == "tardis"})
+    for i, name in enumerate(names):
+        pts = sorted(
+            (r["weights_read"], r["stsb"]) for r in rows if r["method"] == "tardis" and r["name"].startswith(name + "@")
+        )
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, "o-", color=f"C{i}", label=f"TARDIS {name} (fold + fallback rows)")
+        pts = sorted(
+            (r["weights_read_with_exact_predictor"], r["stsb"])
+            for r in rows
+            if r["method"] == "tardis" and r["name"].startswith(name + "@")
+        )
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, "o--", mfc="none", color=f"C{i}", alpha=0.5)
+    for method, marker in markers.items():
+        pts = sorted((r["weights_read"], r["stsb"]) for r in rows if r["method"] == method)
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker + "-", color="k", alpha=0.6, label=f"{method} pruning")
+    ax.set_xlabel("FFN weights read per token / dense  (dashed, hollow: + exact W1 predictor)")
+    ax.set_ylabel("STS-B dev Spearman × 100")
+    ax.set_title("all-MiniLM-L6-v2: TARDIS vs one-shot pruning (ONNX Runtime)")
+    low = min(r["stsb"] for r in rows)
+    ax.set_ylim(max(low - 2, dense - 25), dense + 1.5)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tardis_onnx.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="MiniLM ONNX export with its tokenizer beside it (default: export)")
+    p.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
+    p.add_argument("--calib", help="calibration text file or 'builtin' (default: WikiText-2 raw test)")
+    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--calib-seq-len", type=int, default=128)
+    p.add_argument("--max-samples", type=int, default=65536, help="calibration tokens kept per FFN")
+    p.add_argument("--reductions", type=float, nargs="+", default=[0.5, 0.7, 0.8])
+    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8], help="pruning baselines")
+    p.add_argument("--pairs", type=int, default=None, help="STS-B pairs used (default: all 1500)")
+    p.add_argument("--quick", action="store_true", help="a small run (fewer sentences and tokens) for tests")
+    p.add_argument("--out", type=Path, default=REPO / "out" / "eval")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    data = args.data or default_data_dir()
+    if args.quick:
+        args.calib_samples, args.calib_seq_len = min(args.calib_samples, 48), min(args.calib_seq_len, 64)
+        args.pairs = args.pairs or 300
+        args.reductions, args.sparsities = [0.8], [0.8]
+    model_path = args.model or _load_minilm()
+    model = onnx.load(model_path)
+    tokenizer = text.load_tokenizer(model_path.parent)
+    stsb_path = data / STSB
+    if not stsb_path.is_file():
+        raise TardisError(f"STS-B dev not found at {stsb_path} (set --data or $TARDIS_DATA)")
+    calib = args.calib or str(data / WIKITEXT)
+    ffns, _ = find_ffns(model)
+
+    def calibrate_on(source: str):
+        feeds = text.text_feeds(
+            tokenizer, text.paragraphs(source), model, samples=args.calib_samples, seq_len=args.calib_seq_len
+        )
+        t0 = time.perf_counter()
+        samples = capture_ffn_inputs(model, ffns, feeds, args.max_samples)
+        return samples, time.perf_counter() - t0
+
+    samples, capture_s = calibrate_on(calib)
+    evaluator = StsEvaluator(tokenizer, model, stsb_path, args.pairs)
+    dense, _ = evaluator.score(model)
+    rows: list[dict] = []
+
+    def log(row):
+        rows.append(row)
+        extra = f"  f_eval={np.mean(row['outlier_fraction_eval']):.3f}" if row["method"] == "tardis" else ""
+        print(f"{row['name']:<36} STS-B {row['stsb']:6.2f}  weights read {row['weights_read']:.3f}{extra}", flush=True)
+
+    ideas = {"plain": IDEAS["plain"], BEST: IDEAS[BEST]} if args.quick else IDEAS
+    top = max(args.reductions)
+    for name, idea in ideas.items():
+        for r in args.reductions if name in ("plain", BEST) else [top]:
+            config = TardisConfig(fallback="portable", target_reduction=r, **idea)
+            log(_tardis_row(f"{name}@{r:g}", model, ffns, samples, evaluator, config))
+    for method in baselines.METHODS:
+        for s in args.sparsities:
+            if args.quick and method != "wanda":
+                continue
+            log(_baseline_row(method, s, model, ffns, samples, evaluator))
+    if not args.quick and str(calib) != text.BUILTIN:
+        builtin_samples, _ = calibrate_on(text.BUILTIN)
+        config = TardisConfig(fallback="portable", target_reduction=top, **IDEAS[BEST])
+        row = _tardis_row(f"{BEST}@{top:g}", model, ffns, builtin_samples, evaluator, config)
+        row["name"] = f"builtin-calib:{row['name']}"
+        row["method"] = "tardis-builtin-calibration"
+        log(row)
+    n_tokens = samples[0].x.shape[0]
+    d = ffns[0].w1.shape[0]
+    result = {
+        "model": str(model_path),
+        "calibration": {
+            "source": str(calib),
+            "paragraphs": args.calib_samples,
+            "seq_len": args.calib_seq_len,
+            "tokens_seen": samples[0].seen,
+            "tokens_kept": n_tokens,
+            "reservoir_bound_bytes": len(ffns) * args.max_samples * (4 * d + 8),
+            "reservoir_bytes": int(sum(s.x.nbytes for s in samples)),
+            "capture_seconds": capture_s,
+        },
+        "stsb": {"path": str(stsb_path), "pairs": len(evaluator.gold), "tokens": evaluator.tokens},
+        "dense": dense,
+        "rows": rows,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "seconds": time.perf_counter() - started,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(rows, dense, args.out / "accuracy_vs_bytes.png")
+    print(
+        f"dense {dense:.2f}; calibration {samples[0].seen} tokens; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB;"
+        f" {result['seconds']:.0f} s; wrote {args.out / 'results.json'} and accuracy_vs_bytes.png"
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except TardisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Calibration feeds from real text, tokenized with the tokenizer saved beside the model.
+
+Sources: a text file (paragraphs: non-empty lines, WikiText ``= headings =`` skipped) or the word
+``builtin``: the documentation text every CPython ships (``pydoc_data/topics.py``), so calibration
+needs no data set. Each paragraph becomes one sequence of at most ``seq_len`` tokens; batches are
+padded to their longest sequence and carry ``attention_mask``, so calibration drops the padding.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from tardis_onnx.errors import TardisError
+from tardis_onnx.feeds import Feeds
+
+BUILTIN = "builtin"
+DEFAULT_SAMPLES = 512
+DEFAULT_SEQ_LEN = 128
+DEFAULT_BATCH = 16
+MIN_CHARS = 40
+
+
+def builtin_paragraphs() -> list[str]:
+    """Paragraphs of CPython's own documentation text (``pydoc_data.topics``), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            text = " ".join(block.split())
+            if len(text) >= MIN_CHARS:
+                paragraphs.append(text)
+    return paragraphs
+
+
+def file_paragraphs(path: str | Path) -> list[str]:
+    """Paragraphs of a text file: non-empty lines of at least 40 characters, ``= headings =`` skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise TardisError(f"calibration text '{path}' cannot be read ({exc.strerror or exc})") from None
+    paragraphs = []
+    for line in text.splitlines():
+        line = " ".join(line.split())
+        if len(line) >= MIN_CHARS and not (line.startswith("=") and line.endswith("=")):
+            paragraphs.append(line)
+    if not paragraphs:
+        raise TardisError(f"calibration text '{path}' holds no paragraph of {MIN_CHARS}+ characters")
+    return paragraphs
+
+
+def paragraphs(source: str | Path) -> list[str]:
+    """:func:`builtin_paragraphs` for ``"builtin"``, else :func:`file_paragraphs`."""
+    return builtin_paragraphs() if str(source) == BUILTIN else file_paragraphs(source)
+
+
+def load_tokenizer(directory: str | Path):
+    """The Hugging Face tokenizer saved in ``directory`` (local files only)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise TardisError("text calibration needs transformers (pip install 'tardis-onnx[export]')") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TardisError(
+            f"no tokenizer in '{directory}' (save one beside the model, or pass --tokenizer): {exc}"
+        ) from None
+
+
+def text_feeds(
+    tokenizer,
+    texts: list[str],
+    model: onnx.ModelProto | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch: int = DEFAULT_BATCH,
+) -> list[Feeds]:
+    """Batches of the first ``samples`` texts, each at most ``seq_len`` tokens, with attention masks.
+
+    With ``model`` the feeds hold exactly its inputs (``token_type_ids`` zeros if the tokenizer has
+    none), in the dtypes it declares.
+    """
+    if samples < 1 or seq_len < 2 or batch < 1:
+        raise TardisError(f"need samples >= 1, seq_len >= 2, batch >= 1 (got {samples}, {seq_len}, {batch})")
+    texts = list(texts[:samples])
+    if not texts:
+        raise TardisError("no calibration text")
+    wanted = None
+    if model is not None:
+        initializers = {t.name for t in model.graph.initializer}
+        wanted = {
+            i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+            for i in model.graph.input
+            if i.name not in initializers
+        }
+    feeds = []
+    for start in range(0, len(texts), batch):
+        encoded = tokenizer(
+            texts[start : start + batch], truncation=True, max_length=seq_len, padding=True, return_tensors="np"
+        )
+        arrays = {k: np.asarray(v) for k, v in encoded.items()}
+        if wanted is not None:
+            ids = arrays["input_ids"]
+            if "token_type_ids" in wanted and "token_type_ids" not in arrays:
+                arrays["token_type_ids"] = np.zeros_like(ids)
+            missing = sorted(set(wanted) - set(arrays))
+            if missing:
+                raise TardisError(f"text calibration cannot build the model inputs {missing}")
+            arrays = {k: arrays[k].astype(wanted[k]) for k in wanted}
+        feeds.append(arrays)
+    return feeds
+
+
+def calibration_feeds(
+    source: str | Path,
+    model: onnx.ModelProto,
+    tokenizer_dir: str | Path,
+    samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    batch: int = DEFAULT_BATCH,
+) -> list[Feeds]:
+    """Feeds for ``model`` from a text file or ``"builtin"``, tokenized with the tokenizer in ``tokenizer_dir``."""
+    return text_feeds(load_tokenizer(tokenizer_dir), paragraphs(source), model, samples, seq_len, batch)

@@ -1,0 +1,123 @@
+"""Calibration statistics, budgets and the refit: vectorised math equals the scalar definitions,
+streaming capture equals the exact reference, budgets are met, the refit lowers calibration error."""
+
+import numpy as np
+import pytest
+from ffn_graphs import D, H, ffn_model
+
+from tardis_onnx import budget, reference
+from tardis_onnx.calibrate import SampleReservoir, capture_ffn_inputs, capture_preactivations
+from tardis_onnx.config import TardisConfig
+from tardis_onnx.feeds import random_feeds
+from tardis_onnx.optimize import optimize_model
+from tardis_onnx.passes import find_ffns
+from tardis_onnx.session import create_session
+
+
+def _samples(seed=0, n=500, h=40):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, h)) * rng.uniform(0.5, 3, h) + rng.uniform(-2, 1, h)
+    z[:, 3] = 0.25  # one distinct value: the tangent
+    z[::7, 4] = z[0, 4]  # ties
+    return z
+
+
+@pytest.mark.parametrize("coverage", [0.0, 0.3, 0.8, 0.95, 1.0])
+@pytest.mark.parametrize("form", ["erf", "tanh"])
+def test_vectorised_lines_equal_the_scalar_definitions(coverage, form):
+    z = _samples()
+    lines = reference.calibrate_lines(z, coverage, form)
+    for i in range(z.shape[1]):
+        lo, hi = reference.narrowest_window(z[:, i], coverage)
+        col = z[:, i]
+        a, c = reference.fit_line(col[(col >= lo) & (col <= hi)] if lo <= hi else col, form)
+        assert (lines.lo[i], lines.hi[i]) == (lo, hi)
+        np.testing.assert_allclose([lines.slope[i], lines.intercept[i]], [a, c], rtol=1e-9, atol=1e-12)
+
+
+def test_candidate_table_matches_the_reference_and_its_errors_are_in_window_sse():
+    z = _samples(1)[:, 5:]  # continuous columns: no ties at window edges
+    grid = (0.5, 0.8, 0.95, 1.0)
+    table = budget.candidate_table(z, grid, "erf", "narrowest")
+    best = budget.candidate_table(z, grid, "erf", "least-error")
+    for g, t in enumerate(grid):
+        want = reference.calibrate_lines(z, t)
+        lines = table.lines(np.full(z.shape[1], g))
+        np.testing.assert_array_equal(lines.lo, want.lo)
+        np.testing.assert_allclose(lines.slope, want.slope, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(lines.intercept, want.intercept, rtol=1e-9, atol=1e-12)
+        for tab in (table, best):
+            chosen = tab.lines(np.full(z.shape[1], g))
+            inside = ~reference.outside_window(z, chosen)
+            sse = (np.where(inside, reference.residual(z, chosen), 0.0) ** 2).sum(axis=0) / z.shape[0]
+            np.testing.assert_allclose(tab.sse[g], sse, rtol=1e-7, atol=1e-12)
+            assert inside.sum(axis=0).min() >= np.ceil(t * z.shape[0] - 1e-9)
+        assert np.all(best.sse[g] <= table.sse[g] + 1e-12)  # least-error windows never fit worse
+
+
+def test_reservoir_is_bounded_and_keeps_everything_below_capacity():
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal((37, 8)) for _ in range(10)]
+    full, small = SampleReservoir(1000), SampleReservoir(50)
+    for r in rows:
+        full.add(r)
+        small.add(r)
+    np.testing.assert_array_equal(full.samples(), np.concatenate(rows).astype(np.float32))
+    assert small.rows.shape == (50, 8) and small.seen == 370
+    assert small.nbytes <= 50 * (4 * 8 + 8)
+    stream = {tuple(r) for r in np.concatenate(rows).astype(np.float32)}
+    assert all(tuple(r) in stream for r in small.rows)
+
+
+def test_streaming_capture_equals_the_exact_preactivations():
+    model = ffn_model("erf_div")
+    feeds = [random_feeds(model, 2, 8, seed=i) for i in range(3)]
+    ffns, _ = find_ffns(model)
+    (z,) = capture_preactivations(model, ffns, feeds, max_samples=10_000)
+    x = np.concatenate([f["x"].reshape(-1, D) for f in feeds]).astype(np.float64)
+    np.testing.assert_allclose(z, x @ ffns[0].w1 + ffns[0].b1, rtol=1e-6, atol=1e-5)
+    (kept,) = capture_ffn_inputs(model, ffns, feeds, max_samples=20)
+    assert kept.x.shape == (20, D) and kept.seen == 48
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "layer", "global"])
+@pytest.mark.parametrize("target", [0.5, 0.8])
+def test_target_reduction_is_met_on_the_calibration_tokens(allocation, target):
+    model = ffn_model("erf_div")
+    config = TardisConfig(fallback="portable", target_reduction=target, allocation=allocation, calib_batches=16)
+    totals = optimize_model(model, config).to_dict()["totals"]
+    assert target - 1e-9 <= totals["fallback_reduction"] <= target + 0.02
+
+
+def test_per_neuron_allocation_costs_less_than_uniform_coverage():
+    z = _samples(2, n=2000)[:, 5:]
+    importance = np.random.default_rng(3).uniform(0.1, 10, z.shape[1])
+    grid = (0.5, 0.7, 0.8, 0.9, 0.95, 1.0)
+    table = budget.candidate_table(z, grid, "erf", "narrowest")
+    (choice,) = budget.allocate([table], [importance], [0.1], [1.0], "layer")
+    assert table.fraction[choice].mean() <= 0.1 + 1e-12
+    uniform = grid.index(0.9)
+    assert (table.sse[choice, np.arange(z.shape[1])] * importance).sum() <= (table.sse[uniform] * importance).sum()
+
+
+def test_refit_lowers_the_calibration_error_and_stays_a_true_rewrite():
+    rows = {}
+    for refit in (False, True):
+        model = ffn_model("erf_div")
+        config = TardisConfig(fallback="portable", coverage=0.8, window="least-error", refit=refit, calib_batches=16)
+        result = optimize_model(model, config)
+        rows[refit] = result.ffns[0].calibration_error
+        feeds = random_feeds(model, seed=99)
+        assert np.isfinite(create_session(result.model).run(None, feeds)[0]).all()
+    assert rows[True] < rows[False]
+
+
+def test_exact_fallback_still_exact_with_every_idea_on():
+    original = ffn_model("erf_div")
+    feeds = random_feeds(original, seed=5)
+    want = create_session(original).run(None, feeds)[0]
+    model = ffn_model("erf_div")
+    config = TardisConfig(fallback="portable", coverage=0.0, window="least-error", allocation="uniform")
+    got = create_session(optimize_model(model, config).model).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert H == 64
