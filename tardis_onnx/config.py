@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from tardis_onnx.predictor import PREDICTORS
+
 FALLBACKS = ("auto", "portable", "custom")
 WINDOWS = ("narrowest", "least-error")
 ALLOCATIONS = ("uniform", "layer", "global")
@@ -19,6 +21,11 @@ class TardisConfig:
     fallback: "portable" (standard ONNX ops only), "custom" (the ``ai.tardis``
         kernel library) or "auto" (custom when the library is built).
     margin: widen each window by this much when flagging outliers.
+    predictor: what computes the pre-activations the outlier test reads: "exact" (x·W1: the
+        exact outlier set, reads all of W1), "int4" (a 4-bit copy of W1, ``MatMulNBits``) or
+        "lowrank" (``(x·U)·V`` of rank ``predictor_rank`` fitted on the calibration inputs).
+    predictor_uncertainty: flag a neuron when its prediction is within this many of the predictor's
+        per-neuron error standard deviations (measured on the calibration tokens) of a window edge.
     target_reduction: when set, the fallback reduction ``1 − (d² + f·2dh)/(2dh)`` (DESIGN §2) each
         FFN must reach on the calibration tokens; it sets the outlier budget ``f`` (and replaces
         ``coverage``, whose budget is ``f = 1 − coverage``).
@@ -41,6 +48,9 @@ class TardisConfig:
     coverage: float = 0.9
     fallback: str = "auto"
     margin: float = 0.0
+    predictor: str = "exact"
+    predictor_rank: int = 64
+    predictor_uncertainty: float = 1.0
     target_reduction: float | None = None
     window: str = "narrowest"
     allocation: str = "uniform"
@@ -58,6 +68,12 @@ class TardisConfig:
             raise ValueError(f"coverage must be in [0, 1], got {self.coverage}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.predictor_rank < 1:
+            raise ValueError(f"predictor rank must be >= 1, got {self.predictor_rank}")
+        if self.predictor_uncertainty < 0:
+            raise ValueError(f"predictor uncertainty must be >= 0, got {self.predictor_uncertainty}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if self.target_reduction is not None and not 0.0 <= self.target_reduction < 1.0:

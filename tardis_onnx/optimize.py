@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tardis_onnx import __version__, runtime, text
+from tardis_onnx import __version__, reference, runtime, text
 from tardis_onnx.calibrate import FfnSamples, calibrate_ffns, capture_ffn_inputs
 from tardis_onnx.config import ALLOCATIONS, FALLBACKS, WINDOWS, TardisConfig
 from tardis_onnx.emit import DOMAIN, MIN_OPSET, emit_ffn, replace_nodes
@@ -22,6 +22,7 @@ from tardis_onnx.errors import TardisError
 from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
 from tardis_onnx.io import check_writable, load_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
+from tardis_onnx.predictor import PREDICTORS, Predictor, fit_lowrank, flag_windows
 from tardis_onnx.report import FfnReport, print_report
 
 METADATA_VERSION = "tardis_onnx.version"
@@ -85,17 +86,22 @@ def optimize_model(
         ]
         samples = capture_ffn_inputs(model, ffns, feeds, config.max_samples, config.seed)
     replacements, rows = [], []
-    for ffn, result in zip(ffns, calibrate_ffns(ffns, samples, config), strict=True):
-        nodes, initializers = emit_ffn(ffn, result.lines, fallback, opset, config.margin, result.coverage)
+    for ffn, result, kept in zip(ffns, calibrate_ffns(ffns, samples, config), samples, strict=True):
+        predictor = fit_predictor(config, ffn, kept.x)
+        flags = flag_windows(result.lines, predictor.error_scale(kept.x[:8192], ffn.w1), config.predictor_uncertainty)
+        nodes, initializers = emit_ffn(ffn, flags, fallback, opset, config.margin, result.coverage, predictor)
         if result.fold is not None:
             _replace_fold(ffn, initializers, *result.fold)
         replacements.append((ffn.nodes, nodes, initializers))
         for reader in ffn.shape_readers:
             reader.input[0] = ffn.shape_source
-        rows.append(FfnReport.of(ffn, result, result.coverage, initializers))
+        flagged, recall = predictor_quality(predictor, ffn, kept, result.lines, flags, config.margin)
+        rows.append(FfnReport.of(ffn, result, result.coverage, initializers, predictor, flagged, recall))
     replace_nodes(model, replacements)
-    if fallback == "custom" and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
+    domains = {DOMAIN: fallback == "custom", "com.microsoft": fallback == "custom" and config.predictor == "int4"}
+    for domain, needed in domains.items():
+        if needed and not any(o.domain == domain for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     _set_metadata(model, config, fallback)
     return OptimizeResult(model, rows, refusals, config, fallback)
 
@@ -110,6 +116,30 @@ def _replace_fold(ffn, initializers: list[onnx.TensorProto], wf: np.ndarray, bf:
             initializers[i] = onnx.numpy_helper.from_array(values.pop(tensor.name).astype(dtype), tensor.name)
     if values:
         raise TardisError(f"internal: emitted FFN '{ffn.name}' lacks {sorted(values)}")
+
+
+def fit_predictor(config: TardisConfig, ffn, x: np.ndarray) -> Predictor:
+    """The configured predictor for one FFN (low-rank factors fitted on its calibration inputs)."""
+    if config.predictor == "lowrank":
+        return Predictor("lowrank", *fit_lowrank(x, ffn.w1, config.predictor_rank))
+    return Predictor(config.predictor)
+
+
+def predictor_quality(
+    predictor: Predictor, ffn, samples: FfnSamples, lines, flags, margin: float
+) -> tuple[float, float]:
+    """On the calibration tokens: the fraction of neurons the predictor flags (through the ``flags``
+    windows), and its recall of the true outliers (outside the ``lines`` windows)."""
+    flagged = hits = outliers = 0.0
+    for start in range(0, samples.x.shape[0], 4096):
+        rows = slice(start, start + 4096)
+        true = reference.outside_window(samples.preactivations(ffn, rows), lines)
+        predicted = reference.outside_window(predictor.predict(samples.x[rows], ffn.w1, ffn.b1), flags, margin)
+        flagged += predicted.sum()
+        hits += (predicted & true).sum()
+        outliers += true.sum()
+    total = samples.x.shape[0] * ffn.hidden
+    return float(flagged / max(total, 1)), float(hits / outliers) if outliers else 1.0
 
 
 def is_rewritten(model: onnx.ModelProto) -> bool:
@@ -185,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fallback", choices=FALLBACKS, default="auto", help="outlier fallback form")
     parser.add_argument("--margin", type=float, default=0.0, help="widen each window by this much when flagging")
     parser.add_argument(
+        "--predictor",
+        choices=PREDICTORS,
+        default=TardisConfig.predictor,
+        help="what predicts the outliers: exact (x·W1), int4 (MatMulNBits copy of W1) or lowrank",
+    )
+    parser.add_argument("--predictor-rank", type=int, default=TardisConfig.predictor_rank, help="lowrank rank")
+    parser.add_argument(
+        "--predictor-uncertainty",
+        type=float,
+        default=TardisConfig.predictor_uncertainty,
+        help="flag predictions within this many predictor error std of a window edge",
+    )
+    parser.add_argument(
         "--max-samples", type=int, default=TardisConfig.max_samples, help="calibration tokens kept per FFN"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of random calibration feeds and subsampling")
@@ -201,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                 coverage=args.coverage,
                 fallback=args.fallback,
                 margin=args.margin,
+                predictor=args.predictor,
+                predictor_rank=args.predictor_rank,
+                predictor_uncertainty=args.predictor_uncertainty,
                 target_reduction=args.target_reduction,
                 window=args.window,
                 allocation=args.allocation,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tardis_onnx.reference import NeuronLines
+
 PREDICTORS = ("exact", "int4", "lowrank")
 INT4_BLOCK = 32
 
@@ -36,6 +38,12 @@ class Predictor:
     def rank(self) -> int:
         return 0 if self.u is None else int(self.u.shape[1])
 
+    def error_scale(self, x: np.ndarray, w1: np.ndarray) -> np.ndarray:
+        """Per-neuron standard deviation of ``z_hat − z`` on inputs ``x [n, d]`` (zeros for ``exact``)."""
+        if self.kind == "exact":
+            return np.zeros(w1.shape[1])
+        return (self.predict(x, w1, None) - np.asarray(x, dtype=np.float64) @ w1).std(axis=0)
+
     def predict(self, x: np.ndarray, w1: np.ndarray, b1: np.ndarray | None) -> np.ndarray:
         """``z_hat`` in float64 (the reference for the emitted graph)."""
         x = np.asarray(x, dtype=np.float64)
@@ -47,6 +55,14 @@ class Predictor:
         else:
             z = (x @ self.u) @ self.v
         return z if b1 is None else z + b1
+
+
+def flag_windows(lines: NeuronLines, error_scale: np.ndarray, uncertainty: float) -> NeuronLines:
+    """The windows the flag test uses: each neuron's window narrowed by ``uncertainty`` times the
+    predictor's error scale, so a prediction that is near an edge is flagged too (the residual added
+    for a flagged neuron is exact, so extra flags cost only time). An emptied window always flags."""
+    shrink = uncertainty * np.asarray(error_scale, dtype=np.float64)
+    return NeuronLines(lines.slope, lines.intercept, lines.lo + shrink, lines.hi - shrink)
 
 
 def quantize_int4(w1: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, np.ndarray]:

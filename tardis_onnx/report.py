@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
+from tardis_onnx.predictor import Predictor, predictor_bytes
+
 if TYPE_CHECKING:
     from tardis_onnx.calibrate import Calibration
     from tardis_onnx.passes import FfnMatch
@@ -20,7 +22,10 @@ class FfnReport:
 
     dense_bytes: W1 + W2 (what the original reads per token).
     fold_bytes: the folded matrix.
-    fallback_read_bytes: fold + measured outlier fraction × (W1 + W2): reads without the predictor.
+    outlier_fraction: true outliers (pre-activation outside the window) on the calibration tokens.
+    predictor, flagged_fraction, recall: the predictor, the fraction of neurons it flags (what the
+        fallback reads rows for) and the share of true outliers among them, on the calibration tokens.
+    fallback_read_bytes: fold + flagged fraction × (W1 + W2): reads without the predictor.
     predictor_bytes: what predicting the outliers reads (the exact predictor reads all of W1).
     storage_bytes: every initializer the rewritten FFN stores.
     calibration_error: ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN (exact outlier set) on the
@@ -39,10 +44,22 @@ class FfnReport:
     fallback_read_bytes: int
     predictor_bytes: int
     storage_bytes: int
+    predictor: str = "exact"
+    flagged_fraction: float = 0.0
+    recall: float = 1.0
     calibration_error: float | None = None
 
     @classmethod
-    def of(cls, ffn: FfnMatch, result: Calibration, coverage: float, initializers: list[onnx.TensorProto]) -> FfnReport:
+    def of(
+        cls,
+        ffn: FfnMatch,
+        result: Calibration,
+        coverage: float,
+        initializers: list[onnx.TensorProto],
+        predictor: Predictor,
+        flagged_fraction: float,
+        recall: float,
+    ) -> FfnReport:
         item = np.dtype(ffn.dtype).itemsize
         d, h = ffn.w1.shape
         dense = (ffn.w1.size + ffn.w2.size) * item
@@ -57,8 +74,11 @@ class FfnReport:
             calibration_tokens=result.tokens,
             dense_bytes=dense,
             fold_bytes=fold,
-            fallback_read_bytes=int(fold + result.outlier_fraction * dense),
-            predictor_bytes=ffn.w1.size * item,
+            fallback_read_bytes=int(fold + flagged_fraction * dense),
+            predictor_bytes=predictor_bytes(predictor.kind, d, h, item, predictor.rank),
+            predictor=predictor.kind + (f"-{predictor.rank}" if predictor.rank else ""),
+            flagged_fraction=flagged_fraction,
+            recall=recall,
             storage_bytes=sum(len(t.raw_data) for t in initializers),
             calibration_error=getattr(result, "calibration_error", None),
         )
@@ -89,14 +109,28 @@ def _mib(n: float) -> str:
 
 def print_report(result, output: Path, report_path: Path) -> None:
     """The per-FFN table, refusals and totals, as a person reads them."""
-    header = ("FFN", "GELU", "d→h", "coverage", "outliers f", "dense MiB", "read MiB", "+predictor", "stored MiB")
+    header = (
+        "FFN",
+        "GELU",
+        "d→h",
+        "coverage",
+        "outliers",
+        "flagged",
+        "recall",
+        "dense MiB",
+        "read MiB",
+        "+predictor",
+        "stored MiB",
+    )
     rows = [
         (
             r.name,
             r.gelu,
             f"{r.d}→{r.hidden}",
-            f"{r.coverage:g}",
+            f"{r.coverage:.3g}",
             f"{r.outlier_fraction:.3f}",
+            f"{r.flagged_fraction:.3f}",
+            f"{r.recall:.3f}",
             _mib(r.dense_bytes),
             _mib(r.fallback_read_bytes),
             _mib(r.fallback_read_bytes + r.predictor_bytes),
@@ -113,7 +147,8 @@ def print_report(result, output: Path, report_path: Path) -> None:
     print(
         f"folded {t['ffns']} FFN(s), fallback '{result.fallback}': FFN weights read per token "
         f"{1 - t['fallback_reduction']:.1%} of dense without the predictor "
-        f"(reduction {t['fallback_reduction']:.1%}), {1 - t['total_read_reduction']:.1%} with the exact predictor; "
+        f"(reduction {t['fallback_reduction']:.1%}), {1 - t['total_read_reduction']:.1%} with the "
+        f"{result.config.predictor} predictor (reduction {t['total_read_reduction']:.1%}); "
         f"stored {_mib(t['storage_bytes'])} MiB vs {_mib(t['dense_bytes'])} MiB dense"
     )
     print(f"wrote {output} and {report_path}")

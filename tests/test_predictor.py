@@ -1,0 +1,110 @@
+"""Outlier predictors: the int4 layout ONNX Runtime reads, the low-rank fit, error-scaled flag windows,
+and rewritten models that use them (custom op and portable forms agree)."""
+
+import numpy as np
+import onnx
+import pytest
+from ffn_graphs import ffn_model
+from onnx import TensorProto, helper, numpy_helper
+
+from tardis_onnx import reference, runtime
+from tardis_onnx.config import TardisConfig
+from tardis_onnx.feeds import random_feeds
+from tardis_onnx.optimize import optimize_model
+from tardis_onnx.predictor import Predictor, dequantize_int4, fit_lowrank, flag_windows, quantize_int4
+from tardis_onnx.session import create_session
+
+
+@pytest.mark.parametrize("d", [64, 72])  # 72: a partial last block
+def test_int4_layout_matches_matmulnbits_in_onnxruntime(d):
+    rng = np.random.default_rng(0)
+    h = 48
+    w = rng.normal(size=(d, h)).astype(np.float32)
+    packed, scales = quantize_int4(w)
+    x = rng.normal(size=(3, d)).astype(np.float32)
+    node = helper.make_node(
+        "MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=d, N=h, bits=4, block_size=32
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, h])],
+        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.astype(np.float32), "S")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    got = create_session(model).run(None, {"x": x})[0]
+    want = x.astype(np.float64) @ dequantize_int4(packed, scales.astype(np.float32), d)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # 4 bits: within half a quantisation step of the original weights.
+    step = np.abs(w).max() / 7
+    assert np.abs(dequantize_int4(packed, scales, d) - w).max() <= step / 2 + 1e-6
+
+
+def test_lowrank_is_exact_at_full_rank_and_beats_a_plain_svd():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2000, 32)) * np.linspace(4, 0.05, 32)  # anisotropic inputs
+    w1 = rng.normal(size=(32, 96))
+    u, v = fit_lowrank(x, w1, 32)
+    np.testing.assert_allclose(x @ u @ v, x @ w1, atol=1e-8)
+    u, v = fit_lowrank(x, w1, 8)
+    left, s, right = np.linalg.svd(w1, full_matrices=False)
+    plain = (left[:, :8] * s[:8]) @ right[:8]
+    assert np.square(x @ (u @ v - w1)).sum() < 0.7 * np.square(x @ (plain - w1)).sum()
+
+
+def test_flag_windows_narrow_by_the_error_scale_and_catch_more_outliers():
+    lines = reference.NeuronLines(np.ones(2), np.zeros(2), np.array([-1.0, 0.0]), np.array([1.0, 0.1]))
+    flags = flag_windows(lines, np.array([0.25, 0.1]), 2.0)
+    np.testing.assert_allclose(flags.lo, [-0.5, 0.2])
+    np.testing.assert_allclose(flags.hi, [0.5, -0.1])
+    z_hat = np.array([[0.9, 0.05]])
+    assert reference.outside_window(z_hat, flags).tolist() == [[True, True]]  # an emptied window always flags
+    assert reference.outside_window(z_hat, lines).tolist() == [[False, False]]
+
+
+@pytest.mark.parametrize("kind", ["int4", "lowrank"])
+def test_every_neuron_falling_back_stays_exact_with_any_predictor(kind):
+    original = ffn_model("erf_div")
+    feeds = random_feeds(original, seed=21)
+    want = create_session(original).run(None, feeds)[0]
+    rewritten = ffn_model("erf_div")
+    config = TardisConfig(coverage=0.0, fallback="portable", predictor=kind, predictor_rank=4)
+    result = optimize_model(rewritten, config)
+    assert result.ffns[0].flagged_fraction == 1.0 and result.ffns[0].recall == 1.0
+    got = create_session(rewritten).run(None, feeds)[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.skipif(not runtime.library_available(), reason="the ai.tardis library is not built (make lib)")
+@pytest.mark.parametrize("kind", ["exact", "int4", "lowrank"])
+def test_custom_and_portable_forms_agree(kind):
+    feeds = random_feeds(ffn_model("tanh_pow"), seed=33)
+    outputs, reports = [], []
+    for fallback in ("custom", "portable"):
+        model = ffn_model("tanh_pow")
+        result = optimize_model(model, TardisConfig(coverage=0.9, fallback=fallback, predictor=kind, predictor_rank=8))
+        onnx.checker.check_model(model)
+        outputs.append(create_session(model).run(None, feeds)[0])
+        reports.append(result.ffns[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+    assert reports[0].predictor_bytes == reports[1].predictor_bytes
+    if kind == "exact":
+        assert reports[0].recall == 1.0 and reports[0].predictor_bytes == 16 * 64 * 4
+    else:
+        assert reports[0].predictor_bytes < 16 * 64 * 4
+        assert 0.0 < reports[0].recall <= 1.0
+
+
+def test_lowrank_predict_and_unknown_kinds():
+    rng = np.random.default_rng(3)
+    x_cal = rng.normal(size=(500, 16))
+    w1 = rng.normal(size=(16, 64))
+    predictor = Predictor("lowrank", *fit_lowrank(x_cal, w1, 4))
+    z = predictor.predict(x_cal[:2], w1, np.ones(64))
+    assert z.shape == (2, 64)
+    np.testing.assert_allclose(z, x_cal[:2] @ predictor.u @ predictor.v + 1)
+    with pytest.raises(ValueError, match="unknown predictor"):
+        Predictor("oracle")
