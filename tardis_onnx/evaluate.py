@@ -116,8 +116,14 @@ def _tardis_row(name, model, ffns, samples, evaluator, config) -> dict:
     result = optimize_model(rewritten, config, samples=samples)
     fit_s = time.perf_counter() - t0
     probes = [f"tardis/{f.name}/Fallback/InsideWindow_output" for f in ffns]
-    stsb, outside = evaluator.score(result.model, probes)
+    scored = result.model
+    recall_probes: list[tuple[str, str]] = []
+    if config.predictor != "exact":
+        scored, recall_probes = _with_true_outlier_probes(result.model, ffns, result.lines, probes)
+    stsb, outside = evaluator.score(scored, probes + [p for pair in recall_probes for p in pair])
     per_layer = [outside[p] / (evaluator.tokens * f.hidden) for p, f in zip(probes, ffns, strict=True)]
+    true_outliers = [outside[t] / (evaluator.tokens * f.hidden) for (t, _), f in zip(recall_probes, ffns, strict=False)]
+    recall = [outside[both] / max(outside[t], 1.0) for t, both in recall_probes]
     dense = sum(r.dense_bytes for r in result.ffns)
     fold = sum(r.fold_bytes for r in result.ffns)
     fallback = fold + sum(f * r.dense_bytes for f, r in zip(per_layer, result.ffns, strict=True))
@@ -128,6 +134,10 @@ def _tardis_row(name, model, ffns, samples, evaluator, config) -> dict:
         "name": name,
         "target_reduction": config.target_reduction,
         "config": {k: v for k, v in config.to_dict().items() if k in ("window", "allocation", "refit")},
+        "predictor": config.predictor + (f"-{config.predictor_rank}" if config.predictor == "lowrank" else ""),
+        "predictor_uncertainty": config.predictor_uncertainty,
+        "true_outlier_fraction_eval": true_outliers or per_layer,
+        "recall_eval": recall or [1.0] * len(ffns),
         "stsb": stsb,
         "outlier_fraction_eval": per_layer,
         "outlier_fraction_calibration": [r.outlier_fraction for r in result.ffns],
@@ -135,13 +145,43 @@ def _tardis_row(name, model, ffns, samples, evaluator, config) -> dict:
         "calibration_error": [r.calibration_error for r in result.ffns],
         "fallback_reduction_calibration": totals["fallback_reduction"],
         "fallback_reduction": 1 - fallback / dense,
-        "total_read_reduction_exact_predictor": 1 - (fallback + predictor) / dense,
+        "total_read_reduction_with_predictor": 1 - (fallback + predictor) / dense,
         "weights_read": fallback / dense,
-        "weights_read_with_exact_predictor": (fallback + predictor) / dense,
+        "weights_read_with_predictor": (fallback + predictor) / dense,
         "storage_bytes": totals["storage_bytes"],
         "dense_bytes": dense,
         "fit_seconds": fit_s,
     }
+
+
+def _with_true_outlier_probes(model, ffns, windows, predicted) -> tuple[onnx.ModelProto, list[tuple[str, str]]]:
+    """A copy of a portable rewrite with two boolean outputs per FFN: inside its true window (exact z),
+    and inside either window, whose False count is the outliers the predictor caught."""
+    from onnx import helper, numpy_helper
+
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    pairs = []
+    for ffn, lines, flagged in zip(ffns, windows, predicted, strict=True):
+        prefix = f"tardis/{ffn.name}/Probe"
+        z = f"tardis/{ffn.name}/Fallback/PreActivation_output"
+        dtype = np.dtype(ffn.dtype)
+        probed.graph.initializer.extend(
+            [
+                numpy_helper.from_array(lines.lo.astype(dtype), f"{prefix}/lo"),
+                numpy_helper.from_array(lines.hi.astype(dtype), f"{prefix}/hi"),
+            ]
+        )
+        probed.graph.node.extend(
+            [
+                helper.make_node("GreaterOrEqual", [z, f"{prefix}/lo"], [f"{prefix}/above"]),
+                helper.make_node("LessOrEqual", [z, f"{prefix}/hi"], [f"{prefix}/below"]),
+                helper.make_node("And", [f"{prefix}/above", f"{prefix}/below"], [f"{prefix}/inside"]),
+                helper.make_node("Or", [f"{prefix}/inside", flagged], [f"{prefix}/caught_or_inside"]),
+            ]
+        )
+        pairs.append((f"{prefix}/inside", f"{prefix}/caught_or_inside"))
+    return probed, pairs
 
 
 def _baseline_row(method, sparsity, model, ffns, samples, evaluator) -> dict:
@@ -171,26 +211,24 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ax.axhline(dense, color="grey", linestyle=":", label=f"dense {dense:.2f}")
     markers = {"magnitude": "v", "wanda": "s", "ria": "D"}
-    names = sorted({r["name"].split("@")[0] for r in rows if r["method"] == "tardis"})
+    exact = [r for r in rows if r["method"] == "tardis" and r["predictor"] == "exact"]
+    names = sorted({r["name"].split("@")[0] for r in exact})
     for i, name in enumerate(names):
-        pts = sorted(
-            (r["weights_read"], r["stsb"]) for r in rows if r["method"] == "tardis" and r["name"].startswith(name + "@")
-        )
+        pts = sorted((r["weights_read"], r["stsb"]) for r in exact if r["name"].startswith(name + "@"))
         xs, ys = zip(*pts, strict=True)
         ax.plot(xs, ys, "o-", color=f"C{i}", label=f"TARDIS {name} (fold + fallback rows)")
-        pts = sorted(
-            (r["weights_read_with_exact_predictor"], r["stsb"])
-            for r in rows
-            if r["method"] == "tardis" and r["name"].startswith(name + "@")
-        )
+        pts = sorted((r["weights_read_with_predictor"], r["stsb"]) for r in exact if r["name"].startswith(name + "@"))
         xs, ys = zip(*pts, strict=True)
         ax.plot(xs, ys, "o--", mfc="none", color=f"C{i}", alpha=0.5)
+    for j, row in enumerate(r for r in rows if r["method"] == "tardis" and r["predictor"] != "exact"):
+        label = f"TARDIS best + {row['predictor']} predictor (u={row['predictor_uncertainty']:g}): total read"
+        ax.plot(row["weights_read_with_predictor"], row["stsb"], "*", ms=11, color=f"C{len(names) + j}", label=label)
     for method, marker in markers.items():
         pts = sorted((r["weights_read"], r["stsb"]) for r in rows if r["method"] == method)
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker + "-", color="k", alpha=0.6, label=f"{method} pruning")
-    ax.set_xlabel("FFN weights read per token / dense  (dashed, hollow: + exact W1 predictor)")
+    ax.set_xlabel("FFN weights read per token / dense  (hollow, dashed: + exact W1 predictor; stars: cheap predictors)")
     ax.set_ylabel("STS-B dev Spearman × 100")
     ax.set_title("all-MiniLM-L6-v2: TARDIS vs one-shot pruning (ONNX Runtime)")
     low = min(r["stsb"] for r in rows)
@@ -200,6 +238,18 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def parse_predictor(spec: str) -> dict:
+    """``int4``, ``int4:0``, ``lowrank-128``, ``lowrank-128:2`` → TardisConfig predictor fields."""
+    kind, _, uncertainty = spec.partition(":")
+    kind, _, rank = kind.partition("-")
+    fields: dict = {"predictor": kind}
+    if rank:
+        fields["predictor_rank"] = int(rank)
+    if uncertainty:
+        fields["predictor_uncertainty"] = float(uncertainty)
+    return fields
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8], help="pruning baselines")
     p.add_argument("--pairs", type=int, default=None, help="STS-B pairs used (default: all 1500)")
     p.add_argument("--quick", action="store_true", help="a small run (fewer sentences and tokens) for tests")
+    p.add_argument(
+        "--predictors",
+        nargs="*",
+        default=["int4:0", "int4", "lowrank-128", "lowrank-128:2"],
+        help="predictors evaluated on the best TARDIS setting at the top reduction: KIND[-RANK][:UNCERTAINTY]",
+    )
     p.add_argument("--out", type=Path, default=REPO / "out" / "eval")
     return p
 
@@ -249,7 +305,10 @@ def run(args: argparse.Namespace) -> dict:
 
     def log(row):
         rows.append(row)
-        extra = f"  f_eval={np.mean(row['outlier_fraction_eval']):.3f}" if row["method"] == "tardis" else ""
+        extra = ""
+        if row["method"] == "tardis":
+            extra = f"  flagged={np.mean(row['outlier_fraction_eval']):.3f} recall={np.mean(row['recall_eval']):.3f}"
+            extra += f"  total read {row['weights_read_with_predictor']:.3f}"
         print(f"{row['name']:<36} STS-B {row['stsb']:6.2f}  weights read {row['weights_read']:.3f}{extra}", flush=True)
 
     ideas = {"plain": IDEAS["plain"], BEST: IDEAS[BEST]} if args.quick else IDEAS
@@ -258,6 +317,9 @@ def run(args: argparse.Namespace) -> dict:
         for r in args.reductions if name in ("plain", BEST) else [top]:
             config = TardisConfig(fallback="portable", target_reduction=r, **idea)
             log(_tardis_row(f"{name}@{r:g}", model, ffns, samples, evaluator, config))
+    for spec in args.predictors if not args.quick else args.predictors[:1]:
+        config = TardisConfig(fallback="portable", target_reduction=top, **IDEAS[BEST], **parse_predictor(spec))
+        log(_tardis_row(f"{BEST}+{spec}@{top:g}", model, ffns, samples, evaluator, config))
     for method in baselines.METHODS:
         for s in args.sparsities:
             if args.quick and method != "wanda":

@@ -31,14 +31,15 @@ METADATA_CONFIG = "tardis_onnx.config"
 
 @dataclass
 class OptimizeResult:
-    """What the pass did: the rewritten model, a row per folded FFN, the refusals."""
+    """What the pass did: the rewritten model, a row per folded FFN, the refusals, and each folded
+    FFN's calibrated windows (the true ones; the flag test may use narrowed copies)."""
 
     model: onnx.ModelProto
     ffns: list[FfnReport]
     refusals: list[Refusal]
     config: TardisConfig
     fallback: str
-    notes: list[str] = field(default_factory=list)
+    lines: list[reference.NeuronLines] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -85,7 +86,7 @@ def optimize_model(
             for i in range(config.calib_batches)
         ]
         samples = capture_ffn_inputs(model, ffns, feeds, config.max_samples, config.seed)
-    replacements, rows = [], []
+    replacements, rows, windows = [], [], []
     for ffn, result, kept in zip(ffns, calibrate_ffns(ffns, samples, config), samples, strict=True):
         predictor = fit_predictor(config, ffn, kept.x)
         flags = flag_windows(result.lines, predictor.error_scale(kept.x[:8192], ffn.w1), config.predictor_uncertainty)
@@ -95,6 +96,7 @@ def optimize_model(
         replacements.append((ffn.nodes, nodes, initializers))
         for reader in ffn.shape_readers:
             reader.input[0] = ffn.shape_source
+        windows.append(result.lines)
         flagged, recall = predictor_quality(predictor, ffn, kept, result.lines, flags, config.margin)
         rows.append(FfnReport.of(ffn, result, result.coverage, initializers, predictor, flagged, recall))
     replace_nodes(model, replacements)
@@ -103,7 +105,7 @@ def optimize_model(
         if needed and not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     _set_metadata(model, config, fallback)
-    return OptimizeResult(model, rows, refusals, config, fallback)
+    return OptimizeResult(model, rows, refusals, config, fallback, windows)
 
 
 def _replace_fold(ffn, initializers: list[onnx.TensorProto], wf: np.ndarray, bf: np.ndarray) -> None:
