@@ -10,6 +10,12 @@ FALLBACKS = ("auto", "portable", "custom")
 WINDOWS = ("narrowest", "least-error")
 ALLOCATIONS = ("uniform", "layer", "global")
 DEFAULT_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 1.0)
+# Named bundles of settings. "accurate" is what the MiniLM evaluation found best (DESIGN.md §7):
+# least-error windows, per-neuron coverage under each layer's budget, and the least-squares refit.
+PRESETS = {
+    "plain": {"window": "narrowest", "allocation": "uniform", "refit": False},
+    "accurate": {"window": "least-error", "allocation": "layer", "refit": True},
+}
 
 
 @dataclass

@@ -16,7 +16,7 @@ import onnx
 
 from tardis_onnx import __version__, reference, runtime, text
 from tardis_onnx.calibrate import FfnSamples, calibrate_ffns, capture_ffn_inputs
-from tardis_onnx.config import ALLOCATIONS, FALLBACKS, WINDOWS, TardisConfig
+from tardis_onnx.config import ALLOCATIONS, FALLBACKS, PRESETS, WINDOWS, TardisConfig
 from tardis_onnx.emit import DOMAIN, MIN_OPSET, emit_ffn, replace_nodes
 from tardis_onnx.errors import TardisError
 from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fallback reduction 1-(d²+f·2dh)/(2dh) every FFN must reach on the calibration tokens "
         "(sets the outlier budget; replaces --coverage)",
     )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named bundle of --window/--allocation/--refit (accurate: least-error, layer, refit)",
+    )
     parser.add_argument("--window", choices=WINDOWS, default=TardisConfig.window, help="window per neuron")
     parser.add_argument(
         "--allocation", choices=ALLOCATIONS, default=TardisConfig.allocation, help="coverage per neuron"
@@ -250,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                 predictor_rank=args.predictor_rank,
                 predictor_uncertainty=args.predictor_uncertainty,
                 target_reduction=args.target_reduction,
-                window=args.window,
-                allocation=args.allocation,
-                refit=args.refit,
+                **(
+                    PRESETS[args.preset]
+                    if args.preset
+                    else {"window": args.window, "allocation": args.allocation, "refit": args.refit}
+                ),
                 max_samples=args.max_samples,
                 seed=args.seed,
             )
