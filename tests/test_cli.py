@@ -153,3 +153,19 @@ def test_calibration_feeds_from_npz(model_path, tmp_path):
     np.savez(tmp_path / "wrong.npz", y=batches["x/0"])
     args[args.index(str(tmp_path / "calib.npz"))] = str(tmp_path / "wrong.npz")
     assert optimize_main(args) == 2
+
+
+def test_large_models_keep_external_data(tmp_path, monkeypatch, capsys):
+    """Over the protobuf limit (lowered here) the output is written as model + .onnx.data, and an input
+    with external data is read with it."""
+    from tardis_onnx import io
+
+    source = tmp_path / "ext.onnx"
+    onnx.save(ffn_model("erf_div"), source, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1024)
+    out = tmp_path / "out" / "m.tardis.onnx"
+    out.parent.mkdir()
+    assert optimize_main([str(source), "-o", str(out), "--fallback", "portable", "--coverage", "0", "-q"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.tardis.json", "m.tardis.onnx", "m.tardis.onnx.data"]
+    assert (out.parent / "m.tardis.onnx.data").stat().st_size > 16 * 64 * 4  # W1 at least went outside
+    assert verify_main([str(source), str(out)]) == 0
