@@ -261,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=128)
     p.add_argument("--max-samples", type=int, default=65536, help="calibration tokens kept per FFN")
     p.add_argument("--reductions", type=float, nargs="+", default=[0.5, 0.7, 0.8])
-    p.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.8], help="pruning baselines")
+    p.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.8], help="pruning baselines (none: skip)")
     p.add_argument("--pairs", type=int, default=None, help="STS-B pairs used (default: all 1500)")
     p.add_argument("--quick", action="store_true", help="a small run (fewer sentences and tokens) for tests")
+    p.add_argument("--ideas", nargs="+", choices=list(IDEAS), help="TARDIS variants to run (default: all)")
     p.add_argument(
         "--predictors",
         nargs="*",
@@ -312,6 +313,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{row['name']:<36} STS-B {row['stsb']:6.2f}  weights read {row['weights_read']:.3f}{extra}", flush=True)
 
     ideas = {"plain": IDEAS["plain"], BEST: IDEAS[BEST]} if args.quick else IDEAS
+    if args.ideas:
+        ideas = {name: IDEAS[name] for name in args.ideas}
     top = max(args.reductions)
     for name, idea in ideas.items():
         for r in args.reductions if name in ("plain", BEST) else [top]:
@@ -325,7 +328,7 @@ def run(args: argparse.Namespace) -> dict:
             if args.quick and method != "wanda":
                 continue
             log(_baseline_row(method, s, model, ffns, samples, evaluator))
-    if not args.quick and str(calib) != text.BUILTIN:
+    if not args.quick and not args.ideas and str(calib) != text.BUILTIN:
         builtin_samples, _ = calibrate_on(text.BUILTIN)
         config = TardisConfig(fallback="portable", target_reduction=top, **IDEAS[BEST])
         row = _tardis_row(f"{BEST}@{top:g}", model, ffns, builtin_samples, evaluator, config)
