@@ -9,7 +9,7 @@ and every ReLU/SiLU between two projections, is reported with the reason.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -54,6 +54,7 @@ class Refusal:
     name: str
     rule: str
     reason: str
+    nodes: list[str] = field(default_factory=list)  # the best partial match: GELU region first, then the FFN nodes
 
 
 class _Refuse(Exception):
@@ -75,26 +76,29 @@ def find_ffns(model: onnx.ModelProto) -> tuple[list[FfnMatch], list[Refusal]]:
         gelu = match_gelu(index, anchor)
         if isinstance(gelu, str):
             if _between_projections(index, anchor):
-                refusals.append(Refusal(anchor.name or anchor.op_type, "not-gelu", gelu))
+                refusals.append(Refusal(anchor.name or anchor.op_type, "not-gelu", gelu, [node_label(anchor)]))
             continue
         claimed.update(id(n) for n in gelu.nodes)
+        matched: list[onnx.NodeProto] = []
         try:
-            matches.append(_match_ffn(index, gelu))
+            matches.append(_match_ffn(index, gelu, matched))
         except _Refuse as refusal:
-            refusals.append(Refusal(_name_of(gelu.nodes[0].name), refusal.rule, refusal.reason))
+            labels = [node_label(n) for n in matched]
+            refusals.append(Refusal(_name_of(gelu.nodes[0].name), refusal.rule, refusal.reason, labels))
     for node in index.graph.node:
         kind = _OTHER_ACTIVATIONS.get(node.op_type)
         if kind and _between_projections(index, node):
             reason = f"{kind} activation, not GELU: TARDIS folds GELU FFNs only"
             if node.op_type == "Sigmoid":
                 reason = "gated FFN (SiLU/SwiGLU): the product of two projections does not fold into one matrix"
-            refusals.append(Refusal(_name_of(node.name), "not-gelu", reason))
+            refusals.append(Refusal(_name_of(node.name), "not-gelu", reason, [node_label(node)]))
     _make_unique([m for m in matches])
     return matches, refusals
 
 
-def _match_ffn(index: GraphIndex, gelu: GeluMatch) -> FfnMatch:
-    nodes = list(gelu.nodes)
+def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto]) -> FfnMatch:
+    """The FFN around ``gelu``; ``nodes`` (filled in place) holds what matched so far when it refuses."""
+    nodes += gelu.nodes
     # Upstream: [bias Add] ← projection.
     value, b1_parts = gelu.input, []
     if gelu.bias is not None:

@@ -1,4 +1,4 @@
-"""``python -m tardis_onnx {optimize,verify} ...``"""
+"""``python -m tardis_onnx {optimize,verify,inspect,diff} ...``"""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 COMMANDS = {
     "optimize": "tardis_onnx.optimize",
     "verify": "tardis_onnx.verify",
+    "inspect": "tardis_onnx.inspect_model",
+    "diff": "tardis_onnx.diff",
 }
 
 

@@ -24,6 +24,7 @@ from tardis_onnx.io import check_writable, load_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
 from tardis_onnx.predictor import PREDICTORS, Predictor, fit_lowrank, flag_windows
 from tardis_onnx.report import FfnReport, print_report
+from tardis_onnx.schema import annotate_shapes
 
 METADATA_VERSION = "tardis_onnx.version"
 METADATA_CONFIG = "tardis_onnx.config"
@@ -105,6 +106,7 @@ def optimize_model(
         if needed and not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     _set_metadata(model, config, fallback)
+    annotate_shapes(model)
     return OptimizeResult(model, rows, refusals, config, fallback, windows)
 
 

@@ -1,0 +1,310 @@
+"""Inspect: ``python -m tardis_onnx inspect MODEL [--why] [--json]`` says what ``optimize`` would do.
+
+For a model not yet rewritten: every FFN candidate with its GELU spelling, ``d→h`` and whether it
+folds; for each refusal its rule and reason, and with ``--why`` the best partial match (the GELU
+region's nodes, the FFN nodes matched before the match stopped). For a rewritten model: the folded
+FFNs (read off the ``tardis/<ffn>/...`` nodes and their initializers) and the ``tardis_onnx.*``
+metadata. Exits 0, or 2 with one line on stderr when the model cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from tardis_onnx.emit import DOMAIN, FALLBACK_OP
+from tardis_onnx.errors import TardisError
+from tardis_onnx.graph import GraphIndex, node_label
+from tardis_onnx.io import load_model
+from tardis_onnx.optimize import METADATA_CONFIG, METADATA_VERSION
+from tardis_onnx.passes import find_ffns
+from tardis_onnx.passes.gelu import GeluMatch, anchors, match_gelu
+from tardis_onnx.schema import EMITTED_PREFIX
+
+
+@dataclass
+class Candidate:
+    """One FFN candidate of a model not yet rewritten."""
+
+    name: str
+    folds: bool
+    gelu: str | None  # spelling, when a GELU was recognised
+    d: int | None = None
+    hidden: int | None = None
+    d_out: int | None = None
+    rule: str | None = None  # refusals: the stable rule name
+    reason: str | None = None
+    gelu_nodes: list[str] = field(default_factory=list)
+    ffn_nodes: list[str] = field(default_factory=list)  # matched around the GELU (all of them when it folds)
+
+
+@dataclass
+class FoldedFfn:
+    """One FFN of a rewritten model, read off its ``tardis/<name>/`` nodes and initializers."""
+
+    name: str
+    fallback: str  # "custom" (ai.tardis::FfnFallback) or "portable"
+    gelu: str | None
+    d: int | None
+    hidden: int | None
+    d_out: int | None
+    coverage: float | None
+    nodes: list[str]
+    ops: dict[str, int]
+    weight_bytes: int
+    doc: str = ""
+
+
+def candidates(model: onnx.ModelProto) -> list[Candidate]:
+    """Every FFN candidate of ``model``, foldable ones first, in graph order."""
+    ffns, refusals = find_ffns(model)
+    found = [
+        Candidate(
+            name=f.name,
+            folds=True,
+            gelu=f.gelu.spelling,
+            d=int(f.w1.shape[0]),
+            hidden=f.hidden,
+            d_out=int(f.w2.shape[1]),
+            gelu_nodes=[node_label(n) for n in f.gelu.nodes],
+            ffn_nodes=[node_label(n) for n in f.nodes[len(f.gelu.nodes) :]],
+        )
+        for f in ffns
+    ]
+    regions = _gelu_regions(model)
+    for refusal in refusals:
+        gelu = regions.get(refusal.nodes[0]) if refusal.nodes else None
+        count = len(gelu.nodes) if gelu is not None else 0
+        found.append(
+            Candidate(
+                name=refusal.name,
+                folds=False,
+                gelu=gelu.spelling if gelu is not None else None,
+                rule=refusal.rule,
+                reason=refusal.reason,
+                gelu_nodes=list(refusal.nodes[:count]),
+                ffn_nodes=list(refusal.nodes[count:]),
+            )
+        )
+    return found
+
+
+def _gelu_regions(model: onnx.ModelProto) -> dict[str, GeluMatch]:
+    """Every recognised GELU, by the label of its first node (how a refusal's ``nodes`` start)."""
+    index = GraphIndex(model.graph)
+    regions = {}
+    for anchor in anchors(index):
+        gelu = match_gelu(index, anchor)
+        if isinstance(gelu, GeluMatch):
+            regions.setdefault(node_label(gelu.nodes[0]), gelu)
+    return regions
+
+
+def is_emitted(name: str) -> bool:
+    return name.startswith(EMITTED_PREFIX)
+
+
+def ffn_of(node_name: str) -> str | None:
+    """``tardis/<ffn>/<part>`` → ``<ffn>`` (FFN names may contain ``/``; parts are the emitter's)."""
+    if not is_emitted(node_name):
+        return None
+    rest = node_name[len(EMITTED_PREFIX) :]
+    for part in ("/Fallback/", "/Predictor/"):
+        if part in rest:
+            return rest.split(part)[0]
+    return rest.rsplit("/", 1)[0]
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, from its dims and type (the data itself need not be loaded)."""
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    try:
+        item = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        return len(tensor.raw_data)
+    return count * item
+
+
+def folded_ffns(model: onnx.ModelProto) -> list[FoldedFfn]:
+    """The FFNs a tardis-onnx rewrite put into ``model``, in graph order."""
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        name = ffn_of(node.name)
+        if name is not None:
+            groups.setdefault(name, []).append(node)
+    initializers = {t.name: t for t in model.graph.initializer}
+    result = []
+    for name, nodes in groups.items():
+        prefix = f"{EMITTED_PREFIX}{name}/"
+        owned = [t for n, t in initializers.items() if n.startswith(prefix)]
+        dims = {t.name[len(prefix) :]: list(t.dims) for t in owned}
+        folded = next((n for n in nodes if n.name == prefix + "FoldedMatMul"), None)
+        doc = folded.doc_string if folded is not None else ""
+        spelling = re.search(r"GELU \(([^)]+)\)", doc)
+        coverage = re.search(r"coverage ([0-9.eE+-]+)", doc)
+        d, d_out = (dims.get("folded_weight") or [None, None])[:2]
+        hidden = (dims.get("w2") or [None])[0]
+        ops: dict[str, int] = {}
+        for node in nodes:
+            ops[op_name(node)] = ops.get(op_name(node), 0) + 1
+        custom = any(n.op_type == FALLBACK_OP and n.domain == DOMAIN for n in nodes)
+        result.append(
+            FoldedFfn(
+                name=name,
+                fallback="custom" if custom else "portable",
+                gelu=spelling.group(1) if spelling else None,
+                d=d,
+                hidden=hidden,
+                d_out=d_out,
+                coverage=float(coverage.group(1)) if coverage else None,
+                nodes=[n.name for n in nodes],
+                ops=ops,
+                weight_bytes=sum(tensor_bytes(t) for t in owned),
+                doc=doc,
+            )
+        )
+    return result
+
+
+def op_name(node: onnx.NodeProto) -> str:
+    """``MatMul``, or ``domain::Op`` outside the default domain."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
+def metadata(model: onnx.ModelProto) -> dict:
+    """The ``tardis_onnx.*`` metadata of a rewritten model (the config decoded), or ``{}``."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_VERSION not in props:
+        return {}
+    try:
+        config = json.loads(props.get(METADATA_CONFIG, "{}"))
+    except json.JSONDecodeError:
+        config = props.get(METADATA_CONFIG)
+    return {"version": props[METADATA_VERSION], "config": config}
+
+
+def inspect(model: onnx.ModelProto) -> dict:
+    """What ``inspect --json`` prints: the candidates, or for a rewritten model its folded FFNs."""
+    meta = metadata(model)
+    folded = folded_ffns(model)
+    if meta or folded:
+        left = [c for c in candidates(model) if not any(is_emitted(n) for n in c.gelu_nodes + c.ffn_nodes)]
+        return {
+            "rewritten": True,
+            "metadata": meta,
+            "folded": [asdict(f) for f in folded],
+            "candidates": [asdict(c) for c in left],
+        }
+    return {"rewritten": False, "candidates": [asdict(c) for c in candidates(model)]}
+
+
+def _dims(d: int | None, hidden: int | None) -> str:
+    return f"{d}→{hidden}" if d is not None and hidden is not None else "-"
+
+
+def print_inspection(path: Path, report: dict, why: bool) -> None:
+    rows = report["candidates"]
+    if report["rewritten"]:
+        meta, folded = report["metadata"], report["folded"]
+        version = f"tardis-onnx {meta['version']}" if meta else "tardis-onnx (no metadata)"
+        print(f"{path}: rewritten by {version}; {len(folded)} folded FFN{'s' * (len(folded) != 1)}")
+        config = meta.get("config") if meta else None
+        if isinstance(config, dict):
+            keys = ("fallback", "coverage", "target_reduction", "predictor", "window", "allocation", "refit")
+            print("config: " + ", ".join(f"{k}={config[k]}" for k in keys if config.get(k) is not None))
+        table = [("ffn", "gelu", "d→h", "fallback", "coverage", "nodes", "weights")]
+        for f in folded:
+            coverage = "-" if f["coverage"] is None else f"{f['coverage']:g}"
+            table.append(
+                (
+                    f["name"],
+                    f["gelu"] or "?",
+                    _dims(f["d"], f["hidden"]),
+                    f["fallback"],
+                    coverage,
+                    str(len(f["nodes"])),
+                    human_bytes(f["weight_bytes"]),
+                )
+            )
+        _print_table(table)
+        if why:
+            for f in folded:
+                ops = ", ".join(f"{op}×{n}" if n > 1 else op for op, n in sorted(f["ops"].items()))
+                print(f"  {f['name']}: {ops}")
+        if rows:
+            print("left unchanged:")
+    else:
+        folds = sum(c["folds"] for c in rows)
+        print(f"{path}: {len(rows)} FFN candidate{'s' * (len(rows) != 1)}, {folds} would fold")
+    if not rows:
+        return
+    table = [("ffn", "gelu", "d→h", "folds")]
+    for c in rows:
+        verdict = "yes" if c["folds"] else f"no: {c['rule']}"
+        table.append((c["name"], c["gelu"] or "-", _dims(c["d"], c["hidden"]), verdict))
+    _print_table(table)
+    for c in rows:
+        if not c["folds"]:
+            print(f"  {c['name']}: {c['rule']}: {c['reason']}")
+        if why:
+            if c["gelu_nodes"]:
+                print(f"    GELU region ({len(c['gelu_nodes'])} nodes): {', '.join(c['gelu_nodes'])}")
+            if c["ffn_nodes"]:
+                label = "FFN nodes" if c["folds"] else "FFN nodes matched" if c["gelu_nodes"] else "activation"
+                print(f"    {label} ({len(c['ffn_nodes'])}): {', '.join(c['ffn_nodes'])}")
+            if not c["folds"]:
+                print(f"    match stopped: {c['reason']}")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def human_bytes(count: int) -> str:
+    """``1536`` → ``1.5 KB``."""
+    size = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(size) < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tardis_onnx inspect",
+        description="List the GELU FFN candidates of a model and whether each would fold "
+        "(or, for a rewritten model, the FFNs that were folded).",
+    )
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--why", action="store_true", help="show the nodes matched, and where a refused match stopped")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = inspect(load_model(args.model))
+    except TardisError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        print(json.dumps({"model": str(args.model), **report}, indent=2))
+    else:
+        print_inspection(args.model, report, args.why)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

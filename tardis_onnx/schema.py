@@ -1,0 +1,144 @@
+"""Schema: what ONNX tooling needs to see through a rewritten model.
+
+* :func:`register_schemas` registers the ``OpSchema`` of ``ai.tardis::FfnFallback`` (inputs, types,
+  attributes and a shape inference function) with onnx, in this process, so that
+  ``onnx.checker.check_model(full_check=True)`` validates the node and
+  ``onnx.shape_inference.infer_shapes(strict_mode=True)`` carries shapes through it.
+* :func:`annotate_shapes` writes ``value_info`` (type and shape) for every tensor the rewrite added, so
+  that tools without the schema (Netron, ONNX Runtime's optimizers, other processes) see them too.
+  ``com.microsoft::MatMulNBits`` (the int4 predictor) has no onnx schema: its output shape is
+  read off its ``N`` attribute.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import defs
+
+from tardis_onnx.emit import DOMAIN, FALLBACK_OP
+
+EMITTED_PREFIX = "tardis/"
+_SMALL_INITIALIZER = 1024  # elements: kept for shape inference's data propagation (Reshape targets)
+
+# (name, type, description) of FfnFallback's inputs, in order; `lines` is float32 whatever T is.
+FALLBACK_INPUTS = (
+    ("x", "T", "FFN input [..., d]"),
+    ("folded", "T", "folded map x·Wf + bf [..., d_out]"),
+    ("z_hat", "T", "predicted pre-activations [..., h]: a neuron falls back when outside its window"),
+    ("w1t", "T", "first projection, transposed [h, d]"),
+    ("b1", "T", "first bias [h]"),
+    ("w2", "T", "second projection [h, d_out]"),
+    ("lines", "tensor(float)", "per neuron lo, hi, slope, intercept [4, h] (float32)"),
+)
+
+
+def _infer_fallback(ctx) -> None:
+    """The output has the type and shape of ``folded``."""
+    folded = ctx.get_input_type(1)
+    if folded is not None and folded.HasField("tensor_type"):
+        ctx.set_output_type(0, folded)
+
+
+def fallback_schema() -> defs.OpSchema:
+    """The ``OpSchema`` of ``ai.tardis::FfnFallback`` version 1 (the kernel in ``custom_ops/``)."""
+    param = defs.OpSchema.FormalParameter
+    attr = defs.OpSchema.Attribute
+    schema = defs.OpSchema(
+        FALLBACK_OP,
+        DOMAIN,
+        1,
+        "TARDIS outlier fallback: folded + sum over flagged neurons i of (GELU(z_i) - (a_i z_i + c_i)) * W2[i, :], "
+        "z = x·W1 + b1; neuron i is flagged when z_hat_i is outside [lo_i - margin, hi_i + margin] (or NaN).",
+        inputs=[param(name, kind, doc) for name, kind, doc in FALLBACK_INPUTS],
+        outputs=[param("y", "T", "folded plus the outliers' exact residuals [..., d_out]")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "compute type of the FFN")],
+        attributes=[
+            attr("margin", onnx.helper.make_attribute("margin", 0.0), "widen every window by this much when flagging"),
+            attr("approximate", onnx.helper.make_attribute("approximate", "none"), "GELU form: 'none' (erf) or 'tanh'"),
+        ],
+        node_determinism=defs.OpSchema.NodeDeterminism.Deterministic,
+    )
+    schema.set_type_and_shape_inference_function(_infer_fallback)
+    return schema
+
+
+def register_schemas() -> None:
+    """Register ``ai.tardis::FfnFallback`` with onnx in this process (once; later calls do nothing)."""
+    if not defs.has(FALLBACK_OP, DOMAIN):
+        defs.register_schema(fallback_schema())
+
+
+def emitted_tensors(model: onnx.ModelProto) -> list[str]:
+    """The tensors computed by the rewrite's nodes (named ``tardis/...``), graph outputs excepted."""
+    outputs = {o.name for o in model.graph.output}
+    return [v for n in model.graph.node if n.name.startswith(EMITTED_PREFIX) for v in n.output if v not in outputs]
+
+
+def annotate_shapes(model: onnx.ModelProto) -> list[str]:
+    """In place: ``value_info`` with type and shape for every emitted tensor; returns those still unknown.
+
+    Shapes come from onnx's shape inference (with the FfnFallback schema registered) on a weightless
+    view of the graph, so this works on models over 2 GB and on models loaded without their weights.
+    """
+    register_schemas()
+    wanted = emitted_tensors(model)
+    annotated = {v.name for v in model.graph.value_info}
+    for _ in range(3):  # a MatMulNBits shape lets the next round infer what reads it
+        known = inferred_types(model)
+        known.update(_matmulnbits_types(model, known))
+        added = [name for name in wanted if name not in annotated and _has_shape(known.get(name))]
+        for name in added:
+            model.graph.value_info.append(onnx.helper.make_value_info(name, known[name]))
+        annotated.update(added)
+        if not added:
+            break
+    return [name for name in wanted if name not in annotated]
+
+
+def inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Every value's type as inferred on a copy whose large initializers are graph inputs (no data)."""
+    graph = model.graph
+    light = onnx.helper.make_graph(
+        list(graph.node),
+        graph.name,
+        list(graph.input),
+        list(graph.output),
+        value_info=list(graph.value_info),
+    )
+    inputs = {i.name for i in graph.input}
+    for tensor in graph.initializer:
+        elements = 1
+        for dim in tensor.dims:
+            elements *= dim
+        if elements <= _SMALL_INITIALIZER and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            light.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            light.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    view = onnx.helper.make_model(light, opset_imports=list(model.opset_import), functions=list(model.functions))
+    view.ir_version = model.ir_version
+    inferred = onnx.shape_inference.infer_shapes(view, check_type=False, strict_mode=False, data_prop=True)
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return {v.name: v.type for v in values if v.type.HasField("tensor_type")}
+
+
+def _matmulnbits_types(model: onnx.ModelProto, known: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+    """``com.microsoft::MatMulNBits(A, ...)``: A's type with the last dimension replaced by ``N``."""
+    found = {}
+    for node in model.graph.node:
+        if node.domain != "com.microsoft" or node.op_type != "MatMulNBits" or _has_shape(known.get(node.output[0])):
+            continue
+        a = known.get(node.input[0])
+        n = next((attr.i for attr in node.attribute if attr.name == "N"), None)
+        if not _has_shape(a) or not a.tensor_type.shape.dim or n is None:
+            continue
+        out = onnx.TypeProto()
+        out.CopyFrom(a)
+        dims = out.tensor_type.shape.dim
+        dims[len(dims) - 1].Clear()
+        dims[len(dims) - 1].dim_value = n
+        found[node.output[0]] = out
+    return found
+
+
+def _has_shape(value: onnx.TypeProto | None) -> bool:
+    return value is not None and value.tensor_type.elem_type != 0 and value.tensor_type.HasField("shape")
