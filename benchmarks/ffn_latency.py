@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--no-spinning",
+        action="store_true",
+        help="ONNX Runtime intra-op workers sleep instead of spinning between ops (session.intra_op.allow_spinning=0)",
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     import onnxruntime as ort
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     options = runtime.session_options(threads=args.threads, optimization="all")
+    if args.no_spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     rows = []
     print(
         f"{'d':>5} {'tokens':>6} {'f':>5} {'flagged':>7} {'dense us':>9} {'tardis us':>9} {'speedup':>7} {'bound':>6}"
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "predictor": args.predictor,
         "rank": args.rank,
+        "intra_op_spinning": not args.no_spinning,
     }
     (args.out / "ffn_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     plot(rows, args.out / "ffn_latency.png")

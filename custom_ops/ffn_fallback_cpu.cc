@@ -1,26 +1,42 @@
 // CPU kernel of ai.tardis::FfnFallback. See ffn_fallback.h for the contract.
 //
-// Both schedules read only the W1/W2 rows of flagged neurons, and software-prefetch the next
-// flagged row while the current one streams (flagged rows are scattered, one 4 KiB page each, so
-// the hardware prefetchers alone leave the kernel latency-bound):
-//  - few tokens (decode): each token's flagged neurons are cut into chunks of 16; a task
-//    recomputes z and accumulates r_i * w2[i, :] for one chunk into its own partial row, then
-//    y = y_folded + the token's partial rows in chunk order.
-//  - many tokens (prefill): one block of tokens per thread; inside a block the loop runs over
-//    neurons, so a flagged W1/W2 row is read from memory once and reused from cache by every
-//    token of the block that flags it.
-// Chunks and blocks depend on the inputs and the machine, never on the session's thread count,
-// so results are the same for any intra-op thread count. Inner loops are plain contiguous loops
-// written so that -O3 vectorises them at the baseline ISA (no AVX needed at run time).
+// Tokens are taken in blocks (up to 2 MiB of x rows, at most 512 tokens). A block of up to two
+// tokens (decode) runs the fused schedule described at `few` below; larger blocks run three
+// parallel phases:
+//  A1. flags, split over chunks of neurons: a chunk tests its neurons' windows for every token
+//      of the block (contiguous z_hat reads; float compares equivalent to the contract's double
+//      ones) and lists, for each flagged neuron, the tokens that flag it.
+//  A2. residuals, same chunks: each flagged neuron's W1 row is read once (the next one
+//      prefetched meanwhile) and dotted with the x rows of its tokens four at a time (one W1
+//      load feeds four products; the block's x rows stay in cache); the residuals r_i(z) go to
+//      per-token pair lists, neurons in increasing order.
+//  B.  accumulation, split over tiles of 64 output columns: the tile's W2 segments of the
+//      block's flagged neurons are packed contiguously (rows 4 KiB apart would alias in L1/L2;
+//      each W2 byte is read from memory once per block), then per token 64 accumulators live
+//      in registers while the token's pairs add r * w2[i, tile].
+// Only the W1/W2 rows of neurons flagged by some token of the block are read.
+//
+// Chunks, tiles and blocks depend on the shapes only, and every output element is summed in an
+// order that does not depend on which thread does what, so results are bitwise the same for
+// any intra-op thread count. The hot loops are compiled for x86-64-v4 (AVX-512), x86-64-v3
+// (AVX2 + FMA) and the baseline ISA, chosen at load time (GCC function multiversioning); on a
+// given machine the result is fixed, across machines it may differ in the last bits (FMA).
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "ffn_fallback.h"
 #include "tardis_math.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(TARDIS_NO_MULTIVERSION)
+#define TARDIS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
+#else
+#define TARDIS_CLONES __attribute__((noinline))
+#endif
 
 namespace tardis {
 namespace {
@@ -73,101 +89,154 @@ inline uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(out | (sign >> 16));
 }
 
-inline void store(float v, float* out) { *out = v; }
-inline void store(float v, uint16_t* out) { *out = float_to_half(v); }
+TARDIS_CLONES void half_to_float_row(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
+}
+
+void float_to_half_row(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = float_to_half(src[j]);
+}
 
 // ---- vector loops ---------------------------------------------------------------------------
 
-constexpr int kLanes = 16;  // independent partial sums: lets the compiler vectorise the dot
+// Dot products accumulate in 16 float lanes (element j into lane j % 16), kept as two 8-float
+// vectors (one ymm each with AVX2 or AVX-512, two xmm each at the baseline: GCC keeps 32-byte
+// vectors in registers on every target, wider ones it spills without AVX-512), then fold the
+// lanes by a fixed pairwise tree. The arithmetic is the same for every ISA except for FMA
+// contraction where the target has FMA.
+constexpr int kLanes = 16;
+constexpr int kHalf = 8;
+typedef float Vec __attribute__((vector_size(kHalf * sizeof(float))));
 
-// Software prefetch of a weight row that will be read soon. Flagged rows are scattered (one
-// 4 KiB page each), so the hardware prefetchers ramp up too late; prefetching the next flagged
-// row while the current one streams through the ALUs is what makes the kernel bandwidth-bound.
-template <typename W>
-inline void prefetch(const W* p) {
-  __builtin_prefetch(p, 0, 3);
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-template <typename W>
-inline void prefetch_row(const W* row, int64_t n) {
-  constexpr int64_t kLine = 64 / sizeof(W);
-  for (int64_t j = 0; j < n; j += kLine) prefetch(row + j);
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
+
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) prefetch(c + b);
 }
 
-// dot(x, w) with float accumulation in a fixed order (lane-wise, then a pairwise tree). When
-// `next` is given, the row of the same length there is prefetched along the way.
-template <typename W>
-inline float dot(const float* __restrict x, const W* __restrict w, int64_t n, const W* next = nullptr) {
-  float acc[kLanes] = {};
+inline float fold(Vec lo, Vec hi, const float* x, const float* w, int64_t j, int64_t n) {
+  float lane[kLanes];
+  std::memcpy(lane, &lo, sizeof lo);
+  std::memcpy(lane + kHalf, &hi, sizeof hi);
+  for (int k = 0; j < n; ++j, ++k) lane[k] += x[j] * w[j];
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) lane[k] += lane[k + width];
+  }
+  return lane[0];
+}
+
+// out[k] = dot(x[k], w) for M rows x[k] sharing one row w (each W load feeds M products). The
+// arithmetic of each product is the same for any M. `next` (may be null): a row of the same
+// length to prefetch along the way.
+template <int M>
+inline void dots(const float* const* x, const float* __restrict w, int64_t n, const float* next, float* out) {
+  Vec lo[M], hi[M];
+  for (int k = 0; k < M; ++k) lo[k] = hi[k] = Vec{};
   int64_t j = 0;
   if (next != nullptr) {
     for (; j + kLanes <= n; j += kLanes) {
       prefetch(next + j);
-      for (int k = 0; k < kLanes; ++k) acc[k] += x[j + k] * to_float(w[j + k]);
+      const Vec wl = load(w + j), wh = load(w + j + kHalf);
+      for (int k = 0; k < M; ++k) {
+        lo[k] += load(x[k] + j) * wl;
+        hi[k] += load(x[k] + j + kHalf) * wh;
+      }
     }
   } else {
     for (; j + kLanes <= n; j += kLanes) {
-      for (int k = 0; k < kLanes; ++k) acc[k] += x[j + k] * to_float(w[j + k]);
+      const Vec wl = load(w + j), wh = load(w + j + kHalf);
+      for (int k = 0; k < M; ++k) {
+        lo[k] += load(x[k] + j) * wl;
+        hi[k] += load(x[k] + j + kHalf) * wh;
+      }
     }
   }
-  for (int k = 0; j < n; ++j, ++k) acc[k] += x[j] * to_float(w[j]);
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int k = 0; k < width; ++k) acc[k] += acc[k + width];
-  }
-  return acc[0];
+  for (int k = 0; k < M; ++k) out[k] = fold(lo[k], hi[k], x[k], w, j, n);
 }
 
-// y += r * w; prefetches the row at `next` (same length) when given.
-template <typename W>
-inline void axpy(float* __restrict y, float r, const W* __restrict w, int64_t n, const W* next = nullptr) {
+// z[k] = dot(x_block[token[k]], w) for the m tokens that flag one neuron; prefetches `next`.
+TARDIS_CLONES void neuron_dots(const float* x_block, int64_t d, const int32_t* token, int64_t m, const float* w,
+                               const float* next, float* z) {
+  int64_t k = 0;
+  for (; k + 4 <= m; k += 4) {
+    const float* x[4] = {x_block + token[k] * d, x_block + token[k + 1] * d, x_block + token[k + 2] * d,
+                         x_block + token[k + 3] * d};
+    dots<4>(x, w, d, k == 0 ? next : nullptr, z + k);
+  }
+  if (m - k == 3) {
+    const float* x[3] = {x_block + token[k] * d, x_block + token[k + 1] * d, x_block + token[k + 2] * d};
+    dots<3>(x, w, d, k == 0 ? next : nullptr, z + k);
+  } else if (m - k == 2) {
+    const float* x[2] = {x_block + token[k] * d, x_block + token[k + 1] * d};
+    dots<2>(x, w, d, k == 0 ? next : nullptr, z + k);
+  } else if (m - k == 1) {
+    const float* x[1] = {x_block + token[k] * d};
+    dots<1>(x, w, d, k == 0 ? next : nullptr, z + k);
+  }
+}
+
+// acc[0:n] += r * w[0:n]; prefetches the row at `next` (same length) when given.
+TARDIS_CLONES void axpy_row(float* __restrict acc, float r, const float* __restrict w, int64_t n, const float* next) {
+  const Vec rv = Vec{} + r;
   int64_t j = 0;
-  if (next != nullptr) {
-    for (; j + kLanes <= n; j += kLanes) {
-      prefetch(next + j);
-      for (int k = 0; k < kLanes; ++k) y[j + k] += r * to_float(w[j + k]);
-    }
+  for (; j + kLanes <= n; j += kLanes) {
+    if (next != nullptr) prefetch(next + j);
+    store(acc + j, load(acc + j) + rv * load(w + j));
+    store(acc + j + kHalf, load(acc + j + kHalf) + rv * load(w + j + kHalf));
   }
-  for (; j < n; ++j) y[j] += r * to_float(w[j]);
+  for (; j < n; ++j) acc[j] += r * w[j];
 }
 
-template <typename T>
-inline void to_float_row(const T* __restrict src, float* __restrict dst, int64_t n, const T* next = nullptr) {
-  int64_t j = 0;
-  if (next != nullptr) {
-    for (; j + kLanes <= n; j += kLanes) {
-      prefetch(next + j);
-      for (int k = 0; k < kLanes; ++k) dst[j + k] = to_float(src[j + k]);
-    }
+// Phase B's inner loop for one token and one tile of kTile output columns, accumulators in
+// registers: acc[0:kTile] += r[p] * packed[entry[p]][0:kTile] for p < m (in that order); the
+// packed row four pairs on is prefetched (the packed tile is L2-sized).
+constexpr int kTile = 64;
+
+TARDIS_CLONES void token_tile(const int32_t* __restrict entry, const float* __restrict r, int64_t m,
+                              const float* __restrict packed, float* __restrict acc) {
+  Vec a[kTile / kHalf];
+  for (int k = 0; k < kTile / kHalf; ++k) a[k] = load(acc + k * kHalf);
+  for (int64_t p = 0; p < m; ++p) {
+    if (p + 4 < m) prefetch_bytes(packed + static_cast<int64_t>(entry[p + 4]) * kTile, kTile * sizeof(float));
+    const float* w = packed + static_cast<int64_t>(entry[p]) * kTile;
+    const Vec rv = Vec{} + r[p];
+    for (int k = 0; k < kTile / kHalf; ++k) a[k] += rv * load(w + k * kHalf);
   }
-  for (; j < n; ++j) dst[j] = to_float(src[j]);
+  for (int k = 0; k < kTile / kHalf; ++k) store(acc + k * kHalf, a[k]);
 }
 
-template <typename T>
-inline void store_row(const float* __restrict src, T* __restrict dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) store(src[j], dst + j);
+// flag[k] = 1 when v[k] lies outside [lower[k], upper[k]] or is NaN, else 0.
+TARDIS_CLONES void window_flags(const float* __restrict v, const float* __restrict lower, const float* __restrict upper,
+                                int64_t n, uint8_t* __restrict flag) {
+  // `&`, not `&&`: no branch, so the loop vectorises.
+  for (int64_t k = 0; k < n; ++k) flag[k] = static_cast<uint8_t>(!((v[k] >= lower[k]) & (v[k] <= upper[k])));
 }
 
-// ---- per-neuron parameters ------------------------------------------------------------------
+// ---- window bounds in float ------------------------------------------------------------------
 
-template <typename T>
-struct Neurons {
-  const FallbackArgs<T>& a;
-  const float* slope() const { return a.lines; }
-  const float* intercept() const { return a.lines + a.h; }
-  const float* lo() const { return a.lines + 2 * a.h; }
-  const float* hi() const { return a.lines + 3 * a.h; }
+// For float z, (double)z >= L  <=>  z >= the least float >= L; likewise (double)z <= U  <=>
+// z <= the greatest float <= U (NaN bounds stay NaN: never inside). So the contract's double
+// test becomes two float compares, with the same decision for every z (NaN included).
+inline float float_at_or_above(double bound) {
+  const auto f = static_cast<float>(bound);
+  return static_cast<double>(f) < bound ? std::nextafter(f, INFINITY) : f;
+}
 
-  bool flagged(int64_t token, int64_t i) const {
-    return is_flagged(to_float(a.z_hat[token * a.h + i]), lower_bound(lo()[i], a.margin),
-                      upper_bound(hi()[i], a.margin));
-  }
+inline float float_at_or_below(double bound) {
+  const auto f = static_cast<float>(bound);
+  return static_cast<double>(f) > bound ? std::nextafter(f, -INFINITY) : f;
+}
 
-  // Residual of neuron i for an input row already in float; prefetches `next_w1_row` meanwhile.
-  float residual_of(const float* x_row, const T* w1_row, int64_t i, const T* next_w1_row = nullptr) const {
-    const float z = dot(x_row, w1_row, a.d, next_w1_row) + to_float(a.b1[i]);
-    return residual(z, slope()[i], intercept()[i], a.approximate);
-  }
-};
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void parallel_for(const ParallelRunner& runner, size_t total, void (*fn)(void*, size_t), void* data) {
   if (total == 0) return;
@@ -178,184 +247,346 @@ void parallel_for(const ParallelRunner& runner, size_t total, void (*fn)(void*, 
   runner.run(runner.context, fn, total, data);
 }
 
-size_t hardware_threads() {
-  static const size_t n = std::max(1u, std::thread::hardware_concurrency());
-  return n;
-}
+// ---- the schedule ----------------------------------------------------------------------------
 
-// ---- schedule 1: few tokens -----------------------------------------------------------------
+// Tokens per block: a block's x rows (phase A) should stay in L2 / nearby L3; the larger the
+// block, the more tokens share each W1/W2 row read, which outweighs x spilling from L2 to L3
+// (measured: 2 MiB, 512 tokens at d = 1024, beat 1 MiB by 5%, 256 KiB by 40%).
+constexpr int64_t kBlockBytes = int64_t{2} << 20;
+constexpr int64_t kMaxBlockTokens = 512;
+// W2 rows prefetched ahead while phase B packs a tile.
+constexpr int64_t kPrefetchAhead = 6;
+// W1 rows prefetched ahead in phase A2.
+constexpr int64_t kRowsAhead = 1;
+// Up to this many tokens a block runs the fused decode schedule (see `few`).
+constexpr int64_t kFewTokens = 2;
+// Phase A1 runs on the calling thread up to this many (token, neuron) window tests.
+constexpr int64_t kSerialFlags = int64_t{1} << 15;
 
-constexpr int64_t kPairsPerChunk = 16;  // flagged (token, neuron) pairs per task
-
-template <typename T>
-struct FewTokens {
-  const FallbackArgs<T>& a;
-  Neurons<T> neurons;
-  std::vector<float> x_float{};       // x rows in float (half inputs only)
-  std::vector<int32_t> neuron{};      // flagged neuron of each pair, grouped by token, increasing
-  std::vector<int32_t> chunk_token{}; // token of each chunk
-  std::vector<int64_t> chunk_begin{}; // first pair of each chunk, plus the end
-  std::vector<int64_t> token_chunk{}; // first chunk of each token, plus the end
-  std::vector<float> partial{};       // [chunks, d] partial sums of r_i * w2[i, :]
-
-  const float* x_row(int64_t t) const {
-    if constexpr (std::is_same_v<T, float>) {
-      return a.x + t * a.d;
-    } else {
-      return x_float.data() + t * a.d;
-    }
-  }
-
-  static void chunk_task(void* self_ptr, size_t chunk) {
-    auto& self = *static_cast<FewTokens*>(self_ptr);
-    const FallbackArgs<T>& a = self.a;
-    const int64_t d = a.d;
-    const float* x = self.x_row(self.chunk_token[chunk]);
-    float* acc = self.partial.data() + static_cast<int64_t>(chunk) * d;
-    const int64_t begin = self.chunk_begin[chunk], end = self.chunk_begin[chunk + 1];
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t i = self.neuron[p];
-      const bool more = p + 1 < end;
-      const float r = self.neurons.residual_of(x, a.w1t + i * d, i, more ? a.w1t + self.neuron[p + 1] * d : nullptr);
-      axpy(acc, r, a.w2 + i * d, d, more ? a.w2 + self.neuron[p + 1] * d : nullptr);
-    }
-  }
-
-  // y[t] = y_folded[t] + the token's partial sums, in chunk order.
-  static void reduce_task(void* self_ptr, size_t token) {
-    auto& self = *static_cast<FewTokens*>(self_ptr);
-    const FallbackArgs<T>& a = self.a;
-    const int64_t d = a.d;
-    const auto t = static_cast<int64_t>(token);
-    std::vector<float> buffer;
-    float* acc;
-    if constexpr (std::is_same_v<T, float>) {
-      acc = a.y + t * d;
-      std::memcpy(acc, a.y_folded + t * d, sizeof(float) * static_cast<size_t>(d));
-    } else {
-      buffer.resize(static_cast<size_t>(d));
-      acc = buffer.data();
-      to_float_row(a.y_folded + t * d, acc, d);
-    }
-    for (int64_t c = self.token_chunk[t]; c < self.token_chunk[t + 1]; ++c) {
-      const float* part = self.partial.data() + c * d;
-      for (int64_t j = 0; j < d; ++j) acc[j] += part[j];
-    }
-    if constexpr (!std::is_same_v<T, float>) store_row(acc, a.y + t * d, d);
-  }
-
-  void run(const ParallelRunner& runner) {
-    if constexpr (!std::is_same_v<T, float>) {
-      x_float.resize(static_cast<size_t>(a.tokens * a.d));
-      to_float_row(a.x, x_float.data(), a.tokens * a.d);
-    }
-    token_chunk.assign(1, 0);
-    for (int64_t t = 0; t < a.tokens; ++t) {
-      const auto first = static_cast<int64_t>(neuron.size());
-      for (int64_t i = 0; i < a.h; ++i) {
-        if (neurons.flagged(t, i)) neuron.push_back(static_cast<int32_t>(i));
-      }
-      const auto last = static_cast<int64_t>(neuron.size());
-      for (int64_t p = first; p < last; p += kPairsPerChunk) {
-        chunk_begin.push_back(p);
-        chunk_token.push_back(static_cast<int32_t>(t));
-      }
-      token_chunk.push_back(static_cast<int64_t>(chunk_token.size()));
-    }
-    chunk_begin.push_back(static_cast<int64_t>(neuron.size()));
-    const auto chunks = chunk_token.size();
-    partial.assign(chunks * static_cast<size_t>(a.d), 0.0f);
-    parallel_for(runner, chunks, chunk_task, this);
-    parallel_for(runner, static_cast<size_t>(a.tokens), reduce_task, this);
-  }
+// Buffers that outlive a call: one set per calling thread (ONNX Runtime's threads persist), so
+// steady-state calls allocate nothing (large fresh allocations cost a page fault per 4 KiB).
+struct Workspace {
+  // Phase A1 output, per chunk: flagged neurons, each with the tokens that flag it.
+  struct alignas(64) Chunk {  // one per task: no false sharing between neighbours
+    std::vector<int32_t> neuron, first, token, token_count;  // token_count: [nb] pairs per token
+    int64_t entry_base = 0;                                  // global index of its first neuron
+  };
+  struct FewEntry {
+    int32_t neuron, count;
+    const int32_t* token;
+  };
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> pair_cursor;  // [chunks, nb]: where chunk c writes token t's next pair
+  // Phase A2 output: per token (CSR, neurons increasing), the global entry index and residual.
+  std::vector<int64_t> row_begin;  // [nb + 1]
+  std::vector<int32_t> pair_entry;
+  std::vector<float> pair_r;
+  std::vector<int32_t> entry_neuron;  // [entries]
+  std::vector<float> x_float;         // half inputs: the block's x rows in float
+  std::vector<FewEntry> few_entries;
+  std::vector<float> partials;
 };
 
-// ---- schedule 2: many tokens ----------------------------------------------------------------
+// Per-task scratch of the pool threads, reused across calls.
+struct TaskScratch {
+  std::vector<int32_t> hits;
+  std::vector<float> packed;
+};
+
+TaskScratch& task_scratch() {
+  static thread_local TaskScratch scratch;
+  return scratch;
+}
 
 template <typename T>
-struct ManyTokens {
+struct Fallback {
+  using Chunk = Workspace::Chunk;
+  using FewEntry = Workspace::FewEntry;
   const FallbackArgs<T>& a;
-  Neurons<T> neurons;
-  int64_t block_tokens;
+  Workspace& ws;
+  int64_t block_tokens = 0, chunk_neurons = 0, n_chunks = 0, n_tiles = 0;
 
-  static void block_task(void* self_ptr, size_t block) {
-    auto& self = *static_cast<ManyTokens*>(self_ptr);
-    const FallbackArgs<T>& a = self.a;
-    const int64_t t0 = static_cast<int64_t>(block) * self.block_tokens;
-    const int64_t nb = std::min(self.block_tokens, a.tokens - t0);
-    const int64_t d = a.d;
+  // Current block.
+  int64_t t0 = 0, nb = 0;
+  const float* x_block = nullptr;  // [nb, d] in float
 
-    // Float views of this block's x rows and accumulators (for float, y itself accumulates).
-    std::vector<float> x_buf, acc_buf, w1_buf, w2_buf;
-    const float* x_rows;
-    float* acc_rows;
-    if constexpr (std::is_same_v<T, float>) {
-      x_rows = a.x + t0 * d;
-      acc_rows = a.y + t0 * d;
-      std::memcpy(acc_rows, a.y_folded + t0 * d, sizeof(float) * static_cast<size_t>(nb * d));
-    } else {
-      x_buf.resize(static_cast<size_t>(nb * d));
-      acc_buf.resize(static_cast<size_t>(nb * d));
-      w1_buf.resize(static_cast<size_t>(d));
-      w2_buf.resize(static_cast<size_t>(d));
-      to_float_row(a.x + t0 * d, x_buf.data(), nb * d);
-      to_float_row(a.y_folded + t0 * d, acc_buf.data(), nb * d);
-      x_rows = x_buf.data();
-      acc_rows = acc_buf.data();
+  static void phase_a1(void* self, size_t c) { static_cast<Fallback*>(self)->flags(static_cast<int64_t>(c)); }
+  static void phase_a2(void* self, size_t c) { static_cast<Fallback*>(self)->residuals(static_cast<int64_t>(c)); }
+  static void phase_b(void* self, size_t k) { static_cast<Fallback*>(self)->accumulate(static_cast<int64_t>(k)); }
+
+  void flags(int64_t c) {
+    const int64_t h = a.h;
+    const int64_t i0 = c * chunk_neurons;
+    const int64_t cn = std::min(chunk_neurons, h - i0);
+    Chunk& out = ws.chunks[c];
+    out.neuron.clear();
+    out.first.clear();
+    out.token.clear();
+    out.token_count.assign(static_cast<size_t>(nb), 0);
+
+    std::vector<float> lower(static_cast<size_t>(cn)), upper(static_cast<size_t>(cn)), z_row;
+    const float* lo = a.lines + kLo * h + i0;
+    const float* hi = a.lines + kHi * h + i0;
+    for (int64_t k = 0; k < cn; ++k) {
+      lower[k] = float_at_or_above(lower_bound(lo[k], a.margin));
+      upper[k] = float_at_or_below(upper_bound(hi[k], a.margin));
     }
-
-    // The block's flagged neurons in increasing order, each with the tokens that flag it.
-    std::vector<int32_t> ids, first_hit, hits;
-    for (int64_t i = 0; i < a.h; ++i) {
-      const auto before = static_cast<int32_t>(hits.size());
-      for (int64_t k = 0; k < nb; ++k) {
-        if (self.neurons.flagged(t0 + k, i)) hits.push_back(static_cast<int32_t>(k));
-      }
-      if (static_cast<int32_t>(hits.size()) > before) {
-        ids.push_back(static_cast<int32_t>(i));
-        first_hit.push_back(before);
-      }
-    }
-    first_hit.push_back(static_cast<int32_t>(hits.size()));
-
-    const float* slope = self.neurons.slope();
-    const float* intercept = self.neurons.intercept();
-    const auto entries = static_cast<int64_t>(ids.size());
-    for (int64_t e = 0; e < entries; ++e) {
-      const int64_t i = ids[e];
-      const T* w1_row = a.w1t + i * d;
-      const T* w2_row = a.w2 + i * d;
-      // The next entry's rows are prefetched while the first token of this entry streams.
-      const T* next_w1 = e + 1 < entries ? a.w1t + ids[e + 1] * d : nullptr;
-      const T* next_w2 = e + 1 < entries ? a.w2 + ids[e + 1] * d : nullptr;
-      const float b = to_float(a.b1[i]);
-      const int64_t m0 = first_hit[e], m1 = first_hit[e + 1];
-      if (std::is_same_v<T, float> || m1 - m0 == 1) {
-        for (int64_t m = m0; m < m1; ++m) {
-          const int64_t k = hits[m];
-          const bool first = m == m0;
-          const float z = dot(x_rows + k * d, w1_row, d, first ? next_w1 : nullptr) + b;
-          axpy(acc_rows + k * d, residual(z, slope[i], intercept[i], a.approximate), w2_row, d,
-               first ? next_w2 : nullptr);
-        }
+    if constexpr (!std::is_same_v<T, float>) z_row.resize(static_cast<size_t>(cn));
+    std::vector<int32_t> count(static_cast<size_t>(cn), 0);
+    std::vector<int32_t>& hits = task_scratch().hits;
+    hits.resize(static_cast<size_t>(cn * nb));
+    std::vector<uint8_t> flag(static_cast<size_t>(ceil_div(cn, 8) * 8), 0);
+    for (int64_t t = 0; t < nb; ++t) {
+      const T* z_hat = a.z_hat + (t0 + t) * h + i0;
+      const float* z;
+      if constexpr (std::is_same_v<T, float>) {
+        z = z_hat;
       } else {
-        // Half rows shared by several tokens are converted once (exact, so the result is the
-        // same as converting on the fly).
-        to_float_row(w1_row, w1_buf.data(), d, next_w1);
-        to_float_row(w2_row, w2_buf.data(), d, next_w2);
-        for (int64_t m = m0; m < m1; ++m) {
-          const int64_t k = hits[m];
-          const float z = dot(x_rows + k * d, w1_buf.data(), d) + b;
-          axpy(acc_rows + k * d, residual(z, slope[i], intercept[i], a.approximate), w2_buf.data(), d);
+        half_to_float_row(z_hat, z_row.data(), cn);
+        z = z_row.data();
+      }
+      window_flags(z, lower.data(), upper.data(), cn, flag.data());
+      for (int64_t k8 = 0; k8 < cn; k8 += 8) {
+        uint64_t bits;
+        std::memcpy(&bits, flag.data() + k8, sizeof bits);
+        while (bits != 0) {
+          const int64_t k = k8 + __builtin_ctzll(bits) / 8;
+          hits[k * nb + count[k]++] = static_cast<int32_t>(t);
+          ++out.token_count[t];
+          bits &= bits - 1;
         }
       }
     }
-    if constexpr (!std::is_same_v<T, float>) store_row(acc_rows, a.y + t0 * d, nb * d);
+    for (int64_t k = 0; k < cn; ++k) {
+      if (count[k] == 0) continue;
+      out.neuron.push_back(static_cast<int32_t>(i0 + k));
+      out.first.push_back(static_cast<int32_t>(out.token.size()));
+      out.token.insert(out.token.end(), hits.begin() + k * nb, hits.begin() + k * nb + count[k]);
+    }
+    out.first.push_back(static_cast<int32_t>(out.token.size()));
+  }
+
+  // z for each flagged neuron's tokens from one read of its W1 row (the next row prefetched),
+  // the residuals, written to the tokens' pair lists.
+  void residuals(int64_t c) {
+    const int64_t h = a.h, d = a.d;
+    const Chunk& ch = ws.chunks[c];
+    int64_t* cursor = ws.pair_cursor.data() + c * nb;
+    std::vector<float> w_row, r(static_cast<size_t>(nb));
+    if constexpr (!std::is_same_v<T, float>) w_row.resize(static_cast<size_t>(d));
+    const float* slope = a.lines + kSlope * h;
+    const float* intercept = a.lines + kIntercept * h;
+    const auto n_entries = static_cast<int64_t>(ch.neuron.size());
+    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+    for (int64_t e = 1; e < std::min(kRowsAhead, n_entries); ++e) prefetch_bytes(a.w1t + ch.neuron[e] * d, row_bytes);
+    for (int64_t e = 0; e < n_entries; ++e) {
+      const int64_t i = ch.neuron[e];
+      const T* row = a.w1t + i * d;
+      const T* next_row = e + kRowsAhead < n_entries ? a.w1t + ch.neuron[e + kRowsAhead] * d : nullptr;
+      const float* w;
+      const float* next = nullptr;
+      if constexpr (std::is_same_v<T, float>) {
+        w = row;
+        next = next_row;
+      } else {
+        if (next_row != nullptr) prefetch_bytes(next_row, row_bytes);
+        half_to_float_row(row, w_row.data(), d);
+        w = w_row.data();
+      }
+      const int64_t p0 = ch.first[e], m = ch.first[e + 1] - p0;
+      const int32_t* token = ch.token.data() + p0;
+      neuron_dots(x_block, d, token, m, w, next, r.data());
+      const float b = to_float(a.b1[i]);
+      const auto global = static_cast<int32_t>(ch.entry_base + e);
+      for (int64_t k = 0; k < m; ++k) {
+        const int64_t p = cursor[token[k]]++;
+        ws.pair_entry[p] = global;
+        ws.pair_r[p] = residual(r[k] + b, slope[i], intercept[i], a.approximate);
+      }
+    }
+  }
+
+  // One tile of kTile columns: y = y_folded + the tokens' pairs.
+  void accumulate(int64_t tile) {
+    const int64_t d = a.d;
+    const auto n_entries = static_cast<int64_t>(ws.entry_neuron.size());
+    const int64_t j0 = tile * kTile;
+    const int64_t n = std::min<int64_t>(kTile, d - j0);
+    std::vector<float>& packed = task_scratch().packed;
+    packed.resize(static_cast<size_t>(n_entries * kTile));
+    std::vector<float> acc(kTile);
+    for (int64_t e = 0; e < n_entries; ++e) {
+      if (e + kPrefetchAhead < n_entries) {
+        prefetch_bytes(a.w2 + ws.entry_neuron[e + kPrefetchAhead] * d + j0, n * static_cast<int64_t>(sizeof(T)));
+      }
+      const T* src = a.w2 + ws.entry_neuron[e] * d + j0;
+      float* dst = packed.data() + e * kTile;
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+      } else {
+        half_to_float_row(src, dst, n);
+      }
+      std::fill(dst + n, dst + kTile, 0.0f);
+    }
+    for (int64_t t = 0; t < nb; ++t) {
+      const T* src = a.y_folded + (t0 + t) * d + j0;
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(acc.data(), src, sizeof(float) * static_cast<size_t>(n));
+      } else {
+        half_to_float_row(src, acc.data(), n);
+      }
+      const int64_t p0 = ws.row_begin[t];
+      token_tile(ws.pair_entry.data() + p0, ws.pair_r.data() + p0, ws.row_begin[t + 1] - p0, packed.data(), acc.data());
+      T* dst = a.y + (t0 + t) * d + j0;
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(dst, acc.data(), sizeof(float) * static_cast<size_t>(n));
+      } else {
+        float_to_half_row(acc.data(), dst, n);
+      }
+    }
+  }
+
+  // ---- decode: few tokens, few flagged rows ----
+  // One parallel phase over groups of consecutive flagged neurons (a fixed split of the list,
+  // whatever the thread count): each group streams its neurons' W1 and W2 rows (the next ones
+  // prefetched), computes the residuals and accumulates r * w2[i, :] into its own partial rows;
+  // then y = y_folded + the partials in group order. Two row streams per thread and no second
+  // pass over W2 keep more memory requests in flight than phases A2 + B would.
+  int64_t group_size = 0, n_groups = 0;
+
+  static void phase_few(void* self, size_t g) { static_cast<Fallback*>(self)->few(static_cast<int64_t>(g)); }
+
+  void few(int64_t g) {
+    const int64_t d = a.d, h = a.h;
+    float* partial = ws.partials.data() + g * nb * d;
+    std::fill(partial, partial + nb * d, 0.0f);
+    const int64_t e0 = g * group_size, e1 = std::min<int64_t>(e0 + group_size, static_cast<int64_t>(ws.few_entries.size()));
+    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+    prefetch_bytes(a.w1t + ws.few_entries[e0].neuron * d, row_bytes);
+    prefetch_bytes(a.w2 + ws.few_entries[e0].neuron * d, row_bytes);
+    std::vector<float> w1_row, w2_row;
+    if constexpr (!std::is_same_v<T, float>) {
+      w1_row.resize(static_cast<size_t>(d));
+      w2_row.resize(static_cast<size_t>(d));
+    }
+    const float* slope = a.lines + kSlope * h;
+    const float* intercept = a.lines + kIntercept * h;
+    float r[kFewTokens];
+    for (int64_t e = e0; e < e1; ++e) {
+      const FewEntry& entry = ws.few_entries[e];
+      const int64_t i = entry.neuron;
+      const bool more = e + 1 < e1;
+      const T* next1 = more ? a.w1t + ws.few_entries[e + 1].neuron * d : nullptr;
+      const T* next2 = more ? a.w2 + ws.few_entries[e + 1].neuron * d : nullptr;
+      const float* w1;
+      const float* w2;
+      const float* p1 = nullptr;
+      const float* p2 = nullptr;
+      if constexpr (std::is_same_v<T, float>) {
+        w1 = a.w1t + i * d;
+        w2 = a.w2 + i * d;
+        p1 = next1;
+        p2 = next2;
+      } else {
+        if (more) {
+          prefetch_bytes(next1, row_bytes);
+          prefetch_bytes(next2, row_bytes);
+        }
+        half_to_float_row(a.w1t + i * d, w1_row.data(), d);
+        half_to_float_row(a.w2 + i * d, w2_row.data(), d);
+        w1 = w1_row.data();
+        w2 = w2_row.data();
+      }
+      neuron_dots(x_block, d, entry.token, entry.count, w1, p1, r);
+      const float b = to_float(a.b1[i]);
+      for (int64_t k = 0; k < entry.count; ++k) {
+        const float rk = residual(r[k] + b, slope[i], intercept[i], a.approximate);
+        axpy_row(partial + entry.token[k] * d, rk, w2, d, k == 0 ? p2 : nullptr);
+      }
+    }
+  }
+
+  void run_few(const ParallelRunner& runner, int64_t entries) {
+    const int64_t d = a.d;
+    ws.few_entries.clear();
+    for (const Chunk& ch : ws.chunks) {
+      for (size_t e = 0; e < ch.neuron.size(); ++e) {
+        ws.few_entries.push_back(FewEntry{ch.neuron[e], ch.first[e + 1] - ch.first[e], ch.token.data() + ch.first[e]});
+      }
+    }
+    group_size = std::max<int64_t>(8, ceil_div(entries, 16));
+    n_groups = ceil_div(entries, group_size);
+    ws.partials.resize(static_cast<size_t>(n_groups * nb * d));
+    parallel_for(runner, static_cast<size_t>(n_groups), phase_few, this);
+    std::vector<float> acc(static_cast<size_t>(d));
+    for (int64_t t = 0; t < nb; ++t) {
+      const T* src = a.y_folded + (t0 + t) * d;
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(acc.data(), src, sizeof(float) * static_cast<size_t>(d));
+      } else {
+        half_to_float_row(src, acc.data(), d);
+      }
+      for (int64_t g = 0; g < n_groups; ++g) {
+        const float* part = ws.partials.data() + (g * nb + t) * d;
+        for (int64_t j = 0; j < d; ++j) acc[j] += part[j];
+      }
+      T* dst = a.y + (t0 + t) * d;
+      if constexpr (std::is_same_v<T, float>) {
+        std::memcpy(dst, acc.data(), sizeof(float) * static_cast<size_t>(d));
+      } else {
+        float_to_half_row(acc.data(), dst, d);
+      }
+    }
   }
 
   void run(const ParallelRunner& runner) {
-    const int64_t blocks = (a.tokens + block_tokens - 1) / block_tokens;
-    parallel_for(runner, static_cast<size_t>(blocks), block_task, this);
+    const int64_t d = a.d, h = a.h;
+    block_tokens = std::clamp<int64_t>(kBlockBytes / (d * static_cast<int64_t>(sizeof(float))), 1, kMaxBlockTokens);
+    block_tokens = ceil_div(a.tokens, ceil_div(a.tokens, block_tokens));  // even blocks
+    // Few tokens: big chunks (cheap serial flag tests); many tokens: 64 neurons per chunk.
+    chunk_neurons = std::clamp<int64_t>(ceil_div(1024, block_tokens), 64, 512);
+    n_chunks = ceil_div(h, chunk_neurons);
+    ws.chunks.resize(static_cast<size_t>(n_chunks));
+    n_tiles = ceil_div(d, kTile);
+    if constexpr (!std::is_same_v<T, float>) ws.x_float.resize(static_cast<size_t>(block_tokens * d));
+
+    for (t0 = 0; t0 < a.tokens; t0 += block_tokens) {
+      nb = std::min(block_tokens, a.tokens - t0);
+      if constexpr (std::is_same_v<T, float>) {
+        x_block = a.x + t0 * d;
+      } else {
+        half_to_float_row(a.x + t0 * d, ws.x_float.data(), nb * d);
+        x_block = ws.x_float.data();
+      }
+      // Few flag tests (decode): not worth waking the thread pool for.
+      parallel_for(nb * h <= kSerialFlags ? ParallelRunner{} : runner, static_cast<size_t>(n_chunks), phase_a1, this);
+      // Global entry numbers and, per token, where each chunk's pairs go (neurons increasing).
+      int64_t entries = 0;
+      for (Chunk& ch : ws.chunks) {
+        ch.entry_base = entries;
+        entries += static_cast<int64_t>(ch.neuron.size());
+      }
+      ws.entry_neuron.clear();
+      for (const Chunk& ch : ws.chunks) ws.entry_neuron.insert(ws.entry_neuron.end(), ch.neuron.begin(), ch.neuron.end());
+      if (nb <= kFewTokens) {
+        run_few(runner, entries);
+        continue;
+      }
+      ws.row_begin.assign(static_cast<size_t>(nb + 1), 0);
+      ws.pair_cursor.resize(static_cast<size_t>(n_chunks * nb));
+      for (int64_t t = 0; t < nb; ++t) {
+        int64_t p = ws.row_begin[t];
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          ws.pair_cursor[c * nb + t] = p;
+          p += ws.chunks[c].token_count[t];
+        }
+        ws.row_begin[t + 1] = p;
+      }
+      ws.pair_entry.resize(static_cast<size_t>(ws.row_begin[nb]));
+      ws.pair_r.resize(static_cast<size_t>(ws.row_begin[nb]));
+      parallel_for(runner, static_cast<size_t>(n_chunks), phase_a2, this);
+      parallel_for(runner, static_cast<size_t>(n_tiles), phase_b, this);
+    }
   }
 };
 
@@ -364,18 +595,8 @@ struct ManyTokens {
 template <typename T>
 void ffn_fallback_cpu(const FallbackArgs<T>& args, const ParallelRunner& runner) {
   if (args.tokens <= 0 || args.d <= 0) return;
-  const Neurons<T> neurons{args};
-  const auto threads = static_cast<int64_t>(hardware_threads());
-  if (args.tokens == 1 || args.tokens < threads) {
-    FewTokens<T>{args, neurons}.run(runner);
-    return;
-  }
-  // One block of tokens per hardware thread (large blocks share flagged rows between more
-  // tokens), at most 64 tokens and fewer when rows are long, so that a block's x and
-  // accumulator rows stay in cache.
-  const int64_t max_block = std::clamp<int64_t>(65536 / args.d, 1, 64);
-  const int64_t balanced = (args.tokens + threads - 1) / threads;
-  ManyTokens<T>{args, neurons, std::clamp<int64_t>(balanced, 1, max_block)}.run(runner);
+  static thread_local Workspace workspace;
+  Fallback<T>{args, workspace}.run(runner);
 }
 
 template void ffn_fallback_cpu<float>(const FallbackArgs<float>&, const ParallelRunner&);

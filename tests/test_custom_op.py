@@ -222,12 +222,23 @@ def test_empty_hidden_or_model_dim(cpu_library, lead, d, h):
 
 
 def test_results_independent_of_threads(cpu_library):
+    """Bitwise equal for any thread count: the fused decode schedule (1 and 2 tokens), the
+    three-phase one (3 and 64 tokens; d=96: a full 64-column tile and a tail tile), and several
+    blocks of tokens."""
     rng = np.random.default_rng(9)
-    for lead in [(1,), (64,)]:
-        case = make_case(rng, lead, d=96, h=384)
+    for lead, d in [((1,), 96), ((2,), 96), ((3,), 96), ((64,), 96), ((1200,), 1024)]:
+        case = make_case(rng, lead, d=d, h=384 if d < 1024 else 256)
         y1 = run_op(case, threads=1)
         y4 = run_op(case, threads=4)
         np.testing.assert_array_equal(y1, y4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_many_token_blocks(cpu_library, dtype):
+    """More tokens than one block holds (2 MiB of x rows: 512 tokens at d=1024): two blocks of 360."""
+    rng = np.random.default_rng(13)
+    case = make_case(rng, (3, 240), d=1024, h=96, dtype=dtype)
+    assert_matches(run_op(case, margin=0.05, threads=2), oracle(case, 0.05), dtype)
 
 
 def test_decode_size(cpu_library):
