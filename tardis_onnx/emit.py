@@ -51,31 +51,52 @@ def emit_ffn(
     margin: float,
     coverage: float,
     predictor: Predictor | None = None,
+    fold: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes and initializers computing ``ffn.output`` from ``ffn.x``: folded map + outlier fallback.
 
     The fallback flags neuron ``i`` when the predictor's ``z_hat_i`` is outside its window and adds
-    the exact residual ``GELU(z_i) − (a_i z_i + c_i)`` times ``W2[i, :]``.
+    the exact residual ``GELU(z_i) − (a_i z_i + c_i)`` times ``W2[i, :]``. ``fold`` overrides the
+    plain ``(Wf, bf)`` (the refit).
     """
     predictor = predictor or Predictor()
     b = _Builder(f"tardis/{ffn.name}", ffn.dtype)
-    wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
+    wf, bf = fold if fold is not None else reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
     d, h = ffn.w1.shape
+    d_out = ffn.w2.shape[1]
     doc = (
-        f"TARDIS fold of FFN '{ffn.name}': W1 [{d}x{h}] . diag(a) . W2 [{h}x{ffn.w2.shape[1]}] -> one "
-        f"[{d}x{ffn.w2.shape[1]}] MatMul; GELU ({ffn.gelu.spelling}) replaced per neuron by a line fitted "
+        f"TARDIS fold of FFN '{ffn.name}': W1 [{d}x{h}] . diag(a) . W2 [{h}x{d_out}] -> one "
+        f"[{d}x{d_out}] MatMul; GELU ({ffn.gelu.spelling}) replaced per neuron by a line fitted "
         f"at coverage {coverage:g}"
     )
-    folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], "FoldedMatMul", doc_string=doc)
-    folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
     b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
-    b1_name = b.constant("b1", b1)
     w2 = b.constant("w2", ffn.w2)
     if fallback == "custom":
-        z_hat = _predictor(b, ffn, predictor, b1_name, standard_only=False)
-        packed = b.constant("lines", reference.pack_lines(lines), np.float32)
+        # The flag test compares z_hat without b1 against windows shifted by −b1: one Add fewer.
+        if predictor.kind == "lowrank":
+            # x·[Wf | U] in one MatMul: the folded output and the predictor's first factor.
+            rank = predictor.rank
+            both = b.op(
+                "MatMul",
+                [ffn.x, b.constant("folded_weight_and_u", np.hstack([wf, predictor.u]))],
+                "FoldedMatMul",
+                doc_string=doc + f"; also the low-rank predictor's x.U (rank {rank})",
+            )
+            both = b.op(
+                "Add", [both, b.constant("folded_bias_and_zeros", np.concatenate([bf, np.zeros(rank)]))], "FoldedBias"
+            )
+            split = b.constant("split", np.array([d_out, rank]), np.int64)
+            folded, down = f"{b.prefix}/folded", f"{b.prefix}/Predictor/LowRankDown_output"
+            b.nodes.append(helper.make_node("Split", [both, split], [folded, down], name=f"{b.prefix}/Split", axis=-1))
+            z_hat = b.op("MatMul", [down, b.constant("predictor_v", predictor.v)], "Predictor/LowRankUp")
+        else:
+            folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], "FoldedMatMul", doc_string=doc)
+            folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
+            z_hat = _predictor(b, ffn, predictor, standard_only=False)
+        shifted = reference.NeuronLines(lines.slope, lines.intercept, lines.lo - b1, lines.hi - b1)
+        packed = b.constant("lines", reference.pack_lines(shifted), np.float32)
         w1t = b.constant("w1t", np.ascontiguousarray(ffn.w1.T))
-        inputs = [ffn.x, folded, z_hat, w1t, b1_name, w2, packed]
+        inputs = [ffn.x, folded, z_hat, w1t, b.constant("b1", b1), w2, packed]
         approximate = "tanh" if ffn.gelu.form == "tanh" else "none"
         fallback_doc = "outlier fallback: adds GELU(z)-(a z+c) times W2 rows for neurons outside [lo, hi]"
         b.op(
@@ -89,9 +110,15 @@ def emit_ffn(
             doc_string=fallback_doc,
         )
         return b.nodes, b.initializers
+    folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], "FoldedMatMul", doc_string=doc)
+    folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
+    b1_name = b.constant("b1", b1)
     z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Fallback/PreActivationMatMul")
     z = b.op("Add", [z, b1_name], "Fallback/PreActivation")
-    z_hat = z if predictor.kind == "exact" else _predictor(b, ffn, predictor, b1_name, standard_only=True)
+    if predictor.kind != "exact":
+        z_hat = b.op("Add", [_predictor(b, ffn, predictor, standard_only=True), b1_name], "Predictor/Bias")
+    else:
+        z_hat = z
     inside = b.op(
         "And",
         [
@@ -116,8 +143,8 @@ def emit_ffn(
     return b.nodes, b.initializers
 
 
-def _predictor(b: _Builder, ffn: FfnMatch, predictor: Predictor, b1: str, standard_only: bool) -> str:
-    """``z_hat``: exact, from a 4-bit copy of W1 (``MatMulNBits``; in the portable form the same
+def _predictor(b: _Builder, ffn: FfnMatch, predictor: Predictor, standard_only: bool) -> str:
+    """``z_hat − b1``: exact, from a 4-bit copy of W1 (``MatMulNBits``; in the portable form the same
     dequantized matrix as a standard MatMul), or from the low-rank factors ``(x·U)·V``."""
     d, h = ffn.w1.shape
     if predictor.kind == "exact":
@@ -142,7 +169,7 @@ def _predictor(b: _Builder, ffn: FfnMatch, predictor: Predictor, b1: str, standa
                 bits=4,
                 block_size=INT4_BLOCK,
             )
-    return b.op("Add", [z, b1], "Predictor/Bias")
+    return z
 
 
 def _gelu(b: _Builder, z: str, form: str, opset: int) -> str:

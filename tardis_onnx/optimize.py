@@ -91,9 +91,9 @@ def optimize_model(
     for ffn, result, kept in zip(ffns, calibrate_ffns(ffns, samples, config), samples, strict=True):
         predictor = fit_predictor(config, ffn, kept.x)
         flags = flag_windows(result.lines, predictor.error_scale(kept.x[:8192], ffn.w1), config.predictor_uncertainty)
-        nodes, initializers = emit_ffn(ffn, flags, fallback, opset, config.margin, result.coverage, predictor)
-        if result.fold is not None:
-            _replace_fold(ffn, initializers, *result.fold)
+        nodes, initializers = emit_ffn(
+            ffn, flags, fallback, opset, config.margin, result.coverage, predictor, fold=result.fold
+        )
         replacements.append((ffn.nodes, nodes, initializers))
         for reader in ffn.shape_readers:
             reader.input[0] = ffn.shape_source
@@ -108,18 +108,6 @@ def optimize_model(
     _set_metadata(model, config, fallback)
     annotate_shapes(model)
     return OptimizeResult(model, rows, refusals, config, fallback, windows)
-
-
-def _replace_fold(ffn, initializers: list[onnx.TensorProto], wf: np.ndarray, bf: np.ndarray) -> None:
-    """Put the refitted fold into the emitted ``folded_weight``/``folded_bias`` initializers."""
-    prefix = f"tardis/{ffn.name}/"
-    values = {prefix + "folded_weight": wf, prefix + "folded_bias": bf}
-    for i, tensor in enumerate(initializers):
-        if tensor.name in values:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            initializers[i] = onnx.numpy_helper.from_array(values.pop(tensor.name).astype(dtype), tensor.name)
-    if values:
-        raise TardisError(f"internal: emitted FFN '{ffn.name}' lacks {sorted(values)}")
 
 
 def fit_predictor(config: TardisConfig, ffn, x: np.ndarray) -> Predictor:

@@ -37,7 +37,8 @@ def test_full_check_strict_inference_and_shapes_on_every_new_tensor(fallback, pr
     shapes = {v.name: _shape(v) for v in reloaded.graph.value_info}
     new = emitted_tensors(reloaded)
     assert new and all(name in shapes for name in new)
-    hidden = {64, 16}  # z, z_hat (h) or the folded map and output (d)
+    rank = min(TardisConfig.predictor_rank, 16)  # the fit caps the rank at d
+    hidden = {64, 16, rank, 16 + rank}  # z, z_hat (h), the folded map and output (d), the fused low-rank factor
     assert all(s[:2] == ["batch", "sequence"] and s[2] in hidden for name, s in shapes.items() if name in new)
     fallback_out = next(n.output[0] for n in reloaded.graph.node if n.name.endswith(("FfnFallback", "/Output")))
     assert shapes[fallback_out] == ["batch", "sequence", 16]
