@@ -68,11 +68,17 @@ def rewrite(model: onnx.ModelProto, x_cal: np.ndarray, fraction: float, kind: st
     return rewritten, ffn, lines, predictor
 
 
-def median_times(sessions: dict, feeds: dict, repeats: int, warmup: int = 5) -> dict[str, float]:
-    """Median seconds per run, the sessions alternating so drift hits all alike."""
+def median_times(
+    sessions: dict, feeds: dict, repeats: int, warmup: int = 5, evict: np.ndarray | None = None
+) -> dict[str, float]:
+    """Median seconds per run, the sessions alternating so drift hits all alike. With ``evict``, that
+    buffer is rewritten before each run so the weights come from memory, as in a model larger than
+    the last-level cache (decode is memory-bound: DESIGN.md §2)."""
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for i in range(warmup + repeats):
         for name, session in sessions.items():
+            if evict is not None:
+                evict += 1.0
             start = time.perf_counter()
             session.run(None, feeds)
             if i >= warmup:
@@ -91,10 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument(
-        "--no-spinning",
+        "--spinning",
         action="store_true",
-        help="ONNX Runtime intra-op workers sleep instead of spinning between ops (session.intra_op.allow_spinning=0)",
+        help="let ONNX Runtime's intra-op workers spin between ops (its default). Off by default here: the two "
+        "sessions alternate, and the idle one's spinning workers would compete for the same cores",
     )
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="do not evict the caches between runs (weights of small FFNs then stay in the last-level cache)",
+    )
+    parser.add_argument("--evict-mib", type=int, default=128, help="size of the buffer rewritten between runs")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     import onnxruntime as ort
@@ -102,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     options = runtime.session_options(threads=args.threads, optimization="all")
-    if args.no_spinning:
+    if not args.spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     rows = []
+    evict = None if args.warm_cache else np.zeros(args.evict_mib * 2**20 // 8)
     print(
         f"{'d':>5} {'tokens':>6} {'f':>5} {'flagged':>7} {'dense us':>9} {'tardis us':>9} {'speedup':>7} {'bound':>6}"
     )
@@ -124,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             read = d * d * 4 + predictor_bytes(predictor.kind, d, h, 4, predictor.rank) + flagged * dense_bytes
             for tokens in args.tokens:
                 feeds = {"x": rng.normal(size=(tokens, d)).astype(np.float32)}
-                t = median_times({"dense": dense, "tardis": tardis}, feeds, args.repeats)
+                t = median_times({"dense": dense, "tardis": tardis}, feeds, args.repeats, evict=evict)
                 row = {
                     "d": d,
                     "h": h,
@@ -157,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "predictor": args.predictor,
         "rank": args.rank,
-        "intra_op_spinning": not args.no_spinning,
+        "intra_op_spinning": args.spinning,
+        "caches_evicted_between_runs_mib": 0 if args.warm_cache else args.evict_mib,
     }
     (args.out / "ffn_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     plot(rows, args.out / "ffn_latency.png")
@@ -174,11 +189,18 @@ def plot(rows: list[dict], path: Path) -> None:
     token_counts = sorted({r["tokens"] for r in rows})
     fig, axes = plt.subplots(1, len(token_counts), figsize=(5 * len(token_counts), 4), squeeze=False)
     for ax, tokens in zip(axes[0], token_counts, strict=True):
-        for d in sorted({r["d"] for r in rows}):
+        for i, d in enumerate(sorted({r["d"] for r in rows})):
             sel = [r for r in rows if r["tokens"] == tokens and r["d"] == d]
             fractions = [r["outlier_fraction"] * 100 for r in sel]
-            ax.plot(fractions, [r["speedup"] for r in sel], "o-", label=f"d={d} measured")
-            ax.plot(fractions, [r["bytes_read_ratio"] for r in sel], "x--", alpha=0.5, label=f"d={d} bytes bound")
+            ax.plot(fractions, [r["speedup"] for r in sel], "o-", color=f"C{i}", label=f"d={d} measured")
+            ax.plot(
+                fractions,
+                [r["bytes_read_ratio"] for r in sel],
+                "x--",
+                color=f"C{i}",
+                alpha=0.5,
+                label=f"d={d} bytes-read bound",
+            )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_title(f"{tokens} token(s)")
         ax.set_xlabel("outlier fraction (%)")
