@@ -36,9 +36,6 @@ class FfnMatch:
     b2: np.ndarray | None  # [d_out]
     dtype: np.dtype  # the model's compute dtype for this FFN
     nodes: list[onnx.NodeProto]
-    preactivation: str  # the value to capture in calibration (plus ``preactivation_bias``)
-    preactivation_bias: np.ndarray | None
-    preactivation_dtype: np.dtype
     shape_readers: list[onnx.NodeProto]  # Shape nodes of removed values, rewired to ``shape_source``
     shape_source: str | None
 
@@ -162,7 +159,6 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto]) 
             raise _Refuse("shape", f"{label} has shape {bias.shape}, expected ({size},)")
     _check_enclosed(index, nodes, output, allowed_readers=shape_readers)
     name = _name_of(_common_prefix(nodes[len(gelu.nodes) :]))
-    preact_bias = _const(index, gelu.bias, "first bias") if gelu.bias is not None else None
     return FfnMatch(
         name=name,
         gelu=gelu,
@@ -174,9 +170,6 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto]) 
         b2=b2,
         dtype=_weight_dtype(index, node),
         nodes=nodes,
-        preactivation=gelu.input,
-        preactivation_bias=None if preact_bias is None else preact_bias.reshape(-1),
-        preactivation_dtype=_value_dtype(index, gelu.input, _weight_dtype(index, node)),
         shape_readers=shape_readers,
         shape_source=outer.input[0] if shape_readers else None,
     )
@@ -308,14 +301,6 @@ def _between_projections(index: GraphIndex, node: onnx.NodeProto, depth: int = 4
             break
         value = users[0].output[0]
     return found_above and found_below
-
-
-def _value_dtype(index: GraphIndex, value: str, default: np.dtype) -> np.dtype:
-    """The dtype of ``value``: a Cast's target, else ``default`` (the projection's dtype)."""
-    node = index.producer.get(value)
-    if node is not None and node.op_type == "Cast":
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
-    return default
 
 
 def _weight_dtype(index: GraphIndex, node: onnx.NodeProto) -> np.dtype:

@@ -149,21 +149,6 @@ def capture_ffn_inputs(
     return [FfnSamples(f.name, r.rows, r.seen) for f, r in zip(ffns, reservoirs, strict=True)]
 
 
-def capture_preactivations(
-    model: onnx.ModelProto, ffns: list[FfnMatch], feeds: Iterable[Feeds], max_samples: int, seed: int = 0
-) -> list[np.ndarray]:
-    """Each FFN's pre-activations ``[tokens, h]`` (float64) over ``feeds``, padding tokens dropped."""
-    samples = capture_ffn_inputs(model, ffns, feeds, max_samples, seed)
-    return [s.preactivations(f) for s, f in zip(samples, ffns, strict=True)]
-
-
-def calibrate(preactivations: np.ndarray, coverage: float, form: str) -> Calibration:
-    """Windows and lines at ``coverage`` for one FFN, and its measured outlier fraction."""
-    lines = reference.calibrate_lines(preactivations, coverage, form)
-    fraction = float(reference.outside_window(preactivations, lines).mean())
-    return Calibration(lines, fraction, int(preactivations.shape[0]), coverage)
-
-
 def fallback_budgets(ffns: list[FfnMatch], config: TardisConfig) -> list[float]:
     """Allowed outlier fraction per FFN: from ``target_reduction`` (DESIGN §2) or ``1 − coverage``."""
     if config.target_reduction is None:

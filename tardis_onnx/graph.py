@@ -86,26 +86,6 @@ class GraphIndex:
                 return evaluate_elementwise(node, args)
         return None
 
-    def constant_sources(self, value: str) -> list[onnx.NodeProto]:
-        """The chain of Constant/Identity/Cast/Transpose nodes that produce constant ``value``."""
-        chain = []
-        node = self.producer.get(value)
-        while node is not None and (node.op_type in _FOLDABLE or node.op_type == "Constant"):
-            chain.append(node)
-            if node.op_type == "Constant":
-                break
-            node = self.producer.get(node.input[0])
-        return chain
-
-    def root_initializer(self, value: str) -> str | None:
-        """The initializer a constant value is read from, if any."""
-        while value not in self.initializers:
-            node = self.producer.get(value)
-            if node is None or node.op_type not in _FOLDABLE:
-                return None
-            value = node.input[0]
-        return value
-
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for attr in node.attribute:

@@ -99,7 +99,7 @@ def optimize_model(
             reader.input[0] = ffn.shape_source
         windows.append(result.lines)
         flagged, recall = predictor_quality(predictor, ffn, kept, result.lines, flags, config.margin)
-        rows.append(FfnReport.of(ffn, result, result.coverage, initializers, predictor, flagged, recall))
+        rows.append(FfnReport.of(ffn, result, initializers, predictor, flagged, recall))
     replace_nodes(model, replacements)
     domains = {DOMAIN: fallback == "custom", "com.microsoft": fallback == "custom" and config.predictor == "int4"}
     for domain, needed in domains.items():
@@ -125,8 +125,10 @@ def predictor_quality(
     flagged = hits = outliers = 0.0
     for start in range(0, samples.x.shape[0], 4096):
         rows = slice(start, start + 4096)
-        true = reference.outside_window(samples.preactivations(ffn, rows), lines)
-        predicted = reference.outside_window(predictor.predict(samples.x[rows], ffn.w1, ffn.b1), flags, margin)
+        z = samples.preactivations(ffn, rows)
+        z_hat = z if predictor.kind == "exact" else predictor.predict(samples.x[rows], ffn.w1, ffn.b1)
+        true = reference.outside_window(z, lines)
+        predicted = reference.outside_window(z_hat, flags, margin)
         flagged += predicted.sum()
         hits += (predicted & true).sum()
         outliers += true.sum()

@@ -63,7 +63,7 @@ def library_available(cuda: bool = False) -> bool:
     return True
 
 
-def optimization_level(ort: Any, optimization: str) -> Any:
+def _optimization_level(ort: Any, optimization: str) -> Any:
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -76,7 +76,7 @@ def optimization_level(ort: Any, optimization: str) -> Any:
 
 
 def session_options(
-    threads: int | None = None, optimization: str = "all", cuda: bool = False
+    threads: int | None = None, optimization: str = "all", cuda: bool = False, custom_ops: bool = True
 ) -> onnxruntime.SessionOptions:
     """``SessionOptions`` with the custom-op library registered.
 
@@ -84,16 +84,18 @@ def session_options(
     ``optimization``: ``'disable'``, ``'basic'``, ``'extended'`` or ``'all'`` (ONNX Runtime's own
     default). Run the TARDIS pass on unoptimised models: EXTENDED/ALL fuse GELU. ``cuda``: register
     the library with CUDA kernels (needed when the session uses the CUDA execution provider).
+    ``custom_ops=False``: plain options, without the library.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = optimization_level(ort, optimization)
+    so.graph_optimization_level = _optimization_level(ort, optimization)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         so.intra_op_num_threads = threads
-    so.register_custom_ops_library(str(library_path(cuda)))
+    if custom_ops:
+        so.register_custom_ops_library(str(library_path(cuda)))
     return so
 
 

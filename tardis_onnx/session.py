@@ -23,13 +23,7 @@ def create_session(model: onnx.ModelProto | str | Path, optimization: str = "dis
 
     from tardis_onnx import runtime
 
-    if runtime.library_available():
-        options = runtime.session_options(threads, optimization)
-    else:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = runtime.optimization_level(ort, optimization)
-        if threads:
-            options.intra_op_num_threads = threads
+    options = runtime.session_options(threads or None, optimization, custom_ops=runtime.library_available())
     if isinstance(model, onnx.ModelProto) and _uses_tardis_ops(model) and not runtime.library_available():
         raise TardisError("the model uses ai.tardis custom ops but the library is not built (run `make lib`)")
     providers = ["CPUExecutionProvider"]

@@ -6,7 +6,7 @@ import pytest
 from ffn_graphs import D, H, ffn_model
 
 from tardis_onnx import budget, reference
-from tardis_onnx.calibrate import SampleReservoir, capture_ffn_inputs, capture_preactivations
+from tardis_onnx.calibrate import SampleReservoir, capture_ffn_inputs
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.feeds import random_feeds
 from tardis_onnx.optimize import optimize_model
@@ -73,7 +73,8 @@ def test_streaming_capture_equals_the_exact_preactivations():
     model = ffn_model("erf_div")
     feeds = [random_feeds(model, 2, 8, seed=i) for i in range(3)]
     ffns, _ = find_ffns(model)
-    (z,) = capture_preactivations(model, ffns, feeds, max_samples=10_000)
+    (everything,) = capture_ffn_inputs(model, ffns, feeds, max_samples=10_000)
+    z = everything.preactivations(ffns[0])
     x = np.concatenate([f["x"].reshape(-1, D) for f in feeds]).astype(np.float64)
     np.testing.assert_allclose(z, x @ ffns[0].w1 + ffns[0].b1, rtol=1e-6, atol=1e-5)
     (kept,) = capture_ffn_inputs(model, ffns, feeds, max_samples=20)
