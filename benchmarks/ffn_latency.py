@@ -51,7 +51,7 @@ def dense_model(d: int, h: int, rng: np.random.Generator) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", d])],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
 
 
 def rewrite(model: onnx.ModelProto, x_cal: np.ndarray, fraction: float, kind: str, rank: int, margin: float):

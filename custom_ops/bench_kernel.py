@@ -33,7 +33,7 @@ def fallback_model(weights: dict) -> bytes:
     inits = [numpy_helper.from_array(weights[n], n) for n in ("w1t", "b1", "w2", "lines")]
     node = helper.make_node("FfnFallback", list(INPUTS), ["y"], domain="ai.tardis")
     graph = helper.make_graph([node], "fallback", inputs, [helper.make_tensor_value_info("y", f, None)], inits)
-    return helper.make_model(graph, opset_imports=OPSETS).SerializeToString()
+    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10).SerializeToString()
 
 
 def overhead_model() -> bytes:
@@ -41,7 +41,7 @@ def overhead_model() -> bytes:
     inputs = [helper.make_tensor_value_info(n, f, None) for n in ("x", "y_folded", "z_hat")]
     node = helper.make_node("Identity", ["y_folded"], ["y"])
     graph = helper.make_graph([node], "overhead", inputs, [helper.make_tensor_value_info("y", f, None)])
-    return helper.make_model(graph, opset_imports=OPSETS).SerializeToString()
+    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10).SerializeToString()
 
 
 def dense_model(w1: np.ndarray, w2: np.ndarray) -> bytes:
@@ -59,7 +59,7 @@ def dense_model(w1: np.ndarray, w2: np.ndarray) -> bytes:
         [helper.make_tensor_value_info("y", f, None)],
         inits,
     )
-    return helper.make_model(graph, opset_imports=OPSETS).SerializeToString()
+    return helper.make_model(graph, opset_imports=OPSETS, ir_version=10).SerializeToString()
 
 
 def main() -> None:

@@ -47,7 +47,8 @@ def fallback_model(dtype, margin: float | None = None, approximate: str | None =
     node = helper.make_node("FfnFallback", list(INPUTS), ["y"], domain="ai.tardis", name="fallback", **attrs)
     graph = helper.make_graph([node], "ffn_fallback", inputs, [helper.make_tensor_value_info("y", elem, None)])
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.tardis", 1)]
-    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+    # IR 10: ONNX Runtime releases older than onnx reject its newer default IR version.
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
 def make_case(rng, lead: tuple[int, ...], d: int, h: int, dtype=np.float32, flagged: str = "some") -> dict:
@@ -383,7 +384,26 @@ def torch_cuda():
     return torch
 
 
-CUDA_SHAPES = [(1,), (1, 1), (3, 5), (300,), (0,)]
+CUDA_SHAPES = [(1,), (1, 1), (2, 4), (3, 5), (300,), (0,)]  # ≤ 8 tokens: the decode path
+FORMS_CODE = {"none": 0, "tanh": 1}
+
+
+def run_cuda(case: dict, margin: float, approximate: str = "none") -> np.ndarray:
+    """The CUDA kernel on ``case`` through its C entry point (torch device pointers)."""
+    needs_library(cuda=True)
+    torch = torch_cuda()
+    device = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in case.items()}
+    y = torch.empty_like(device["y_folded"])
+    fn, error_string = cuda_entry(case["x"].dtype.type)
+    d, h = case["w1t"].shape[1], case["w1t"].shape[0]
+    tokens = int(np.prod(case["x"].shape[:-1]))
+    stream = torch.cuda.current_stream().cuda_stream
+    code = fn(
+        *(device[k].data_ptr() for k in INPUTS), y.data_ptr(), tokens, d, h, margin, FORMS_CODE[approximate], stream
+    )
+    torch.cuda.synchronize()
+    assert code == 0, error_string(code).decode()
+    return y.cpu().numpy()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
@@ -391,29 +411,31 @@ CUDA_SHAPES = [(1,), (1, 1), (3, 5), (300,), (0,)]
 @pytest.mark.parametrize("lead", CUDA_SHAPES, ids=[str(s) for s in CUDA_SHAPES])
 def test_cuda_kernel_matches_reference(lead, approximate, dtype):
     needs_library(cuda=True)
-    torch = torch_cuda()
+    torch_cuda()
     rng = np.random.default_rng(12)
     case = make_case(rng, lead, d=200, h=300, dtype=dtype)  # h > 2 chunks of 128, d not a multiple of 32
     if lead[0] > 2:
         case["x"][1, 0] = np.nan
         case["z_hat"][2, :4] = np.nan
-    device = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in case.items()}
-    y = torch.empty_like(device["y_folded"])
-    fn, error_string = cuda_entry(dtype)
-    tokens = int(np.prod(lead))
-    code = fn(
-        *(device[k].data_ptr() for k in INPUTS),
-        y.data_ptr(),
-        tokens,
-        200,
-        300,
-        0.05,
-        1 if approximate == "tanh" else 0,
-        torch.cuda.current_stream().cuda_stream,
-    )
-    torch.cuda.synchronize()
-    assert code == 0, error_string(code).decode()
-    assert_matches(y.cpu().numpy(), oracle(case, 0.05, approximate), dtype)
+    assert_matches(run_cuda(case, 0.05, approximate), oracle(case, 0.05, approximate), dtype)
+
+
+@pytest.mark.parametrize("tokens", [1, 512])
+@pytest.mark.parametrize("flagged", ["some", "all"])
+def test_cuda_kernel_at_model_size(tokens, flagged):
+    """d = 1024, h = 4096 (a GPT-2-medium FFN), fp16, decode and prefill."""
+    needs_library(cuda=True)
+    torch_cuda()
+    case = make_case(np.random.default_rng(14), (tokens,), d=1024, h=4096, dtype=np.float16, flagged=flagged)
+    assert_matches(run_cuda(case, 0.0), oracle(case, 0.0), np.float16)
+
+
+def test_cuda_kernel_token_slices():
+    """More tokens than one 64 MiB scratch slice of partial rows holds (1024 at d = 256, h = 8192)."""
+    needs_library(cuda=True)
+    torch_cuda()
+    case = make_case(np.random.default_rng(15), (1100,), d=256, h=8192, dtype=np.float32)
+    assert_matches(run_cuda(case, 0.0), oracle(case, 0.0), np.float32)
 
 
 def test_cuda_entry_point_reports_errors():
