@@ -69,20 +69,25 @@ def rewrite(model: onnx.ModelProto, x_cal: np.ndarray, fraction: float, kind: st
 
 
 def median_times(
-    sessions: dict, feeds: dict, repeats: int, warmup: int = 5, evict: np.ndarray | None = None
+    sessions: dict, feeds: dict, repeats: int, warmup: int = 5, evict: np.ndarray | None = None, block: int = 1
 ) -> dict[str, float]:
-    """Median seconds per run, the sessions alternating so drift hits all alike. With ``evict``, that
-    buffer is rewritten before each run so the weights come from memory, as in a model larger than
-    the last-level cache (decode is memory-bound: DESIGN.md §2)."""
+    """Median seconds per run, the sessions taking turns so drift hits all alike: ``block`` runs of one,
+    then ``block`` of the next (with spinning workers, a session's first two runs of a turn are not
+    timed: the other session's workers are still spinning down). With ``evict``, that buffer is
+    rewritten before each run so the weights come from memory, as in a model larger than the
+    last-level cache (decode is memory-bound: DESIGN.md §2)."""
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for i in range(warmup + repeats):
+    settle = 2 if block > 1 else 0
+    turns = warmup + -(-repeats // block)
+    for turn in range(turns):
         for name, session in sessions.items():
-            if evict is not None:
-                evict += 1.0
-            start = time.perf_counter()
-            session.run(None, feeds)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+            for i in range(settle + block):
+                if evict is not None:
+                    evict += 1.0
+                start = time.perf_counter()
+                session.run(None, feeds)
+                if turn >= warmup and i >= settle:
+                    times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -99,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spinning",
         action="store_true",
-        help="let ONNX Runtime's intra-op workers spin between ops (its default). Off by default here: the two "
-        "sessions alternate, and the idle one's spinning workers would compete for the same cores",
+        help="let ONNX Runtime's intra-op workers spin between ops (its default, as deployed). The sessions then "
+        "take turns of 10 runs and the first 2 of each turn are not timed, so that the idle session's spinning "
+        "workers do not compete for the cores. Off by default here: every run then starts from sleeping workers",
     )
     parser.add_argument(
         "--warm-cache",
@@ -140,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
                 feeds = {"x": rng.normal(size=(tokens, d)).astype(np.float32)}
                 # Single-token runs are short and noisy: four times the repeats for them.
                 repeats = args.repeats * (4 if tokens == 1 else 1)
-                t = median_times({"dense": dense, "tardis": tardis}, feeds, repeats, evict=evict)
+                t = median_times(
+                    {"dense": dense, "tardis": tardis}, feeds, repeats, evict=evict, block=10 if args.spinning else 1
+                )
                 row = {
                     "d": d,
                     "h": h,

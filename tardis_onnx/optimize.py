@@ -32,8 +32,10 @@ METADATA_CONFIG = "tardis_onnx.config"
 
 @dataclass
 class OptimizeResult:
-    """What the pass did: the rewritten model, a row per folded FFN, the refusals, and each folded
-    FFN's calibrated windows (the true ones; the flag test may use narrowed copies)."""
+    """What the pass did: the rewritten model, a row per folded FFN, the refusals, and per folded FFN
+    its calibrated windows (``lines``: the true ones), its predictor and the windows the emitted flag
+    test uses (``flags``: the lines, narrowed by the predictor's uncertainty). With :func:`predictor_quality`
+    the last two measure the fallback fraction on other tokens."""
 
     model: onnx.ModelProto
     ffns: list[FfnReport]
@@ -41,6 +43,8 @@ class OptimizeResult:
     config: TardisConfig
     fallback: str
     lines: list[reference.NeuronLines] = field(default_factory=list)
+    predictors: list[Predictor] = field(default_factory=list)
+    flags: list[reference.NeuronLines] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -87,7 +91,7 @@ def optimize_model(
             for i in range(config.calib_batches)
         ]
         samples = capture_ffn_inputs(model, ffns, feeds, config.max_samples, config.seed)
-    replacements, rows, windows = [], [], []
+    replacements, rows, windows, predictors, flag_lines = [], [], [], [], []
     for ffn, result, kept in zip(ffns, calibrate_ffns(ffns, samples, config), samples, strict=True):
         predictor = fit_predictor(config, ffn, kept.x)
         flags = flag_windows(result.lines, predictor.error_scale(kept.x[:8192], ffn.w1), config.predictor_uncertainty)
@@ -98,6 +102,8 @@ def optimize_model(
         for reader in ffn.shape_readers:
             reader.input[0] = ffn.shape_source
         windows.append(result.lines)
+        predictors.append(predictor)
+        flag_lines.append(flags)
         flagged, recall = predictor_quality(predictor, ffn, kept, result.lines, flags, config.margin)
         rows.append(FfnReport.of(ffn, result, initializers, predictor, flagged, recall))
     replace_nodes(model, replacements)
@@ -107,7 +113,7 @@ def optimize_model(
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     _set_metadata(model, config, fallback)
     annotate_shapes(model)
-    return OptimizeResult(model, rows, refusals, config, fallback, windows)
+    return OptimizeResult(model, rows, refusals, config, fallback, windows, predictors, flag_lines)
 
 
 def fit_predictor(config: TardisConfig, ffn, x: np.ndarray) -> Predictor:
@@ -204,13 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="a named bundle of --window/--allocation/--refit (accurate: least-error, layer, refit)",
+        help="a named bundle of --window/--allocation/--refit (accurate: least-error, layer, refit); "
+        "those flags, when given too, override it",
     )
-    parser.add_argument("--window", choices=WINDOWS, default=TardisConfig.window, help="window per neuron")
+    parser.add_argument("--window", choices=WINDOWS, help=f"window per neuron (default {TardisConfig.window})")
     parser.add_argument(
-        "--allocation", choices=ALLOCATIONS, default=TardisConfig.allocation, help="coverage per neuron"
+        "--allocation", choices=ALLOCATIONS, help=f"coverage per neuron (default {TardisConfig.allocation})"
     )
-    parser.add_argument("--refit", action="store_true", help="least-squares refit of the folded map and bias")
+    parser.add_argument(
+        "--refit", action=argparse.BooleanOptionalAction, help="least-squares refit of the folded map and bias"
+    )
     parser.add_argument("--fallback", choices=FALLBACKS, default="auto", help="outlier fallback form")
     parser.add_argument("--margin", type=float, default=0.0, help="widen each window by this much when flagging")
     parser.add_argument(
@@ -235,28 +244,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> TardisConfig:
+    """The :class:`TardisConfig` that parsed command-line flags (:func:`build_parser`) ask for."""
+    recipe = dict(PRESETS[args.preset or "plain"])
+    recipe.update({k: v for k in ("window", "allocation", "refit") if (v := getattr(args, k)) is not None})
+    try:
+        return TardisConfig(
+            coverage=args.coverage,
+            fallback=args.fallback,
+            margin=args.margin,
+            predictor=args.predictor,
+            predictor_rank=args.predictor_rank,
+            predictor_uncertainty=args.predictor_uncertainty,
+            target_reduction=args.target_reduction,
+            **recipe,
+            max_samples=args.max_samples,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise TardisError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        try:
-            config = TardisConfig(
-                coverage=args.coverage,
-                fallback=args.fallback,
-                margin=args.margin,
-                predictor=args.predictor,
-                predictor_rank=args.predictor_rank,
-                predictor_uncertainty=args.predictor_uncertainty,
-                target_reduction=args.target_reduction,
-                **(
-                    PRESETS[args.preset]
-                    if args.preset
-                    else {"window": args.window, "allocation": args.allocation, "refit": args.refit}
-                ),
-                max_samples=args.max_samples,
-                seed=args.seed,
-            )
-        except ValueError as exc:
-            raise TardisError(str(exc)) from None
+        config = config_from_args(args)
         output = args.output or default_output(args.model)
         report_path = args.report or output.with_name(output.name.removesuffix(".onnx") + ".json")
         check_writable(output, args.model)

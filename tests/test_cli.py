@@ -9,6 +9,7 @@ import onnx
 import pytest
 from ffn_graphs import NEGATIVE_CASES, ffn_model
 
+from tardis_onnx import optimize
 from tardis_onnx.optimize import main as optimize_main
 from tardis_onnx.verify import main as verify_main
 
@@ -169,3 +170,18 @@ def test_large_models_keep_external_data(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.tardis.json", "m.tardis.onnx", "m.tardis.onnx.data"]
     assert (out.parent / "m.tardis.onnx.data").stat().st_size > 16 * 64 * 4  # W1 at least went outside
     assert verify_main([str(source), str(out)]) == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "want"),
+    [
+        ([], ("narrowest", "uniform", False)),
+        (["--preset", "accurate"], ("least-error", "layer", True)),
+        (["--preset", "accurate", "--no-refit", "--window", "narrowest"], ("narrowest", "layer", False)),
+        (["--refit", "--allocation", "global"], ("narrowest", "global", True)),
+    ],
+)
+def test_preset_then_explicit_flags(flags, want):
+    """A preset fills --window/--allocation/--refit; those flags, when given, override it."""
+    config = optimize.config_from_args(optimize.build_parser().parse_args(["model.onnx", *flags]))
+    assert (config.window, config.allocation, config.refit) == want
