@@ -102,8 +102,11 @@ def fit_lowrank(x: np.ndarray, w1: np.ndarray, rank: int, ridge: float = 1e-6) -
     w1 = np.asarray(w1, dtype=np.float64)
     d, h = w1.shape
     rank = min(rank, d, h)
-    sigma = np.maximum((x @ w1).std(axis=0), 1e-12)
-    eigenvalues, eigenvectors = np.linalg.eigh(x.T @ x / x.shape[0])
+    second = x.T @ x / x.shape[0]
+    # Each neuron's pre-activation spread from the second moments (d²h, not n·d·h, operations).
+    variance = np.einsum("ki,kl,li->i", w1, second, w1, optimize=True) - (x.mean(axis=0) @ w1) ** 2
+    sigma = np.maximum(np.sqrt(np.maximum(variance, 0.0)), 1e-12)
+    eigenvalues, eigenvectors = np.linalg.eigh(second)
     eigenvalues = np.maximum(eigenvalues, ridge * max(eigenvalues.max(), 1e-30))
     root = (eigenvectors * np.sqrt(eigenvalues)) @ eigenvectors.T
     inverse_root = (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
