@@ -91,13 +91,19 @@ def median_times(
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def grid_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of the issue's grid (widths, token counts, outlier fractions), shared by the CUDA script."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[768, 1024, 1280])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 512])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.10])
+    parser.add_argument("--rank", type=int, default=64, help="rank of the low-rank predictor")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = grid_parser(__doc__)
     parser.add_argument("--predictor", choices=PREDICTORS, default="lowrank")
-    parser.add_argument("--rank", type=int, default=64, help="rank of the lowrank predictor")
     parser.add_argument("--margin", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30)

@@ -17,14 +17,13 @@ every configuration checks that the rewrite with all neurons falling back equals
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from ffn_latency import plot  # this script's folder is on sys.path
+from ffn_latency import grid_parser, plot  # this script's folder is on sys.path
 
 from tardis_onnx import reference, runtime
 from tardis_onnx.predictor import fit_lowrank
@@ -131,12 +130,8 @@ def median_ms(torch, graphs: dict, repeats: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[768, 1024, 1280])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 512])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.10])
+    parser = grid_parser(__doc__)
     parser.add_argument("--dtypes", nargs="+", choices=["fp16", "fp32"], default=["fp16", "fp32"])
-    parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("out/bench-cuda"))
     args = parser.parse_args(argv)
