@@ -84,7 +84,6 @@ def test_onnx_perplexity_equals_torch_perplexity(tiny):
     path, hf, _, ids = tiny
     model = onnx.load(path)
     ort_ppl, _ = PerplexityEvaluator(model, ids, 32).score(model)
-    assert 1 < ort_ppl < 2_000
     assert ort_ppl == pytest.approx(torch_perplexity(hf, ids, 32), rel=1e-5)
 
 
