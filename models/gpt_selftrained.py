@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from optimum_zoo import TEXT_GEN_PAST, _clean_stale_tmp, _optimum_export, _versions_tag, default_cache_dir  # noqa: E402
 
-from tardis_onnx.errors import TardisError  # noqa: E402
+from tardis_onnx.errors import TardisError, report_error  # noqa: E402
 from tardis_onnx.evaluate import default_data_dir  # noqa: E402
 from tardis_onnx.perplexity import windows  # noqa: E402
 
@@ -330,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export_selftrained(args.data, args.cache_dir, args.minutes)
     except TardisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     record = json.loads((path.parent.parent / "train.json").read_text())
     print(
         f"self-trained GPT: {record['steps']} steps in {record['seconds']:.0f} s, final training loss "

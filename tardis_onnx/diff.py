@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, report_error
 from tardis_onnx.graph import node_label
 from tardis_onnx.inspect_model import ffn_of, human_bytes, op_name, tensor_bytes
 from tardis_onnx.io import load_model
@@ -328,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as exc:
                 raise TardisError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except TardisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     print(format_text(result, args.nodes))
     return 0
 

@@ -25,7 +25,7 @@ import onnx
 from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import TardisConfig
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, report_error
 from tardis_onnx.optimize import optimize_model
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.session import create_session
@@ -374,8 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except TardisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     return 0
 
 

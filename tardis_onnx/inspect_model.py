@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from tardis_onnx.emit import DOMAIN, FALLBACK_OP
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, report_error
 from tardis_onnx.graph import GraphIndex, node_label
 from tardis_onnx.io import load_model
 from tardis_onnx.optimize import METADATA_CONFIG, METADATA_VERSION
@@ -297,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = inspect(load_model(args.model))
     except TardisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     if args.json:
         print(json.dumps({"model": str(args.model), **report}, indent=2))
     else:

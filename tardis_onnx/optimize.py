@@ -18,7 +18,7 @@ from tardis_onnx import __version__, reference, runtime, text
 from tardis_onnx.calibrate import FfnSamples, calibrate_ffns, capture_ffn_inputs
 from tardis_onnx.config import ALLOCATIONS, FALLBACKS, PRESETS, WINDOWS, TardisConfig
 from tardis_onnx.emit import DOMAIN, MIN_OPSET, emit_ffn, replace_nodes
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, report_error
 from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
 from tardis_onnx.io import check_writable, load_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
@@ -283,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 path.unlink(missing_ok=True)
             raise TardisError(f"{report_path}: cannot write the report ({exc.strerror or exc})") from None
     except TardisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     if not args.quiet:
         print_report(result, output, report_path)
     return 0

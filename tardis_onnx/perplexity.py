@@ -33,7 +33,7 @@ from onnx import TensorProto, helper
 from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import PRESETS, TardisConfig
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, report_error
 from tardis_onnx.evaluate import baseline_row, default_data_dir, parse_predictor, tardis_row
 from tardis_onnx.feeds import Feeds, random_feeds
 from tardis_onnx.io import load_model
@@ -306,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except TardisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, report_error
 from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
 from tardis_onnx.io import load_model
 from tardis_onnx.runtime import OPTIMIZATION_LEVELS
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         expected, actual = run_models(args.original, args.rewritten, feeds, args.ort_optimization)
         results = compare_outputs(expected, actual, args.atol, args.rtol, args.check_error_stat)
     except TardisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
     print(f"inputs: {shapes}")
     width = max(len(r.name) for r in results)

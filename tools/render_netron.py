@@ -32,7 +32,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tardis_onnx.errors import TardisError  # noqa: E402
+from tardis_onnx.errors import TardisError, report_error  # noqa: E402
 from tardis_onnx.io import load_model  # noqa: E402
 from tardis_onnx.schema import inferred_types, register_schemas  # noqa: E402
 
@@ -241,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             raise TardisError(f"{args.model}: no such file")
         width, height = render(args.model, args.out, args.node, args.context, args.names, args.scale)
     except TardisError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report_error(exc)
     print(f"{args.out}: {width}×{height} px, {args.out.stat().st_size / 1024:.0f} KB")
     return 0
 
