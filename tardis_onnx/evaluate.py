@@ -12,6 +12,7 @@ DESIGN.md §2. Writes ``results.json`` and ``accuracy_vs_bytes.png`` to ``--out`
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -100,13 +101,13 @@ class StsEvaluator:
         return 100.0 * float(rho), outside
 
 
-def _load_minilm() -> Path:
+def import_recipe(name: str):
+    """A module of ``models/`` (the recipes live outside the package), e.g. ``minilm``."""
     sys.path.insert(0, str(REPO / "models"))
     try:
-        from minilm import export_minilm
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return export_minilm()
 
 
 def tardis_row(name, model, ffns, samples, evaluator, config, metric: str = "stsb") -> dict:
@@ -286,7 +287,7 @@ def run(args: argparse.Namespace) -> dict:
         args.calib_samples, args.calib_seq_len = min(args.calib_samples, 48), min(args.calib_seq_len, 64)
         args.pairs = args.pairs or 300
         args.reductions, args.sparsities = [0.8], [0.8]
-    model_path = args.model or _load_minilm()
+    model_path = args.model or import_recipe("minilm").export_minilm()
     model = onnx.load(model_path)
     tokenizer = text.load_tokenizer(model_path.parent)
     stsb_path = data / STSB

@@ -34,7 +34,7 @@ from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import PRESETS, TardisConfig
 from tardis_onnx.errors import TardisError, report_error
-from tardis_onnx.evaluate import baseline_row, default_data_dir, parse_predictor, tardis_row
+from tardis_onnx.evaluate import baseline_row, default_data_dir, import_recipe, parse_predictor, tardis_row
 from tardis_onnx.feeds import Feeds, random_feeds
 from tardis_onnx.io import load_model
 from tardis_onnx.passes import find_ffns
@@ -125,16 +125,6 @@ def train_windows(ids: np.ndarray, context: int, count: int) -> np.ndarray:
     return np.stack([ids[s : s + context] for s in starts])
 
 
-def _recipe():
-    """``models/gpt_selftrained.py`` (the recipes live outside the package)."""
-    sys.path.insert(0, str(REPO / "models"))
-    try:
-        import gpt_selftrained
-    finally:
-        sys.path.pop(0)
-    return gpt_selftrained
-
-
 def _read(path: Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -211,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     data = args.data or default_data_dir()
     if args.model is None:
-        recipe = _recipe()
+        recipe = import_recipe("gpt_selftrained")
         train_text, heldout_text = recipe.read_texts(data)
         heldout_name = str(data / recipe.HELDOUT_FILE)
         model_path = recipe.export_selftrained(data, minutes=args.minutes)
