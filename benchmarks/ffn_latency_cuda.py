@@ -36,7 +36,7 @@ def load_entry(dtype_name: str):
     lib = ctypes.CDLL(str(runtime.library_path(cuda=True)))
     fn = getattr(lib, f"tardis_ffn_fallback_cuda_{dtype_name}")
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
     lib.tardis_cuda_error_string.restype = ctypes.c_char_p
     return fn, lib.tardis_cuda_error_string
 
@@ -93,8 +93,9 @@ def rewritten(torch, entry, layer: Layer, x, lines: str = "lines"):
     y_folded, z_hat = folded_and_predicted(torch, layer, x)
     y = torch.empty_like(y_folded)
     fn, error_string = entry
-    pointers = (t.data_ptr() for t in (x, y_folded, z_hat, w["w1t"], w["b1"], w["w2"], w[lines], y))
-    code = fn(*pointers, x.shape[0], d, layer.h, 0.0, 0, torch.cuda.current_stream().cuda_stream)
+    pointers = [t.data_ptr() for t in (x, y_folded, z_hat, w["w1t"], w["b1"], w["w2"], w[lines])]
+    stream = torch.cuda.current_stream().cuda_stream
+    code = fn(*pointers, None, y.data_ptr(), x.shape[0], d, layer.h, 0, 0.0, 0, stream)  # z_hat given: no v, rank 0
     if code != 0:
         raise RuntimeError(f"fallback kernel: {error_string(code).decode()}")
     return y

@@ -4,6 +4,9 @@
 //   y = y_folded + sum over flagged neurons i of residual_i(z_i) * w2[i, :]
 //   z_i = dot(x, w1t[i]) + b1[i]           (recomputed exactly, float accumulation)
 // where neuron i is flagged when z_hat[i] lies outside [lo_i - margin, hi_i + margin] (or is NaN).
+// z_hat comes either as a tensor or, with the low-rank predictor fused in (`v` set), from the code
+// c = x·U that the folded MatMul appends to each y_folded row: z_hat[i] = sum over r of c[r] * v[r, i]
+// (r increasing, float accumulation).
 // Element type T is float or IEEE half (passed as its uint16_t bits); `lines` is always float32.
 #pragma once
 
@@ -15,8 +18,8 @@ namespace tardis {
 template <typename T>
 struct FallbackArgs {
   const T* x;            // [tokens, d]
-  const T* y_folded;     // [tokens, d]
-  const T* z_hat;        // [tokens, h]
+  const T* y_folded;     // [tokens, folded_stride]: the folded output in the first d columns
+  const T* z_hat;        // [tokens, h]; unused (may be null) when v is set
   const T* w1t;          // [h, d]  (W1 transposed: neuron i's input weights contiguous)
   const T* b1;           // [h]
   const T* w2;           // [h, d]
@@ -27,6 +30,9 @@ struct FallbackArgs {
   int64_t h;
   float margin;
   int approximate;       // 0: erf GELU, 1: tanh GELU
+  const T* v;            // [rank, h] second low-rank factor, or null (then z_hat is read)
+  int64_t rank;          // 0 when v is null
+  int64_t folded_stride; // row length of y_folded: d, or d + rank when v is set
 };
 
 // Runs fn(data, i) for every i in [0, total), possibly concurrently; the CPU kernel's only

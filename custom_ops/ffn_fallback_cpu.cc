@@ -239,6 +239,25 @@ TARDIS_CLONES void add_row(float* __restrict acc, const float* __restrict part, 
   for (int64_t j = 0; j < n; ++j) acc[j] += part[j];
 }
 
+// The low-rank predictor fused in: z[0:n] = sum over r < rank (increasing) of code[r] * v[r, 0:n],
+// V rows `stride` apart. Row by row (the sums stay in L1), so each V row segment is one contiguous
+// stream (the next one prefetched); half rows are converted through `row` ([n] floats).
+TARDIS_CLONES void lowrank_z(const float* code, int64_t rank, const float* v, int64_t stride, int64_t n, float* z,
+                             float*) {
+  std::fill(z, z + n, 0.0f);
+  for (int64_t r = 0; r < rank; ++r) axpy_row(z, code[r], v + r * stride, n, r + 1 < rank ? v + (r + 1) * stride : nullptr);
+}
+
+TARDIS_CLONES void lowrank_z(const float* code, int64_t rank, const uint16_t* v, int64_t stride, int64_t n, float* z,
+                             float* row) {
+  std::fill(z, z + n, 0.0f);
+  for (int64_t r = 0; r < rank; ++r) {
+    if (r + 1 < rank) prefetch_bytes(v + (r + 1) * stride, n * static_cast<int64_t>(sizeof(uint16_t)));
+    half_to_float_row(v + r * stride, row, n);
+    axpy_row(z, code[r], row, n, nullptr);
+  }
+}
+
 // flag[k] = 1 when z[k] lies outside [lo[k] - margin, hi[k] + margin] (compared in double, as
 // the contract says) or is NaN, else 0.
 template <typename T>
@@ -364,6 +383,8 @@ struct Workspace {
   std::vector<uint8_t> decode_mask;    // decode: [h], which tokens flag them (bit t)
   std::vector<int64_t> decode_count;   // decode: [parts * kCountStride]
   std::vector<float> y_row;            // decode, half: one output row in float
+  std::vector<float> code_float;       // fused low-rank predictor, half: the block's code rows in float
+  std::vector<float> decode_z;         // decode, fused low-rank predictor: [nb, h] z_hat, by part
 };
 
 // Per-task scratch of the pool threads, reused across calls.
@@ -371,6 +392,7 @@ struct TaskScratch {
   std::vector<int32_t> hits;
   std::vector<float> packed;
   std::vector<float> w1_row, w2_row;  // decode, half: the current rows in float
+  std::vector<float> v_chunk;         // prefill, fused low-rank predictor: [rank, chunk] V columns
 };
 
 TaskScratch& task_scratch() {
@@ -388,6 +410,9 @@ struct Fallback {
   // Current block.
   int64_t t0 = 0, nb = 0;
   const float* x_block = nullptr;  // [nb, d] in float
+  // Fused low-rank predictor (a.v set): the block's code rows c = x·U in float, code_stride apart.
+  const float* code_block = nullptr;
+  int64_t code_stride = 0;
 
   static void phase_a1(void* self, size_t c) { static_cast<Fallback*>(self)->flags(static_cast<int64_t>(c)); }
   static void phase_a2(void* self, size_t c) { static_cast<Fallback*>(self)->residuals(static_cast<int64_t>(c)); }
@@ -404,6 +429,20 @@ struct Fallback {
     out.token_count.assign(static_cast<size_t>(nb), 0);
 
     std::vector<float> lower(static_cast<size_t>(cn)), upper(static_cast<size_t>(cn)), z_row;
+    std::vector<float>& v_chunk = task_scratch().v_chunk;
+    if (a.v != nullptr) {
+      // The chunk's V columns, packed contiguous in float: rows h apart would alias in L1.
+      z_row.resize(static_cast<size_t>(cn));
+      v_chunk.resize(static_cast<size_t>(a.rank * cn));
+      for (int64_t r = 0; r < a.rank; ++r) {
+        const T* src = a.v + r * h + i0;
+        if constexpr (std::is_same_v<T, float>) {
+          std::memcpy(v_chunk.data() + r * cn, src, sizeof(float) * static_cast<size_t>(cn));
+        } else {
+          half_to_float_row(src, v_chunk.data() + r * cn, cn);
+        }
+      }
+    }
     const float* lo = a.lines + kLo * h + i0;
     const float* hi = a.lines + kHi * h + i0;
     for (int64_t k = 0; k < cn; ++k) {
@@ -416,12 +455,14 @@ struct Fallback {
     hits.resize(static_cast<size_t>(cn * nb));
     std::vector<uint8_t> flag(static_cast<size_t>(ceil_div(cn, 8) * 8), 0);
     for (int64_t t = 0; t < nb; ++t) {
-      const T* z_hat = a.z_hat + (t0 + t) * h + i0;
       const float* z;
-      if constexpr (std::is_same_v<T, float>) {
-        z = z_hat;
+      if (a.v != nullptr) {
+        lowrank_z(code_block + t * code_stride, a.rank, v_chunk.data(), cn, cn, z_row.data(), nullptr);
+        z = z_row.data();
+      } else if constexpr (std::is_same_v<T, float>) {
+        z = a.z_hat + (t0 + t) * h + i0;
       } else {
-        half_to_float_row(z_hat, z_row.data(), cn);
+        half_to_float_row(a.z_hat + (t0 + t) * h + i0, z_row.data(), cn);
         z = z_row.data();
       }
       window_flags(z, lower.data(), upper.data(), cn, flag.data());
@@ -508,7 +549,7 @@ struct Fallback {
       std::fill(dst + n, dst + kTile, 0.0f);
     }
     for (int64_t t = 0; t < nb; ++t) {
-      const T* src = a.y_folded + (t0 + t) * d + j0;
+      const T* src = a.y_folded + (t0 + t) * a.folded_stride + j0;
       if constexpr (std::is_same_v<T, float>) {
         std::memcpy(acc.data(), src, sizeof(float) * static_cast<size_t>(n));
       } else {
@@ -548,6 +589,14 @@ struct Fallback {
     const int64_t ahead = kDecodeAhead, lag = std::max(kDecodeAhead, kDecodeLag);
     const int64_t touch_bytes = std::min(row_bytes, kDecodeTouchLines * 64);
     float* partial = ws.partials.data() + g * nb * d;
+    float* z_fused = a.v != nullptr ? ws.decode_z.data() : nullptr;  // [nb, h]: this part's columns
+    if (z_fused != nullptr) {
+      std::vector<float>& row = task_scratch().w1_row;
+      if constexpr (!std::is_same_v<T, float>) row.resize(static_cast<size_t>(i1 - i0));
+      for (int64_t t = 0; t < nb; ++t) {
+        lowrank_z(code_block + t * code_stride, a.rank, a.v + i0, h, i1 - i0, z_fused + t * h + i0, row.data());
+      }
+    }
     // Window tests kScan neurons at a time (vectorised); flagged neurons are listed in order and
     // processed once kDecodeLag more are listed, so the scan overlaps the row reads. A listed
     // neuron's first row lines are touched when it is found; its rows are fully prefetched then
@@ -562,10 +611,16 @@ struct Fallback {
         const int64_t p0 = k0 + kScan;
         prefetch_bytes(lo + p0, (p1 - p0) * static_cast<int64_t>(sizeof(float)));
         prefetch_bytes(hi + p0, (p1 - p0) * static_cast<int64_t>(sizeof(float)));
-        for (int64_t t = 0; t < nb; ++t) prefetch_bytes(a.z_hat + (t0 + t) * h + p0, (p1 - p0) * static_cast<int64_t>(sizeof(T)));
+        for (int64_t t = 0; z_fused == nullptr && t < nb; ++t) {
+          prefetch_bytes(a.z_hat + (t0 + t) * h + p0, (p1 - p0) * static_cast<int64_t>(sizeof(T)));
+        }
       }
       for (int64_t t = 0; t < nb; ++t) {
-        window_flags_exact(a.z_hat + (t0 + t) * h + k0, lo + k0, hi + k0, a.margin, cn, flag[t]);
+        if (z_fused != nullptr) {
+          window_flags_exact(z_fused + t * h + k0, lo + k0, hi + k0, a.margin, cn, flag[t]);
+        } else {
+          window_flags_exact(a.z_hat + (t0 + t) * h + k0, lo + k0, hi + k0, a.margin, cn, flag[t]);
+        }
         std::fill(flag[t] + cn, flag[t] + kScan, uint8_t{0});
       }
       for (int64_t k8 = 0; k8 < kScan; k8 += 8) {
@@ -650,22 +705,39 @@ struct Fallback {
     ws.decode_mask.resize(static_cast<size_t>(h));
     ws.decode_count.resize(static_cast<size_t>(n_parts * kCountStride));
     ws.partials.resize(static_cast<size_t>(n_parts * nb * d));
+    if (a.v != nullptr) ws.decode_z.resize(static_cast<size_t>(nb * h));
     parallel_for(runner, static_cast<size_t>(n_parts), phase_decode, this);
     for (int64_t t = 0; t < nb; ++t) {
       float* acc;
       if constexpr (std::is_same_v<T, float>) {
         acc = a.y + (t0 + t) * d;
-        std::memcpy(acc, a.y_folded + (t0 + t) * d, sizeof(float) * static_cast<size_t>(d));
+        std::memcpy(acc, a.y_folded + (t0 + t) * a.folded_stride, sizeof(float) * static_cast<size_t>(d));
       } else {
         ws.y_row.resize(static_cast<size_t>(d));
         acc = ws.y_row.data();
-        half_to_float_row(a.y_folded + (t0 + t) * d, acc, d);
+        half_to_float_row(a.y_folded + (t0 + t) * a.folded_stride, acc, d);
       }
       for (int64_t g = 0; g < n_parts; ++g) {
         if (ws.decode_count[g * kCountStride] == 0) continue;
         add_row(acc, ws.partials.data() + (g * nb + t) * d, d);
       }
       if constexpr (!std::is_same_v<T, float>) float_to_half_row(acc, a.y + (t0 + t) * d, d);
+    }
+  }
+
+  // code_block: the block's low-rank code rows (the last a.rank columns of y_folded) in float.
+  void set_code_block() {
+    const T* first = a.y_folded + t0 * a.folded_stride + a.d;
+    if constexpr (std::is_same_v<T, float>) {
+      code_block = first;
+      code_stride = a.folded_stride;
+    } else {
+      ws.code_float.resize(static_cast<size_t>(nb * a.rank));
+      for (int64_t t = 0; t < nb; ++t) {
+        half_to_float_row(first + t * a.folded_stride, ws.code_float.data() + t * a.rank, a.rank);
+      }
+      code_block = ws.code_float.data();
+      code_stride = a.rank;
     }
   }
 
@@ -688,6 +760,7 @@ struct Fallback {
         half_to_float_row(a.x + t0 * d, ws.x_float.data(), nb * d);
         x_block = ws.x_float.data();
       }
+      if (a.v != nullptr) set_code_block();
       if (nb <= kFewTokens) {
         run_decode(runner);
         continue;

@@ -15,6 +15,8 @@
 //     flagged neurons into one partial row of d floats.
 //  2. sum_kernel, one thread per (token, output column): y = y_folded + the chunks' partial rows,
 //     in chunk order.
+// With the low-rank predictor fused in (a.v set), lowrank_kernel first writes each slice's
+// z_hat = code . V (one thread per (token, neuron), r increasing) into scratch.
 // Both paths are deterministic (fixed summation orders, no atomics).
 // Only the W1/W2 rows of flagged neurons are read. Scratch comes from ONNX Runtime's allocator
 // inside a session, else from CUDA's stream-ordered allocator (cudaMallocAsync), so nothing here
@@ -146,7 +148,7 @@ __global__ void accumulate_kernel(FallbackArgs<T> a, Lists s, int chunks) {
   parts[warp][lane] = partial;
   __syncthreads();
   if (warp == 0 && active) {
-    float acc = load(a.y_folded + t * a.d + c);
+    float acc = load(a.y_folded + t * a.folded_stride + c);
     for (int w = 0; w < kColumnWarps; ++w) acc += parts[w][lane];
     store(acc, a.y + t * a.d + c);
   }
@@ -214,18 +216,31 @@ __global__ void sum_kernel(FallbackArgs<T> a, const float* partial, int chunks) 
   const int64_t t = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kSumThreads + threadIdx.x;
   if (c >= a.d) return;
-  float acc = load(a.y_folded + t * a.d + c);
+  float acc = load(a.y_folded + t * a.folded_stride + c);
   const float* column = partial + t * chunks * a.d + c;
   for (int chunk = 0; chunk < chunks; ++chunk) acc += column[chunk * a.d];
   store(acc, a.y + t * a.d + c);
+}
+
+// z_hat[t, i] = sum over r of code[t, r] * v[r, i], code = the last a.rank columns of y_folded.
+template <typename T>
+__global__ void lowrank_kernel(FallbackArgs<T> a, T* z_hat) {
+  const int64_t t = blockIdx.x;
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * kSumThreads + threadIdx.x;
+  if (i >= a.h) return;
+  const T* code = a.y_folded + t * a.folded_stride + a.d;
+  float acc = 0.0f;
+#pragma unroll 4
+  for (int64_t r = 0; r < a.rank; ++r) acc += load(code + r) * load(a.v + r * a.h + i);
+  store(acc, z_hat + t * a.h + i);
 }
 
 template <typename T>
 FallbackArgs<T> token_slice(const FallbackArgs<T>& a, int64_t t0, int64_t tokens) {
   FallbackArgs<T> s = a;
   s.x += t0 * a.d;
-  s.y_folded += t0 * a.d;
-  s.z_hat += t0 * a.h;
+  s.y_folded += t0 * a.folded_stride;
+  if (s.z_hat != nullptr) s.z_hat += t0 * a.h;
   s.y += t0 * a.d;
   s.tokens = tokens;
   return s;
@@ -237,8 +252,12 @@ cudaError_t launch(const FallbackArgs<T>& a, cudaStream_t stream, const DeviceSc
     return cudaErrorInvalidValue;
   }
   if (a.tokens == 0 || a.d == 0) return cudaSuccess;
+  if ((a.v == nullptr) == (a.z_hat == nullptr) || a.folded_stride != a.d + (a.v != nullptr ? a.rank : 0)) {
+    return cudaErrorInvalidValue;
+  }
   if (a.h == 0) {
-    return cudaMemcpyAsync(a.y, a.y_folded, sizeof(T) * a.tokens * a.d, cudaMemcpyDeviceToDevice, stream);
+    return cudaMemcpy2DAsync(a.y, sizeof(T) * a.d, a.y_folded, sizeof(T) * a.folded_stride, sizeof(T) * a.d, a.tokens,
+                             cudaMemcpyDeviceToDevice, stream);
   }
   const int64_t chunks = (a.h + kChunk - 1) / kChunk;
   const bool decode = a.tokens <= kDecodeTokens;
@@ -247,10 +266,14 @@ cudaError_t launch(const FallbackArgs<T>& a, cudaStream_t stream, const DeviceSc
 
   // Token slices bound the scratch: per token, the (index, residual) lists and one count per chunk
   // (decode), or one partial row of d floats per chunk.
+  // With the fused low-rank predictor, the slice's z_hat rows follow (256-byte aligned).
   const size_t per_token = decode ? (sizeof(int32_t) + sizeof(float)) * a.h + sizeof(int32_t) * chunks
                                   : sizeof(float) * chunks * a.d;
-  const int64_t slice = std::max<int64_t>(1, std::min<int64_t>(a.tokens, kScratchBudget / per_token));
-  const size_t bytes = per_token * slice;
+  const size_t z_per_token = a.v != nullptr ? sizeof(T) * a.h : 0;
+  const int64_t slice =
+      std::max<int64_t>(1, std::min<int64_t>(a.tokens, kScratchBudget / (per_token + z_per_token)));
+  const size_t z_offset = (per_token * slice + 255) / 256 * 256;
+  const size_t bytes = z_offset + z_per_token * slice;
 
   void* memory = nullptr;
   bool async = true;
@@ -274,7 +297,13 @@ cudaError_t launch(const FallbackArgs<T>& a, cudaStream_t stream, const DeviceSc
 
   for (int64_t t0 = 0; t0 < a.tokens && err == cudaSuccess; t0 += slice) {
     const int64_t n = std::min(slice, a.tokens - t0);
-    const FallbackArgs<T> part = token_slice(a, t0, n);
+    FallbackArgs<T> part = token_slice(a, t0, n);
+    if (a.v != nullptr) {
+      T* z_hat = reinterpret_cast<T*>(static_cast<char*>(memory) + z_offset);
+      const dim3 by_neurons(static_cast<unsigned>(n), static_cast<unsigned>((a.h + kSumThreads - 1) / kSumThreads));
+      lowrank_kernel<T><<<by_neurons, kSumThreads, 0, stream>>>(part, z_hat);
+      part.z_hat = z_hat;
+    }
     const dim3 by_chunk(static_cast<unsigned>(n), static_cast<unsigned>(chunks));
     const dim3 by_columns(static_cast<unsigned>(n), static_cast<unsigned>(column_blocks));
     if (decode) {
@@ -302,10 +331,10 @@ cudaError_t launch(const FallbackArgs<T>& a, cudaStream_t stream, const DeviceSc
 // Host-side half bits -> device __half view of the same arguments.
 FallbackArgs<__half> as_half(const FallbackArgs<uint16_t>& a) {
   const auto h = [](const uint16_t* p) { return reinterpret_cast<const __half*>(p); };
-  return FallbackArgs<__half>{h(a.x),     h(a.y_folded), h(a.z_hat), h(a.w1t),
-                              h(a.b1),    h(a.w2),       a.lines,    reinterpret_cast<__half*>(a.y),
-                              a.tokens,   a.d,           a.h,        a.margin,
-                              a.approximate};
+  return FallbackArgs<__half>{h(a.x),     h(a.y_folded), h(a.z_hat),     h(a.w1t),
+                              h(a.b1),    h(a.w2),       a.lines,        reinterpret_cast<__half*>(a.y),
+                              a.tokens,   a.d,           a.h,            a.margin,
+                              a.approximate, h(a.v),     a.rank,         a.folded_stride};
 }
 
 const char* message(cudaError_t err) { return err == cudaSuccess ? nullptr : cudaGetErrorString(err); }
@@ -326,23 +355,30 @@ const char* ffn_fallback_cuda<uint16_t>(const FallbackArgs<uint16_t>& args, void
 }  // namespace tardis
 
 // ---- C entry points (ctypes tests and other hosts): device pointers, returns a cudaError_t ----
+// Give z_hat (v null, rank 0) or the low-rank factor v [rank, h] (z_hat null; then y_folded rows
+// are d + rank long, the code x·U after the folded output).
 
 TARDIS_EXPORT int tardis_ffn_fallback_cuda_f32(const float* x, const float* y_folded, const float* z_hat,
                                                const float* w1t, const float* b1, const float* w2,
-                                               const float* lines, float* y, int64_t tokens, int64_t d,
-                                               int64_t h, float margin, int approximate, void* stream) {
-  const tardis::FallbackArgs<float> args{x, y_folded, z_hat, w1t, b1, w2, lines, y, tokens, d, h, margin, approximate};
+                                               const float* lines, const float* v, float* y, int64_t tokens,
+                                               int64_t d, int64_t h, int64_t rank, float margin, int approximate,
+                                               void* stream) {
+  const tardis::FallbackArgs<float> args{x, y_folded, z_hat,       w1t, b1,   w2, lines, y, tokens, d, h, margin,
+                                         approximate, v, rank, d + rank};
   return static_cast<int>(tardis::launch(args, static_cast<cudaStream_t>(stream), tardis::DeviceScratch{}));
 }
 
-// Half-precision variant: x, y_folded, z_hat, w1t, b1, w2 and y point to IEEE half data.
+// Half-precision variant: x, y_folded, z_hat, w1t, b1, w2, v and y point to IEEE half data.
 TARDIS_EXPORT int tardis_ffn_fallback_cuda_f16(const void* x, const void* y_folded, const void* z_hat,
                                                const void* w1t, const void* b1, const void* w2,
-                                               const float* lines, void* y, int64_t tokens, int64_t d,
-                                               int64_t h, float margin, int approximate, void* stream) {
-  const auto p = [](const void* v) { return static_cast<const __half*>(v); };
-  const tardis::FallbackArgs<__half> args{p(x),   p(y_folded), p(z_hat), p(w1t),  p(b1),     p(w2),      lines,
-                                          static_cast<__half*>(y), tokens, d, h, margin, approximate};
+                                               const float* lines, const void* v, void* y, int64_t tokens,
+                                               int64_t d, int64_t h, int64_t rank, float margin, int approximate,
+                                               void* stream) {
+  const auto p = [](const void* q) { return static_cast<const __half*>(q); };
+  const tardis::FallbackArgs<__half> args{p(x),        p(y_folded), p(z_hat), p(w1t), p(b1),
+                                          p(w2),       lines,       static_cast<__half*>(y), tokens, d,
+                                          h,           margin,      approximate, p(v), rank,
+                                          d + rank};
   return static_cast<int>(tardis::launch(args, static_cast<cudaStream_t>(stream), tardis::DeviceScratch{}));
 }
 

@@ -1,7 +1,8 @@
 // ONNX Runtime registration of the ai.tardis custom-op domain.
 //
 // Exported symbol: RegisterCustomOps(OrtSessionOptions*, const OrtApiBase*). Registers
-// ai.tardis::FfnFallback (version 1) for float and float16 on the CPU execution provider and,
+// ai.tardis::FfnFallback (version 1; inputs x, y_folded, z_hat?, w1t, b1, w2, lines, predictor_v?)
+// for float and float16 on the CPU execution provider and,
 // when built with USE_CUDA, on the CUDA execution provider. The kernels themselves live in
 // ffn_fallback_cpu.cc and ffn_fallback_cuda.cu; this file only reads attributes, checks shapes
 // and hands pointers over.
@@ -87,24 +88,45 @@ OrtStatusPtr read_attributes(const OrtApi& api, const OrtKernelInfo* info, Attri
   return nullptr;
 }
 
-// Checks the seven input shapes against each other; returns "" when they agree, else a message.
-std::string check_shapes(const std::vector<std::vector<int64_t>>& s, int64_t* tokens, int64_t* d, int64_t* h) {
+// Inputs; z_hat (2) and predictor_v (7) are optional and exactly one of them is given.
+constexpr size_t kInputs = 8;
+constexpr size_t kZHat = 2, kLines = 6, kPredictorV = 7;
+
+// Checks the input shapes against each other (an absent input has no shape); returns "" when
+// they agree, else a message.
+std::string check_shapes(const std::vector<std::vector<int64_t>>& s, const std::vector<bool>& given, int64_t* tokens,
+                         int64_t* d, int64_t* h, int64_t* rank) {
   const auto& x = s[0];
-  const auto& z_hat = s[2];
   if (x.empty()) return "x must have at least one dimension, got a scalar";
-  if (s[1] != x) return "y_folded shape " + shape_string(s[1]) + " differs from x shape " + shape_string(x);
-  if (z_hat.size() != x.size() || !std::equal(x.begin(), x.end() - 1, z_hat.begin())) {
-    return "z_hat shape " + shape_string(z_hat) + " must be x's leading dims plus [h]; x is " + shape_string(x);
-  }
+  if (given[kZHat] == given[kPredictorV]) return "give exactly one of z_hat and predictor_v";
   *d = x.back();
-  *h = z_hat.back();
+  if (given[kZHat]) {
+    const auto& z_hat = s[kZHat];
+    if (s[1] != x) return "y_folded shape " + shape_string(s[1]) + " differs from x shape " + shape_string(x);
+    if (z_hat.size() != x.size() || !std::equal(x.begin(), x.end() - 1, z_hat.begin())) {
+      return "z_hat shape " + shape_string(z_hat) + " must be x's leading dims plus [h]; x is " + shape_string(x);
+    }
+    *h = z_hat.back();
+    *rank = 0;
+  } else {
+    const auto& v = s[kPredictorV];
+    if (v.size() != 2) return "predictor_v shape " + shape_string(v) + " must be [rank, h]";
+    *rank = v[0];
+    *h = v[1];
+    std::vector<int64_t> folded = x;
+    folded.back() += *rank;
+    if (s[1] != folded) {
+      return "y_folded shape " + shape_string(s[1]) + " must be x's shape plus rank columns (the code x·U) = " +
+             shape_string(folded);
+    }
+  }
   *tokens = 1;
   for (size_t k = 0; k + 1 < x.size(); ++k) *tokens *= x[k];
   const std::vector<int64_t> hd{*h, *d}, hh{*h}, lines{4, *h};
   if (s[3] != hd) return "w1t shape " + shape_string(s[3]) + " must be [h, d] = " + shape_string(hd);
   if (s[4] != hh) return "b1 shape " + shape_string(s[4]) + " must be [h] = " + shape_string(hh);
   if (s[5] != hd) return "w2 shape " + shape_string(s[5]) + " must be [h, d] = " + shape_string(hd);
-  if (s[6] != lines) return "lines shape " + shape_string(s[6]) + " must be [4, h] = " + shape_string(lines);
+  if (s[kLines] != lines) return "lines shape " + shape_string(s[kLines]) + " must be [4, h] = " + shape_string(lines);
   return "";
 }
 
@@ -134,21 +156,25 @@ struct FfnFallbackKernel {
   OrtStatusPtr compute(OrtKernelContext* raw_context) {
     using C = typename Element<T>::Compute;
     Ort::KernelContext context(raw_context);
-    std::vector<Ort::ConstValue> inputs;
-    std::vector<std::vector<int64_t>> shapes;
-    for (size_t k = 0; k < 7; ++k) {
-      inputs.push_back(context.GetInput(k));
-      shapes.push_back(inputs.back().GetTensorTypeAndShapeInfo().GetShape());
+    std::vector<Ort::ConstValue> inputs(kInputs, Ort::ConstValue{nullptr});
+    std::vector<std::vector<int64_t>> shapes(kInputs);
+    std::vector<bool> given(kInputs, false);
+    for (size_t k = 0; k < std::min(kInputs, context.GetInputCount()); ++k) {
+      inputs[k] = context.GetInput(k);
+      given[k] = static_cast<const OrtValue*>(inputs[k]) != nullptr;
+      if (given[k]) shapes[k] = inputs[k].GetTensorTypeAndShapeInfo().GetShape();
     }
-    int64_t tokens = 0, d = 0, h = 0;
-    const std::string problem = check_shapes(shapes, &tokens, &d, &h);
+    int64_t tokens = 0, d = 0, h = 0, rank = 0;
+    const std::string problem = check_shapes(shapes, given, &tokens, &d, &h, &rank);
     if (!problem.empty()) {
       return api.CreateStatus(ORT_INVALID_ARGUMENT, ("ai.tardis::FfnFallback: " + problem).c_str());
     }
     auto output = context.GetOutput(0, shapes[0]);
     if (tokens == 0 || d == 0) return nullptr;
 
-    const auto data = [&](size_t k) { return reinterpret_cast<const C*>(inputs[k].GetTensorRawData()); };
+    const auto data = [&](size_t k) {
+      return given[k] ? reinterpret_cast<const C*>(inputs[k].GetTensorRawData()) : nullptr;
+    };
     tardis::FallbackArgs<C> args{data(0),
                                  data(1),
                                  data(2),
@@ -161,7 +187,10 @@ struct FfnFallbackKernel {
                                  d,
                                  h,
                                  attributes.margin,
-                                 attributes.approximate};
+                                 attributes.approximate,
+                                 data(kPredictorV),
+                                 rank,
+                                 d + rank};
     if constexpr (kDevice == Device::kCpu) {
       tardis::ffn_fallback_cpu(args, tardis::ParallelRunner{run_parallel, raw_context});
     } else {
@@ -194,9 +223,12 @@ struct FfnFallbackOp : Ort::CustomOpBase<FfnFallbackOp<T, kDevice>, FfnFallbackK
   const char* GetName() const { return kFfnFallback; }
   const char* GetExecutionProviderType() const { return kDevice == Device::kCuda ? kCudaProvider : nullptr; }
 
-  size_t GetInputTypeCount() const { return 7; }
+  size_t GetInputTypeCount() const { return kInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : Element<T>::kType;  // `lines` is float32
+    return index == kLines ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : Element<T>::kType;  // `lines` is float32
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == kZHat || index == kPredictorV ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return Element<T>::kType; }

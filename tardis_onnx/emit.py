@@ -74,29 +74,27 @@ def emit_ffn(
     if fallback == "custom":
         # The flag test compares z_hat without b1 against windows shifted by −b1: one Add fewer.
         if predictor.kind == "lowrank":
-            # x·[Wf | U] in one MatMul: the folded output and the predictor's first factor.
+            # x·[Wf | U] in one MatMul: the folded output and the predictor's code, which the op reads
+            # from the folded rows' last `rank` columns and multiplies by V itself.
             rank = predictor.rank
-            both = b.op(
+            folded = b.op(
                 "MatMul",
                 [ffn.x, b.constant("folded_weight_and_u", np.hstack([wf, predictor.u]))],
                 "FoldedMatMul",
-                doc_string=doc + f"; also the low-rank predictor's x.U (rank {rank})",
+                doc_string=doc + f"; also the low-rank predictor's code x.U (rank {rank}) in the last columns",
             )
-            both = b.op(
-                "Add", [both, b.constant("folded_bias_and_zeros", np.concatenate([bf, np.zeros(rank)]))], "FoldedBias"
+            folded = b.op(
+                "Add", [folded, b.constant("folded_bias_and_zeros", np.concatenate([bf, np.zeros(rank)]))], "FoldedBias"
             )
-            split = b.constant("split", np.array([d_out, rank]), np.int64)
-            folded, down = f"{b.prefix}/folded", f"{b.prefix}/Predictor/LowRankDown_output"
-            b.nodes.append(helper.make_node("Split", [both, split], [folded, down], name=f"{b.prefix}/Split", axis=-1))
-            z_hat = b.op("MatMul", [down, b.constant("predictor_v", predictor.v)], "Predictor/LowRankUp")
+            z_hat, fused_v = "", [b.constant("predictor_v", predictor.v)]
         else:
             folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], "FoldedMatMul", doc_string=doc)
             folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
-            z_hat = _predictor(b, ffn, predictor, standard_only=False)
+            z_hat, fused_v = _predictor(b, ffn, predictor, standard_only=False), []
         shifted = reference.NeuronLines(lines.slope, lines.intercept, lines.lo - b1, lines.hi - b1)
         packed = b.constant("lines", reference.pack_lines(shifted), np.float32)
         w1t = b.constant("w1t", np.ascontiguousarray(ffn.w1.T))
-        inputs = [ffn.x, folded, z_hat, w1t, b.constant("b1", b1), w2, packed]
+        inputs = [ffn.x, folded, z_hat, w1t, b.constant("b1", b1), w2, packed, *fused_v]
         approximate = "tanh" if ffn.gelu.form == "tanh" else "none"
         fallback_doc = "outlier fallback: adds GELU(z)-(a z+c) times W2 rows for neurons outside [lo, hi]"
         b.op(

@@ -239,11 +239,12 @@ def unpack_lines(packed: np.ndarray) -> NeuronLines:
 def fallback_op(
     x: np.ndarray,
     y_folded: np.ndarray,
-    z_hat: np.ndarray,
+    z_hat: np.ndarray | None,
     w1t: np.ndarray,
     b1: np.ndarray,
     w2: np.ndarray,
     lines: np.ndarray,
+    predictor_v: np.ndarray | None = None,
     margin: float = 0.0,
     form: str = "erf",
 ) -> np.ndarray:
@@ -252,8 +253,17 @@ def fallback_op(
     Neuron ``i`` of a token is flagged when its predicted pre-activation
     ``z_hat[..., i]`` lies outside ``[lo_i − margin, hi_i + margin]`` (or is NaN);
     for flagged neurons the exact ``z_i = x · w1t[i] + b1[i]`` is recomputed and
-    ``r_i(z_i) · w2[i, :]`` is added to ``y_folded``.
+    ``r_i(z_i) · w2[i, :]`` is added to ``y_folded``. With the low-rank predictor fused in,
+    ``z_hat`` is None and ``y_folded`` carries the code ``c = x·U`` in its last ``rank`` columns:
+    ``z_hat = c · predictor_v`` (``predictor_v``: ``[rank, h]``).
     """
+    if (z_hat is None) == (predictor_v is None):
+        raise ValueError("give exactly one of z_hat and predictor_v")
+    if predictor_v is not None:
+        d = np.shape(x)[-1]
+        code = np.asarray(y_folded, dtype=np.float64)[..., d:]
+        y_folded = np.asarray(y_folded)[..., :d]
+        z_hat = code @ np.asarray(predictor_v, dtype=np.float64)
     unpacked = unpack_lines(lines)
     flagged = outside_window(z_hat, unpacked, margin)
     z = np.asarray(x, dtype=np.float64) @ np.asarray(w1t, dtype=np.float64).T + np.asarray(b1, dtype=np.float64)

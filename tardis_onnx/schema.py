@@ -21,22 +21,30 @@ EMITTED_PREFIX = "tardis/"
 _SMALL_INITIALIZER = 1024  # elements: kept for shape inference's data propagation (Reshape targets)
 
 # (name, type, description) of FfnFallback's inputs, in order; `lines` is float32 whatever T is.
+# z_hat and predictor_v are optional: exactly one is given.
 FALLBACK_INPUTS = (
     ("x", "T", "FFN input [..., d]"),
-    ("folded", "T", "folded map x·Wf + bf [..., d_out]"),
-    ("z_hat", "T", "predicted pre-activations [..., h]: a neuron falls back when outside its window"),
+    ("folded", "T", "folded map x·Wf + bf [..., d]; with predictor_v, followed by the code x·U [..., d + rank]"),
+    ("z_hat", "T", "predicted pre-activations [..., h]: a neuron falls back when outside its window (optional)"),
     ("w1t", "T", "first projection, transposed [h, d]"),
     ("b1", "T", "first bias [h]"),
-    ("w2", "T", "second projection [h, d_out]"),
+    ("w2", "T", "second projection [h, d]"),
     ("lines", "tensor(float)", "per neuron lo, hi, slope, intercept [4, h] (float32)"),
+    ("predictor_v", "T", "low-rank predictor's second factor [rank, h]: z_hat = code·V, computed in the op (optional)"),
 )
+_OPTIONAL = {"z_hat", "predictor_v"}
 
 
 def _infer_fallback(ctx) -> None:
-    """The output has the type and shape of ``folded``."""
-    folded = ctx.get_input_type(1)
-    if folded is not None and folded.HasField("tensor_type"):
-        ctx.set_output_type(0, folded)
+    """The output has the type and shape of ``x`` (an FFN maps d to d)."""
+    x = ctx.get_input_type(0)
+    if x is not None and x.HasField("tensor_type"):
+        ctx.set_output_type(0, x)
+
+
+def _option(name: str) -> defs.OpSchema.FormalParameterOption:
+    option = defs.OpSchema.FormalParameterOption
+    return option.Optional if name in _OPTIONAL else option.Single
 
 
 def fallback_schema() -> defs.OpSchema:
@@ -49,7 +57,7 @@ def fallback_schema() -> defs.OpSchema:
         1,
         "TARDIS outlier fallback: folded + sum over flagged neurons i of (GELU(z_i) - (a_i z_i + c_i)) * W2[i, :], "
         "z = x·W1 + b1; neuron i is flagged when z_hat_i is outside [lo_i - margin, hi_i + margin] (or NaN).",
-        inputs=[param(name, kind, doc) for name, kind, doc in FALLBACK_INPUTS],
+        inputs=[param(name, kind, doc, param_option=_option(name)) for name, kind, doc in FALLBACK_INPUTS],
         outputs=[param("y", "T", "folded plus the outliers' exact residuals [..., d_out]")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "compute type of the FFN")],
         attributes=[

@@ -25,6 +25,8 @@ ort = pytest.importorskip("onnxruntime")
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUTS = ("x", "y_folded", "z_hat", "w1t", "b1", "w2", "lines")
+# The low-rank predictor fused in: no z_hat, the code x·U in y_folded's last columns, V as input 8.
+FUSED_INPUTS = ("x", "y_folded", "", "w1t", "b1", "w2", "lines", "predictor_v")
 ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 FORMS = {"none": "erf", "tanh": "tanh"}
 
@@ -35,16 +37,20 @@ def needs_library(cuda: bool = False) -> None:
         pytest.skip(f"{what} not built: run `{runtime.BUILD_COMMAND}`")
 
 
-def fallback_model(dtype, margin: float | None = None, approximate: str | None = None) -> bytes:
+def fallback_model(dtype, margin: float | None = None, approximate: str | None = None, fused: bool = False) -> bytes:
     elem = ELEM[dtype]
-    inputs = [helper.make_tensor_value_info(name, elem, None) for name in INPUTS[:-1]]
-    inputs.append(helper.make_tensor_value_info("lines", TensorProto.FLOAT, [4, None]))
+    names = FUSED_INPUTS if fused else INPUTS
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT if name == "lines" else elem, None)
+        for name in names
+        if name
+    ]
     attrs = {}
     if margin is not None:
         attrs["margin"] = margin
     if approximate is not None:
         attrs["approximate"] = approximate
-    node = helper.make_node("FfnFallback", list(INPUTS), ["y"], domain="ai.tardis", name="fallback", **attrs)
+    node = helper.make_node("FfnFallback", list(names), ["y"], domain="ai.tardis", name="fallback", **attrs)
     graph = helper.make_graph([node], "ffn_fallback", inputs, [helper.make_tensor_value_info("y", elem, None)])
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.tardis", 1)]
     # IR 10: ONNX Runtime releases older than onnx reject its newer default IR version.
@@ -77,15 +83,38 @@ def make_case(rng, lead: tuple[int, ...], d: int, h: int, dtype=np.float32, flag
     return {k: (v if k == "lines" else v.astype(dtype)) for k, v in case.items()}
 
 
+def make_fused_case(rng, lead: tuple[int, ...], d: int, h: int, rank: int, dtype=np.float32, flagged="some") -> dict:
+    """A case for the fused low-rank predictor: z_hat = (x·U)·V, the code x·U appended to y_folded.
+    Window bounds closer than 1e-3 to any token's z_hat are moved (the kernel sums in float)."""
+    case = make_case(rng, lead, d, h, dtype, flagged)
+    u = rng.standard_normal((d, rank)) / np.sqrt(d)
+    v = (rng.standard_normal((rank, h)) / np.sqrt(rank)).astype(dtype)
+    code = (case["x"].astype(np.float64) @ u).astype(dtype)
+    case["y_folded"] = np.concatenate([case["y_folded"], code], axis=-1)
+    case["predictor_v"] = v
+    del case["z_hat"]
+    z_hat = (code.astype(np.float64) @ v.astype(np.float64)).reshape(-1, h)
+    for row in (2, 3):
+        bound = case["lines"][row]
+        for _ in range(100):
+            near = np.isfinite(bound) & (np.abs(z_hat - bound.astype(np.float64)) < 1e-3).any(axis=0)
+            if not near.any():
+                break
+            bound[near] += np.float32(0.01)
+    return case
+
+
 def oracle(case: dict, margin: float = 0.0, approximate: str = "none") -> np.ndarray:
     # The attribute is stored as float32: the oracle must see the same margin.
-    return fallback_op(*(case[k] for k in INPUTS), margin=float(np.float32(margin)), form=FORMS[approximate])
+    inputs = [case.get(k) for k in INPUTS] + [case.get("predictor_v")]
+    return fallback_op(*inputs, margin=float(np.float32(margin)), form=FORMS[approximate])
 
 
 def run_op(case: dict, margin=None, approximate=None, threads: int = 1, cuda_library: bool = False) -> np.ndarray:
     dtype = case["x"].dtype.type
     so = runtime.session_options(threads=threads, optimization="disable", cuda=cuda_library)
-    session = ort.InferenceSession(fallback_model(dtype, margin, approximate), so, providers=["CPUExecutionProvider"])
+    model = fallback_model(dtype, margin, approximate, fused="predictor_v" in case)
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     return session.run(None, case)[0]
 
 
@@ -266,6 +295,76 @@ def test_shape_mismatch_is_reported(cpu_library):
         run_op(case)
 
 
+FUSED_SHAPES = [(1,), (2,), (1, 1), (3,), (3, 40), (2, 70), (0,)]  # 1-2 tokens: the decode schedule
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("lead", FUSED_SHAPES, ids=[str(s) for s in FUSED_SHAPES])
+def test_fused_lowrank_matches_reference(cpu_library, lead, threads, dtype):
+    """z_hat computed in the kernel from the code in y_folded's last columns and V (h = 300: a
+    64-neuron tile plus a tail in each decode part and prefill chunk)."""
+    rng = np.random.default_rng(zlib.crc32(repr(("fused", lead, threads)).encode()))
+    case = make_fused_case(rng, lead, d=40, h=300, rank=24, dtype=dtype)
+    assert_matches(run_op(case, margin=0.05, threads=threads), oracle(case, 0.05), dtype)
+
+
+@pytest.mark.parametrize("rank", [1, 64, 130])
+@pytest.mark.parametrize("flagged", ["none", "some", "all"])
+@pytest.mark.parametrize("lead", [(1,), (9,)], ids=["decode", "prefill"])
+def test_fused_lowrank_ranks_and_fractions(cpu_library, lead, flagged, rank):
+    rng = np.random.default_rng(zlib.crc32(repr((lead, flagged, rank)).encode()))
+    case = make_fused_case(rng, lead, d=33, h=200, rank=rank, flagged=flagged)
+    y = run_op(case, approximate="tanh", threads=2)
+    if flagged == "none":
+        np.testing.assert_array_equal(y, case["y_folded"][..., :33])  # the folded columns, bit for bit
+    assert_matches(y, oracle(case, 0.0, "tanh"), np.float32)
+
+
+def test_fused_lowrank_threads_and_size(cpu_library):
+    """The decode size the fusion is for (d = 1024, h = 4096, rank 64) and a prefill: bitwise equal
+    for 1 and 4 threads, and equal to the oracle."""
+    rng = np.random.default_rng(21)
+    for lead in [(1,), (2,), (130,)]:
+        case = make_fused_case(rng, lead, d=1024, h=4096, rank=64)
+        y1, y4 = run_op(case, threads=1), run_op(case, threads=4)
+        np.testing.assert_array_equal(y1, y4)
+        assert_matches(y1, oracle(case), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("drop_v", "give exactly one of z_hat and predictor_v"),
+        ("add_z_hat", "give exactly one of z_hat and predictor_v"),
+        ("no_code", r"y_folded shape \[2, 16\] must be x's shape plus rank columns \(the code x·U\) = \[2, 24\]"),
+        ("v_rank_1d", r"predictor_v shape \[64\] must be \[rank, h\]"),
+    ],
+)
+def test_fused_lowrank_bad_inputs(cpu_library, change, message):
+    rng = np.random.default_rng(5)
+    case = make_fused_case(rng, (2,), d=16, h=64, rank=8)
+    names = list(FUSED_INPUTS)
+    if change == "drop_v":
+        names, case = names[:-1], {k: v for k, v in case.items() if k != "predictor_v"}
+    elif change == "add_z_hat":
+        names[2] = "z_hat"
+        case["z_hat"] = np.zeros((2, 64), np.float32)
+    elif change == "no_code":
+        case["y_folded"] = case["y_folded"][:, :16].copy()
+    else:
+        case["predictor_v"] = case["predictor_v"][0].copy()
+    node = helper.make_node("FfnFallback", names, ["y"], domain="ai.tardis")
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.tardis", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+    so = runtime.session_options(threads=1, optimization="disable")
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match=r"ai\.tardis::FfnFallback: " + message):
+        session.run(None, case)
+
+
 def test_unknown_approximate_is_rejected(cpu_library):
     rng = np.random.default_rng(4)
     case = make_case(rng, (2,), d=16, h=32)
@@ -371,7 +470,7 @@ def cuda_entry(dtype):
     lib = ctypes.CDLL(str(runtime.library_path(cuda=True)))
     fn = lib.tardis_ffn_fallback_cuda_f32 if dtype == np.float32 else lib.tardis_ffn_fallback_cuda_f16
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_void_p]
     lib.tardis_cuda_error_string.restype = ctypes.c_char_p
     lib.tardis_cuda_error_string.argtypes = [ctypes.c_int]
     return fn, lib.tardis_cuda_error_string
@@ -393,14 +492,14 @@ def run_cuda(case: dict, margin: float, approximate: str = "none") -> np.ndarray
     needs_library(cuda=True)
     torch = torch_cuda()
     device = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in case.items()}
-    y = torch.empty_like(device["y_folded"])
+    y = torch.empty_like(device["x"])
     fn, error_string = cuda_entry(case["x"].dtype.type)
     d, h = case["w1t"].shape[1], case["w1t"].shape[0]
+    rank = case["predictor_v"].shape[0] if "predictor_v" in case else 0
     tokens = int(np.prod(case["x"].shape[:-1]))
     stream = torch.cuda.current_stream().cuda_stream
-    code = fn(
-        *(device[k].data_ptr() for k in INPUTS), y.data_ptr(), tokens, d, h, margin, FORMS_CODE[approximate], stream
-    )
+    pointers = [device[k].data_ptr() if k in device else None for k in (*INPUTS, "predictor_v")]
+    code = fn(*pointers, y.data_ptr(), tokens, d, h, rank, margin, FORMS_CODE[approximate], stream)
     torch.cuda.synchronize()
     assert code == 0, error_string(code).decode()
     return y.cpu().numpy()
@@ -430,6 +529,17 @@ def test_cuda_kernel_at_model_size(tokens, flagged):
     assert_matches(run_cuda(case, 0.0), oracle(case, 0.0), np.float16)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lead", [(1,), (2, 4), (300,), (1,), (0,)], ids=["1", "2x4", "300", "1-big", "0"])
+def test_cuda_kernel_fused_lowrank(lead, dtype, request):
+    """The low-rank predictor fused in: z_hat = code·V in the kernel, code in y_folded's last columns."""
+    needs_library(cuda=True)
+    torch_cuda()
+    d, h = (1024, 4096) if "big" in request.node.callspec.id else (200, 300)
+    case = make_fused_case(np.random.default_rng(16), lead, d=d, h=h, rank=64, dtype=dtype)
+    assert_matches(run_cuda(case, 0.05), oracle(case, 0.05), dtype)
+
+
 def test_cuda_kernel_token_slices():
     """More tokens than one 64 MiB scratch slice of partial rows holds (1024 at d = 256, h = 8192)."""
     needs_library(cuda=True)
@@ -449,7 +559,7 @@ def test_cuda_entry_point_reports_errors():
     except ImportError:
         pass
     fn, error_string = cuda_entry(np.float32)
-    assert fn(*([None] * 8), 0, 8, 8, 0.0, 0, None) == 0  # zero tokens: nothing to launch
-    code = fn(*([None] * 8), 1, 8, 8, 0.0, 0, None)
+    assert fn(*([None] * 9), 0, 8, 8, 0, 0.0, 0, None) == 0  # zero tokens: nothing to launch
+    code = fn(*([None] * 9), 1, 8, 8, 0, 0.0, 0, None)
     assert code != 0
     assert error_string(code)
