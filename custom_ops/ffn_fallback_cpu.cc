@@ -15,6 +15,9 @@
 //      each W2 byte is read from memory once per block), then per token 64 accumulators live
 //      in registers while the token's pairs add r * w2[i, tile].
 // Only the W1/W2 rows of neurons flagged by some token of the block are read.
+// With the low-rank predictor fused in (FallbackArgs::v), z_hat is computed where it is tested: a
+// decode part first sums its neurons' z_hat row by row of V (`lowrank_z`), phase A1 packs its
+// chunk's V columns once and sums each token's z_hat from them in registers (`lowrank_z_packed`).
 //
 // Chunks, tiles and blocks depend on the shapes only, and every output element is summed in an
 // order that does not depend on which thread does what, so results are bitwise the same for
@@ -258,6 +261,28 @@ TARDIS_CLONES void lowrank_z(const float* code, int64_t rank, const uint16_t* v,
   }
 }
 
+// The same sums from V columns packed contiguously ([rank, n], n neurons): tiles of 64 neurons keep
+// their sums in registers over r (the prefill path, many tokens per packed block); the tail goes
+// through lowrank_z. The sum order is lowrank_z's.
+constexpr int64_t kLowRankTile = 64;
+
+TARDIS_CLONES void lowrank_z_packed(const float* code, int64_t rank, const float* __restrict v, int64_t n,
+                                    float* __restrict z) {
+  constexpr int kVecs = kLowRankTile / kHalf;
+  int64_t k0 = 0;
+  for (; k0 + kLowRankTile <= n; k0 += kLowRankTile) {
+    Vec acc[kVecs];
+    for (int k = 0; k < kVecs; ++k) acc[k] = Vec{};
+    for (int64_t r = 0; r < rank; ++r) {
+      const Vec c = Vec{} + code[r];
+      const float* row = v + r * n + k0;
+      for (int k = 0; k < kVecs; ++k) acc[k] += c * load(row + k * kHalf);
+    }
+    for (int k = 0; k < kVecs; ++k) store(z + k0 + k * kHalf, acc[k]);
+  }
+  if (k0 < n) lowrank_z(code, rank, v + k0, n, n - k0, z + k0, nullptr);
+}
+
 // flag[k] = 1 when z[k] lies outside [lo[k] - margin, hi[k] + margin] (compared in double, as
 // the contract says) or is NaN, else 0.
 template <typename T>
@@ -392,7 +417,8 @@ struct TaskScratch {
   std::vector<int32_t> hits;
   std::vector<float> packed;
   std::vector<float> w1_row, w2_row;  // decode, half: the current rows in float
-  std::vector<float> v_chunk;         // prefill, fused low-rank predictor: [rank, chunk] V columns
+  // Fused low-rank predictor: prefill, a chunk's V columns [rank, chunk]; decode, half: one V row segment.
+  std::vector<float> v_chunk;
 };
 
 TaskScratch& task_scratch() {
@@ -457,7 +483,7 @@ struct Fallback {
     for (int64_t t = 0; t < nb; ++t) {
       const float* z;
       if (a.v != nullptr) {
-        lowrank_z(code_block + t * code_stride, a.rank, v_chunk.data(), cn, cn, z_row.data(), nullptr);
+        lowrank_z_packed(code_block + t * code_stride, a.rank, v_chunk.data(), cn, z_row.data());
         z = z_row.data();
       } else if constexpr (std::is_same_v<T, float>) {
         z = a.z_hat + (t0 + t) * h + i0;
@@ -591,7 +617,7 @@ struct Fallback {
     float* partial = ws.partials.data() + g * nb * d;
     float* z_fused = a.v != nullptr ? ws.decode_z.data() : nullptr;  // [nb, h]: this part's columns
     if (z_fused != nullptr) {
-      std::vector<float>& row = task_scratch().w1_row;
+      std::vector<float>& row = task_scratch().v_chunk;
       if constexpr (!std::is_same_v<T, float>) row.resize(static_cast<size_t>(i1 - i0));
       for (int64_t t = 0; t < nb; ++t) {
         lowrank_z(code_block + t * code_stride, a.rank, a.v + i0, h, i1 - i0, z_fused + t * h + i0, row.data());

@@ -15,8 +15,8 @@
 //     flagged neurons into one partial row of d floats.
 //  2. sum_kernel, one thread per (token, output column): y = y_folded + the chunks' partial rows,
 //     in chunk order.
-// With the low-rank predictor fused in (a.v set), lowrank_kernel first writes each slice's
-// z_hat = code . V (one thread per (token, neuron), r increasing) into scratch.
+// With the low-rank predictor fused in (a.v set), the thread that tests a neuron's window computes
+// its z_hat = code . V[:, i] itself (`predicted`).
 // Both paths are deterministic (fixed summation orders, no atomics).
 // Only the W1/W2 rows of flagged neurons are read. Scratch comes from ONNX Runtime's allocator
 // inside a session, else from CUDA's stream-ordered allocator (cudaMallocAsync), so nothing here
@@ -50,6 +50,18 @@ __device__ __forceinline__ float load(const __half* p) { return __half2float(*p)
 __device__ __forceinline__ void store(float v, float* p) { *p = v; }
 __device__ __forceinline__ void store(float v, __half* p) { *p = __float2half_rn(v); }
 
+// Neuron i's predicted pre-activation for token t: z_hat, or with the low-rank predictor fused in,
+// code . V[:, i] (float accumulation, r increasing; code = the last a.rank columns of y_folded).
+template <typename T>
+__device__ __forceinline__ float predicted(const FallbackArgs<T>& a, int64_t t, int64_t i) {
+  if (a.v == nullptr) return load(a.z_hat + t * a.h + i);
+  const T* code = a.y_folded + t * a.folded_stride + a.d;
+  float acc = 0.0f;
+#pragma unroll 4
+  for (int64_t r = 0; r < a.rank; ++r) acc += load(code + r) * load(a.v + r * a.h + i);
+  return acc;
+}
+
 // ---- decode path (few tokens): flagged lists, then columns walk the lists ----
 
 struct Lists {
@@ -68,7 +80,7 @@ __global__ void residual_kernel(FallbackArgs<T> a, Lists s, int chunks) {
 
   bool flag = false;
   if (i < a.h) {
-    flag = is_flagged(load(a.z_hat + t * a.h + i), lower_bound(a.lines[kLo * a.h + i], a.margin),
+    flag = is_flagged(predicted(a, t, i), lower_bound(a.lines[kLo * a.h + i], a.margin),
                       upper_bound(a.lines[kHi * a.h + i], a.margin));
   }
 
@@ -168,7 +180,7 @@ __global__ void chunk_kernel(FallbackArgs<T> a, float* partial, int chunks) {
 
   bool flag = false;
   if (i < a.h) {
-    flag = is_flagged(load(a.z_hat + t * a.h + i), lower_bound(a.lines[kLo * a.h + i], a.margin),
+    flag = is_flagged(predicted(a, t, i), lower_bound(a.lines[kLo * a.h + i], a.margin),
                       upper_bound(a.lines[kHi * a.h + i], a.margin));
   }
 
@@ -222,19 +234,6 @@ __global__ void sum_kernel(FallbackArgs<T> a, const float* partial, int chunks) 
   store(acc, a.y + t * a.d + c);
 }
 
-// z_hat[t, i] = sum over r of code[t, r] * v[r, i], code = the last a.rank columns of y_folded.
-template <typename T>
-__global__ void lowrank_kernel(FallbackArgs<T> a, T* z_hat) {
-  const int64_t t = blockIdx.x;
-  const int64_t i = static_cast<int64_t>(blockIdx.y) * kSumThreads + threadIdx.x;
-  if (i >= a.h) return;
-  const T* code = a.y_folded + t * a.folded_stride + a.d;
-  float acc = 0.0f;
-#pragma unroll 4
-  for (int64_t r = 0; r < a.rank; ++r) acc += load(code + r) * load(a.v + r * a.h + i);
-  store(acc, z_hat + t * a.h + i);
-}
-
 template <typename T>
 FallbackArgs<T> token_slice(const FallbackArgs<T>& a, int64_t t0, int64_t tokens) {
   FallbackArgs<T> s = a;
@@ -252,13 +251,12 @@ cudaError_t launch(const FallbackArgs<T>& a, cudaStream_t stream, const DeviceSc
     return cudaErrorInvalidValue;
   }
   if (a.tokens == 0 || a.d == 0) return cudaSuccess;
-  if ((a.v == nullptr) == (a.z_hat == nullptr) || a.folded_stride != a.d + (a.v != nullptr ? a.rank : 0)) {
-    return cudaErrorInvalidValue;
-  }
+  if (a.folded_stride != a.d + (a.v != nullptr ? a.rank : 0)) return cudaErrorInvalidValue;
   if (a.h == 0) {
     return cudaMemcpy2DAsync(a.y, sizeof(T) * a.d, a.y_folded, sizeof(T) * a.folded_stride, sizeof(T) * a.d, a.tokens,
                              cudaMemcpyDeviceToDevice, stream);
   }
+  if ((a.v == nullptr) == (a.z_hat == nullptr)) return cudaErrorInvalidValue;
   const int64_t chunks = (a.h + kChunk - 1) / kChunk;
   const bool decode = a.tokens <= kDecodeTokens;
   const int64_t column_blocks = decode ? (a.d + kWarp - 1) / kWarp : (a.d + kSumThreads - 1) / kSumThreads;
@@ -266,14 +264,10 @@ cudaError_t launch(const FallbackArgs<T>& a, cudaStream_t stream, const DeviceSc
 
   // Token slices bound the scratch: per token, the (index, residual) lists and one count per chunk
   // (decode), or one partial row of d floats per chunk.
-  // With the fused low-rank predictor, the slice's z_hat rows follow (256-byte aligned).
   const size_t per_token = decode ? (sizeof(int32_t) + sizeof(float)) * a.h + sizeof(int32_t) * chunks
                                   : sizeof(float) * chunks * a.d;
-  const size_t z_per_token = a.v != nullptr ? sizeof(T) * a.h : 0;
-  const int64_t slice =
-      std::max<int64_t>(1, std::min<int64_t>(a.tokens, kScratchBudget / (per_token + z_per_token)));
-  const size_t z_offset = (per_token * slice + 255) / 256 * 256;
-  const size_t bytes = z_offset + z_per_token * slice;
+  const int64_t slice = std::max<int64_t>(1, std::min<int64_t>(a.tokens, kScratchBudget / per_token));
+  const size_t bytes = per_token * slice;
 
   void* memory = nullptr;
   bool async = true;
@@ -297,13 +291,7 @@ cudaError_t launch(const FallbackArgs<T>& a, cudaStream_t stream, const DeviceSc
 
   for (int64_t t0 = 0; t0 < a.tokens && err == cudaSuccess; t0 += slice) {
     const int64_t n = std::min(slice, a.tokens - t0);
-    FallbackArgs<T> part = token_slice(a, t0, n);
-    if (a.v != nullptr) {
-      T* z_hat = reinterpret_cast<T*>(static_cast<char*>(memory) + z_offset);
-      const dim3 by_neurons(static_cast<unsigned>(n), static_cast<unsigned>((a.h + kSumThreads - 1) / kSumThreads));
-      lowrank_kernel<T><<<by_neurons, kSumThreads, 0, stream>>>(part, z_hat);
-      part.z_hat = z_hat;
-    }
+    const FallbackArgs<T> part = token_slice(a, t0, n);
     const dim3 by_chunk(static_cast<unsigned>(n), static_cast<unsigned>(chunks));
     const dim3 by_columns(static_cast<unsigned>(n), static_cast<unsigned>(column_blocks));
     if (decode) {
@@ -363,8 +351,9 @@ TARDIS_EXPORT int tardis_ffn_fallback_cuda_f32(const float* x, const float* y_fo
                                                const float* lines, const float* v, float* y, int64_t tokens,
                                                int64_t d, int64_t h, int64_t rank, float margin, int approximate,
                                                void* stream) {
-  const tardis::FallbackArgs<float> args{x, y_folded, z_hat,       w1t, b1,   w2, lines, y, tokens, d, h, margin,
-                                         approximate, v, rank, d + rank};
+  const tardis::FallbackArgs<float> args{x, y_folded, z_hat, w1t,    b1,          w2, lines,
+                                         y, tokens,   d,     h,      margin, approximate, v, rank,
+                                         d + rank};
   return static_cast<int>(tardis::launch(args, static_cast<cudaStream_t>(stream), tardis::DeviceScratch{}));
 }
 

@@ -220,7 +220,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.max_windows:
         ids = ids[: args.max_windows * context]
     ffns, _ = find_ffns(model)
-    calib_rows = train_windows(np.asarray(tokenizer(train_text)["input_ids"]), context, args.calib_windows)
+    train_ids = np.asarray(tokenizer(train_text)["input_ids"], dtype=np.int64)
+    for tokens in (ids, train_ids):
+        text.check_token_ids(tokens, text.embedding_rows(model))
+    calib_rows = train_windows(train_ids, context, args.calib_windows)
     t0 = time.perf_counter()
     feeds = [lm_feeds(model, calib_rows[i : i + 8]) for i in range(0, len(calib_rows), 8)]
     samples = capture_ffn_inputs(model, ffns, feeds, args.max_samples)

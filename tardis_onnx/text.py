@@ -8,6 +8,7 @@ padded to their longest sequence and carry ``attention_mask``, so calibration dr
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -99,8 +100,9 @@ def text_feeds(
     texts = list(texts[:samples])
     if not texts:
         raise TardisError("no calibration text")
-    wanted = None
+    wanted, vocabulary = None, None
     if model is not None:
+        vocabulary = embedding_rows(model)
         initializers = {t.name for t in model.graph.initializer}
         wanted = {
             i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
@@ -108,6 +110,7 @@ def text_feeds(
             if i.name not in initializers
         }
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its (absent) padding token
         tokenizer.pad_token = tokenizer.eos_token
     feeds = []
     for start in range(0, len(texts), batch):
@@ -115,6 +118,7 @@ def text_feeds(
             texts[start : start + batch], truncation=True, max_length=seq_len, padding=True, return_tensors="np"
         )
         arrays = {k: np.asarray(v) for k, v in encoded.items()}
+        check_token_ids(arrays["input_ids"], vocabulary)
         if wanted is not None:
             ids = arrays["input_ids"]
             if "token_type_ids" in wanted and "token_type_ids" not in arrays:
@@ -130,6 +134,28 @@ def text_feeds(
             arrays = {k: arrays[k].astype(wanted[k]) for k in wanted}
         feeds.append(arrays)
     return feeds
+
+
+def embedding_rows(model: onnx.ModelProto) -> int | None:
+    """Rows of the token embedding that ``input_ids`` indexes (a ``Gather`` of an initializer, maybe
+    behind a Reshape as in GPT-2's export), if found."""
+    shapes = {t.name: t.dims for t in model.graph.initializer}
+    ids = {"input_ids"}
+    for node in model.graph.node:
+        if node.op_type in ("Reshape", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze") and node.input[0] in ids:
+            ids.update(node.output)
+        elif node.op_type == "Gather" and node.input[1:2] and node.input[1] in ids and node.input[0] in shapes:
+            return int(shapes[node.input[0]][0])
+    return None
+
+
+def check_token_ids(ids: np.ndarray, vocabulary: int | None) -> None:
+    """A one-line error when a token id is beyond the model's embedding (``vocabulary`` rows; None: unknown)."""
+    if vocabulary is not None and ids.size and int(ids.max()) >= vocabulary:
+        raise TardisError(
+            f"the tokenizer produced token id {int(ids.max())} but the model's embedding has {vocabulary} rows: "
+            "is it this model's tokenizer?"
+        )
 
 
 def calibration_feeds(

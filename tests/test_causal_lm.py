@@ -16,6 +16,7 @@ import pytest
 import tardis_onnx
 from tardis_onnx import runtime, text
 from tardis_onnx.config import TardisConfig
+from tardis_onnx.errors import TardisError
 from tardis_onnx.optimize import optimize_model
 
 zoo = pytest.importorskip("models.optimum_zoo", reason="needs torch, transformers and optimum-onnx (make test)")
@@ -154,24 +155,37 @@ def test_feature_extraction_last_hidden_state(tmp_path, form):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def _word_tokenizer(paragraphs):
-    """A word-level tokenizer within the tiny models' vocabulary, without a padding token (like GPT-2's)."""
+def _word_tokenizer(paragraphs, vocab_size: int = zoo.VOCAB):
+    """A word-level tokenizer (default: the tiny models' vocabulary), without a padding token (like GPT-2's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(
-        paragraphs, trainers.WordLevelTrainer(vocab_size=zoo.VOCAB, special_tokens=["<unk>", "<eos>"])
+        paragraphs, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"])
     )
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
+def test_a_tokenizer_beyond_the_embedding_is_refused(arch):
+    """Token ids the model's embedding does not have: a clear error, not ONNX Runtime's Gather failure."""
+    model = onnx.load(zoo.export(arch, task=zoo.TEXT_GEN_PAST))
+    assert text.embedding_rows(model) == zoo.VOCAB
+    paragraphs = [" ".join(f"w{i}" for i in range(k, k + 40)) for k in range(0, 2 * zoo.VOCAB, 40)]
+    tokenizer = _word_tokenizer(paragraphs, vocab_size=2 * zoo.VOCAB)
+    with pytest.raises(TardisError, match=rf"token id \d+ but the model's embedding has {zoo.VOCAB} rows"):
+        text.text_feeds(tokenizer, paragraphs[::-1], model, samples=4, seq_len=16, batch=2)
 
 
 def test_text_calibration_of_a_decoder_export():
     """Text feeds for a with-past export: empty past, positions from the mask; padding is not calibrated on."""
     paragraphs = text.builtin_paragraphs()[:6]
     model = onnx.load(zoo.export("gpt2", task=zoo.TEXT_GEN_PAST))
-    feeds = text.text_feeds(_word_tokenizer(paragraphs), paragraphs, model, samples=6, seq_len=16, batch=3)
+    tokenizer = _word_tokenizer(paragraphs)
+    feeds = text.text_feeds(tokenizer, paragraphs, model, samples=6, seq_len=16, batch=3)
+    assert tokenizer.pad_token is None  # padded with <eos> on a copy, the caller's tokenizer untouched
     inputs = {i.name for i in model.graph.input}
     for batch in feeds:
         assert set(batch) == inputs
