@@ -62,7 +62,7 @@ def lm_feeds(model: onnx.ModelProto, ids: np.ndarray) -> Feeds:
 
 
 def with_token_logprobs(model: onnx.ModelProto, logits: str = "logits") -> onnx.ModelProto:
-    """A copy of ``model`` with input ``LABELS [b, s−1, 1]`` and output ``LOGPROB [b, s−1, 1]``:
+    """A copy of ``model`` with input ``LABELS [b, s−1, 1]`` and output ``LOGPROB [b, s−1, 1]`` (float32):
     ``log_softmax(logits[:, :−1])`` at each next token."""
     scored = onnx.ModelProto()
     scored.CopyFrom(model)
@@ -82,7 +82,9 @@ def with_token_logprobs(model: onnx.ModelProto, logits: str = "logits") -> onnx.
             helper.make_node(
                 "Slice", [logits, f"{LOGPROB}/start", f"{LOGPROB}/end", f"{LOGPROB}/axis"], [f"{LOGPROB}/prefix"]
             ),
-            helper.make_node("LogSoftmax", [f"{LOGPROB}/prefix"], [f"{LOGPROB}/all"], axis=-1),
+            # In float32 whatever the export's logits are (fp16 log-softmax over a large vocabulary loses digits).
+            helper.make_node("Cast", [f"{LOGPROB}/prefix"], [f"{LOGPROB}/prefix_float"], to=TensorProto.FLOAT),
+            helper.make_node("LogSoftmax", [f"{LOGPROB}/prefix_float"], [f"{LOGPROB}/all"], axis=-1),
             helper.make_node("GatherElements", [f"{LOGPROB}/all", LABELS], [LOGPROB], axis=2),
         ]
     )
