@@ -138,52 +138,51 @@ inline float fold(Vec lo, Vec hi, const float* x, const float* w, int64_t j, int
 }
 
 // out[k] = dot(x[k], w) for M rows x[k] sharing one row w (each W load feeds M products). The
-// arithmetic of each product is the same for any M. `next` (may be null): a row of the same
-// length to prefetch along the way.
-template <int M>
-inline void dots(const float* const* x, const float* __restrict w, int64_t n, const float* next, float* out) {
+// arithmetic of each product is the same for any M. Along the way one cache line of each of the P
+// rows next[0..P) (same length as w) is prefetched per line of w; none when next[0] is null.
+template <int M, int P>
+inline void dots(const float* const* x, const float* __restrict w, int64_t n, const float* const* next, float* out) {
   Vec lo[M], hi[M];
   for (int k = 0; k < M; ++k) lo[k] = hi[k] = Vec{};
-  int64_t j = 0;
-  if (next != nullptr) {
-    for (; j + kLanes <= n; j += kLanes) {
-      prefetch(next + j);
-      const Vec wl = load(w + j), wh = load(w + j + kHalf);
-      for (int k = 0; k < M; ++k) {
-        lo[k] += load(x[k] + j) * wl;
-        hi[k] += load(x[k] + j + kHalf) * wh;
-      }
+  const auto step = [&](int64_t j) {
+    const Vec wl = load(w + j), wh = load(w + j + kHalf);
+    for (int k = 0; k < M; ++k) {
+      lo[k] += load(x[k] + j) * wl;
+      hi[k] += load(x[k] + j + kHalf) * wh;
     }
-  } else {
+  };
+  int64_t j = 0;
+  if (next[0] != nullptr) {
     for (; j + kLanes <= n; j += kLanes) {
-      const Vec wl = load(w + j), wh = load(w + j + kHalf);
-      for (int k = 0; k < M; ++k) {
-        lo[k] += load(x[k] + j) * wl;
-        hi[k] += load(x[k] + j + kHalf) * wh;
-      }
+      for (int p = 0; p < P; ++p) prefetch(next[p] + j);
+      step(j);
     }
   }
+  for (; j + kLanes <= n; j += kLanes) step(j);
   for (int k = 0; k < M; ++k) out[k] = fold(lo[k], hi[k], x[k], w, j, n);
 }
 
 // z[k] = dot(x_block[token[k]], w) for the m tokens that flag one neuron; prefetches `next`.
 TARDIS_CLONES void neuron_dots(const float* x_block, int64_t d, const int32_t* token, int64_t m, const float* w,
                                const float* next, float* z) {
+  const float* first[1] = {next};
+  const float* none[1] = {nullptr};
   int64_t k = 0;
   for (; k + 4 <= m; k += 4) {
     const float* x[4] = {x_block + token[k] * d, x_block + token[k + 1] * d, x_block + token[k + 2] * d,
                          x_block + token[k + 3] * d};
-    dots<4>(x, w, d, k == 0 ? next : nullptr, z + k);
+    dots<4, 1>(x, w, d, k == 0 ? first : none, z + k);
   }
+  const float* const* ahead = k == 0 ? first : none;
   if (m - k == 3) {
     const float* x[3] = {x_block + token[k] * d, x_block + token[k + 1] * d, x_block + token[k + 2] * d};
-    dots<3>(x, w, d, k == 0 ? next : nullptr, z + k);
+    dots<3, 1>(x, w, d, ahead, z + k);
   } else if (m - k == 2) {
     const float* x[2] = {x_block + token[k] * d, x_block + token[k + 1] * d};
-    dots<2>(x, w, d, k == 0 ? next : nullptr, z + k);
+    dots<2, 1>(x, w, d, ahead, z + k);
   } else if (m - k == 1) {
     const float* x[1] = {x_block + token[k] * d};
-    dots<1>(x, w, d, k == 0 ? next : nullptr, z + k);
+    dots<1, 1>(x, w, d, ahead, z + k);
   }
 }
 
@@ -200,40 +199,14 @@ TARDIS_CLONES void axpy_row(float* __restrict acc, float r, const float* __restr
 }
 
 // out[k] = dot(x[k], w) for m = 1 or 2 rows x[k]; along the way prefetches the rows `next1` and
-// `next2` (same length as w, either may be null), one cache line of each per line of w.
-template <int M>
-inline void dots_prefetch_m(const float* const* x, const float* __restrict w, int64_t n, const float* next1,
-                            const float* next2, float* out) {
-  Vec lo[M], hi[M];
-  for (int k = 0; k < M; ++k) lo[k] = hi[k] = Vec{};
-  int64_t j = 0;
-  if (next1 != nullptr) {
-    for (; j + kLanes <= n; j += kLanes) {
-      prefetch(next1 + j);
-      prefetch(next2 + j);
-      const Vec wl = load(w + j), wh = load(w + j + kHalf);
-      for (int k = 0; k < M; ++k) {
-        lo[k] += load(x[k] + j) * wl;
-        hi[k] += load(x[k] + j + kHalf) * wh;
-      }
-    }
-  }
-  for (; j + kLanes <= n; j += kLanes) {
-    const Vec wl = load(w + j), wh = load(w + j + kHalf);
-    for (int k = 0; k < M; ++k) {
-      lo[k] += load(x[k] + j) * wl;
-      hi[k] += load(x[k] + j + kHalf) * wh;
-    }
-  }
-  for (int k = 0; k < M; ++k) out[k] = fold(lo[k], hi[k], x[k], w, j, n);
-}
-
+// `next2` (same length as w; both null or neither), one cache line of each per line of w.
 TARDIS_CLONES void dots_prefetch(const float* const* x, int m, const float* __restrict w, int64_t n, const float* next1,
                                  const float* next2, float* out) {
+  const float* next[2] = {next1, next2};
   if (m == 1) {
-    dots_prefetch_m<1>(x, w, n, next1, next2, out);
+    dots<1, 2>(x, w, n, next, out);
   } else {
-    dots_prefetch_m<2>(x, w, n, next1, next2, out);
+    dots<2, 2>(x, w, n, next, out);
   }
 }
 

@@ -26,7 +26,7 @@ import onnx
 from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import TardisConfig
-from tardis_onnx.errors import TardisError, report_error
+from tardis_onnx.errors import TardisError, run_command
 from tardis_onnx.optimize import optimize_model
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.session import create_session
@@ -371,12 +371,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except TardisError as exc:
-        return report_error(exc)
-    return 0
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper
 from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import PRESETS, TardisConfig
-from tardis_onnx.errors import TardisError, report_error
+from tardis_onnx.errors import TardisError, run_command
 from tardis_onnx.evaluate import baseline_row, default_data_dir, import_recipe, parse_predictor, tardis_row
 from tardis_onnx.feeds import Feeds, random_feeds
 from tardis_onnx.io import load_model
@@ -297,12 +297,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except TardisError as exc:
-        return report_error(exc)
-    return 0
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
