@@ -1,0 +1,33 @@
+"""The FFN benchmark's model stack: every copy computes what the one-FFN model computes."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tardis_onnx import runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from ffn_latency import dense_model, rewrite, stacked  # noqa: E402
+
+
+@pytest.mark.parametrize("form", ["dense", "rewritten"])
+def test_every_copy_of_the_stack_is_the_model(form):
+    if form == "rewritten" and not runtime.library_available():
+        pytest.skip(f"custom-op library not built: run `{runtime.BUILD_COMMAND}`")
+    rng = np.random.default_rng(0)
+    model = dense_model(16, 64, rng)
+    if form == "rewritten":  # the fused low-rank fallback: an absent optional input ("") must stay absent
+        model = rewrite(model, rng.normal(size=(256, 16)), 0.05, "lowrank", 4, 0.0)[0]
+    options = runtime.session_options(threads=1, optimization="disable")
+    x = {"x": rng.normal(size=(3, 16)).astype(np.float32)}
+    one = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    stack = stacked(model, 3)
+    assert len({t.name for t in stack.graph.initializer}) == 3 * len(model.graph.initializer)
+    session = ort.InferenceSession(stack.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, x)
+    assert len(outputs) == 3
+    for y in outputs:
+        np.testing.assert_array_equal(y, one)
