@@ -357,17 +357,22 @@ def run(args: argparse.Namespace) -> dict:
         "stsb": {"path": str(stsb_path), "pairs": len(evaluator.gold), "tokens": evaluator.tokens},
         "dense": dense,
         "rows": rows,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "seconds": time.perf_counter() - started,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_results(args.out, result, started)
     plot(rows, dense, args.out / "accuracy_vs_bytes.png")
     print(
         f"dense {dense:.2f}; calibration {samples[0].seen} tokens; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB;"
         f" {result['seconds']:.0f} s; wrote {args.out / 'results.json'} and accuracy_vs_bytes.png"
     )
     return result
+
+
+def save_results(out: Path, result: dict, started: float) -> None:
+    """Add the peak RSS and the seconds since ``started`` to ``result``; write it to ``out/results.json``."""
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["seconds"] = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,14 @@ from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import PRESETS, TardisConfig
 from tardis_onnx.errors import TardisError, run_command
-from tardis_onnx.evaluate import baseline_row, default_data_dir, import_recipe, parse_predictor, tardis_row
+from tardis_onnx.evaluate import (
+    baseline_row,
+    default_data_dir,
+    import_recipe,
+    parse_predictor,
+    save_results,
+    tardis_row,
+)
 from tardis_onnx.feeds import Feeds, random_feeds
 from tardis_onnx.io import load_model
 from tardis_onnx.passes import find_ffns
@@ -279,11 +285,8 @@ def run(args: argparse.Namespace) -> dict:
         },
         "dense": dense,
         "rows": rows,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "seconds": time.perf_counter() - started,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_results(args.out, result, started)
     if args.plot:
         entry = Path(model_path).parent.parent.name.split("__")
         name = f"self-trained GPT-2 {entry[1]}" if entry[0] == "gpt-selftrained" else Path(model_path).stem
