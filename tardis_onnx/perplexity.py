@@ -229,8 +229,9 @@ def run(args: argparse.Namespace) -> dict:
         ids = ids[: args.max_windows * context]
     ffns, _ = find_ffns(model)
     train_ids = np.asarray(tokenizer(train_text)["input_ids"], dtype=np.int64)
+    vocabulary = text.embedding_rows(model)
     for tokens in (ids, train_ids):
-        text.check_token_ids(tokens, text.embedding_rows(model))
+        text.check_token_ids(tokens, vocabulary)
     calib_rows = train_windows(train_ids, context, args.calib_windows)
     t0 = time.perf_counter()
     feeds = [lm_feeds(model, calib_rows[i : i + 8]) for i in range(0, len(calib_rows), 8)]
