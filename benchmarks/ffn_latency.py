@@ -155,8 +155,16 @@ def measure_point(d: int, fraction: float, args: argparse.Namespace) -> list[dic
     dense_bytes = 2 * d * h * 4
     fixed_read = d * d * 4 + predictor_bytes(predictor.kind, d, h, 4, predictor.rank)
     copies = max(1, -(-args.stack_mib * 2**20 // int(fixed_read + flagged * dense_bytes)))
-    options = runtime.session_options(threads=args.threads, optimization="all")
-    if not args.spinning:
+    if args.spinning:
+        # Both sessions on one global pool (spinning by default), as a server hosting several models
+        # runs: the idle session's workers then cannot spin on the cores the timed one needs.
+        from onnxruntime.capi import _pybind_state
+
+        _pybind_state.set_global_thread_pool_sizes(args.threads, 1)  # this process's first session comes next
+        options = runtime.session_options(optimization="all")
+        options.use_per_session_threads = False
+    else:
+        options = runtime.session_options(threads=args.threads, optimization="all")
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
         name: ort.InferenceSession(stacked(m, copies).SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -203,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spinning",
         action="store_true",
-        help="let ONNX Runtime's intra-op workers spin between ops (its default, as deployed). The sessions then "
-        "take turns of 10 runs and the first 2 of each turn are not timed, so that the idle session's spinning "
-        "workers do not compete for the cores. Off by default here: every run then starts from sleeping workers",
+        help="let ONNX Runtime's intra-op workers spin between ops (its default, as deployed): both sessions share "
+        "one global intra-op pool, take turns of 10 runs and the first 2 of each turn are not timed. Off by "
+        "default here: every run then starts from sleeping workers, each session with its own pool",
     )
     parser.add_argument(
         "--stack-mib",

@@ -44,7 +44,12 @@ CUDA_LIBRARY = "libtardis_ops_cuda.so"
 DEBIAN_SOURCE = "deb http://deb.debian.org/debian trixie main"
 DEBIAN_PACKAGE = "libonnxruntime-dev"
 # The API entries the sources use; a header set without them cannot build the library.
-REQUIRED_API = ("KernelContext_ParallelFor", "KernelContext_GetGPUComputeStream", "CreateCustomOpDomain")
+REQUIRED_API = (
+    "KernelContext_ParallelFor",
+    "KernelContext_GetGPUComputeStream",
+    "CreateCustomOpDomain",
+    "KernelInfoGetConstantInput_tensor",
+)
 HEADERS = ("onnxruntime_c_api.h", "onnxruntime_cxx_api.h", "onnxruntime_cxx_inline.h", "onnxruntime_float16.h")
 
 CXX_FLAGS = [

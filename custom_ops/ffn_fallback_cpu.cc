@@ -27,12 +27,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "ffn_fallback.h"
 #include "tardis_math.h"
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(TARDIS_NO_MULTIVERSION)
@@ -793,6 +798,28 @@ struct Fallback {
 };
 
 }  // namespace
+
+size_t back_with_huge_pages(const void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr int kCollapse = 25;  // MADV_COLLAPSE (Linux 6.1), absent from older libc headers
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (const char* setting = std::getenv("TARDIS_HUGE_PAGES"); setting != nullptr && std::strcmp(setting, "0") == 0) {
+    return 0;
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + bytes) & ~(kHuge - 1);
+  if (data == nullptr || last <= first) return 0;
+  void* range = reinterpret_cast<void*>(first);
+  // Whole huge pages inside the buffer only, so no neighbouring memory is touched; a refusal
+  // (older kernel, file-backed weights, THP disabled) leaves the pages as they were.
+  if (madvise(range, last - first, MADV_HUGEPAGE) != 0 || madvise(range, last - first, kCollapse) != 0) return 0;
+  return last - first;
+#else
+  (void)data;
+  (void)bytes;
+  return 0;
+#endif
+}
 
 template <typename T>
 void ffn_fallback_cpu(const FallbackArgs<T>& args, const ParallelRunner& runner) {

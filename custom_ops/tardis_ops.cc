@@ -90,7 +90,7 @@ OrtStatusPtr read_attributes(const OrtApi& api, const OrtKernelInfo* info, Attri
 
 // Inputs; z_hat (2) and predictor_v (7) are optional and exactly one of them is given.
 constexpr size_t kInputs = 8;
-constexpr size_t kZHat = 2, kLines = 6, kPredictorV = 7;
+constexpr size_t kZHat = 2, kW1t = 3, kW2 = 5, kLines = 6, kPredictorV = 7;
 
 // Checks the input shapes against each other (an absent input has no shape); returns "" when
 // they agree, else a message.
@@ -216,6 +216,21 @@ struct FfnFallbackOp : Ort::CustomOpBase<FfnFallbackOp<T, kDevice>, FfnFallbackK
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     Attributes attributes;
     if (OrtStatusPtr status = read_attributes(api, info, &attributes)) return status;
+    if constexpr (kDevice == Device::kCpu) {
+      // The rows the fallback reads scattered: W1ᵀ and W2, when they are initializers.
+      for (size_t k : {kW1t, kW2}) {
+        int is_constant = 0;
+        const OrtValue* value = nullptr;
+        if (OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, k, &is_constant, &value)) {
+          api.ReleaseStatus(status);
+          continue;
+        }
+        if (is_constant == 0 || value == nullptr) continue;
+        const Ort::ConstValue tensor(value);
+        const size_t bytes = tensor.GetTensorTypeAndShapeInfo().GetElementCount() * sizeof(typename Element<T>::Compute);
+        tardis::back_with_huge_pages(tensor.GetTensorRawData(), bytes);
+      }
+    }
     *kernel = new FfnFallbackKernel<T, kDevice>{api, attributes};
     return nullptr;
   }

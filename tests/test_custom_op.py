@@ -365,6 +365,55 @@ def test_fused_lowrank_bad_inputs(cpu_library, change, message):
         session.run(None, case)
 
 
+HUGE_PAGE_PROBE = """
+import re, sys
+import numpy as np, onnxruntime as ort
+from onnx import numpy_helper
+sys.path.insert(0, {tests!r})
+from test_custom_op import fallback_model, make_case, oracle
+from tardis_onnx import runtime
+def huge_kib():
+    return int(re.search(r"AnonHugePages:\\s+(\\d+)", open("/proc/self/smaps_rollup").read()).group(1))
+case = make_case(np.random.default_rng(11), (2,), d=1024, h=2048)
+weights = {{k: case.pop(k) for k in ("w1t", "w2")}}
+model = __import__("onnx").load_from_string(fallback_model(np.float32))
+model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
+kept = [i for i in model.graph.input if i.name not in weights]  # initializers, not inputs: constant
+del model.graph.input[:]
+model.graph.input.extend(kept)
+before = huge_kib()
+options = runtime.session_options(threads=2)
+session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+after = huge_kib()
+y = session.run(None, case)[0]
+np.testing.assert_allclose(y, oracle({{**case, **weights}}), rtol=1e-5, atol=1e-5)
+print(after - before)
+"""
+
+
+def huge_pages_supported() -> bool:
+    enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    release = tuple(int(p) for p in re.findall(r"\d+", os.uname().release)[:2]) if hasattr(os, "uname") else ()
+    return enabled.exists() and "[never]" not in enabled.read_text() and release >= (6, 1)
+
+
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_weight_rows_in_huge_pages(cpu_library, setting):
+    """A kernel backs its W1ᵀ and W2 initializers (8 MiB each here) with huge pages in place
+    (MADV_COLLAPSE), unless TARDIS_HUGE_PAGES=0; the outputs are the oracle's either way."""
+    if not huge_pages_supported():
+        pytest.skip("needs Linux >= 6.1 with transparent huge pages not set to 'never' (MADV_COLLAPSE)")
+    env = {**os.environ, "TARDIS_HUGE_PAGES": setting}
+    probe = HUGE_PAGE_PROBE.format(tests=str(ROOT / "tests"))
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    gained_mib = int(result.stdout.split()[-1]) / 1024
+    if setting == "0":
+        assert gained_mib < 2
+    else:
+        assert gained_mib >= 2 * 6  # at least 3 whole 2 MiB pages inside each 8 MiB buffer
+
+
 def test_unknown_approximate_is_rejected(cpu_library):
     rng = np.random.default_rng(4)
     case = make_case(rng, (2,), d=16, h=32)
