@@ -74,6 +74,22 @@ def rewrite(model: onnx.ModelProto, x_cal: np.ndarray, fraction: float, kind: st
 
 
 DECODE_INPUTS = 32  # one-token inputs timed in turn
+NEVER = 3.0e38  # a margin no finite z_hat gets past
+
+
+def never_flagging(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The rewritten model with every fallback window widened to everything: the same reads and work
+    except the flagged neurons' W1/W2 rows, so (rewritten − this) times the row reads alone."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type == "FfnFallback":
+            margin = next((a for a in node.attribute if a.name == "margin"), None)
+            if margin is None:
+                node.attribute.append(helper.make_attribute("margin", NEVER))
+            else:
+                margin.f = NEVER
+    return copy
 
 
 def stacked(model: onnx.ModelProto, copies: int) -> onnx.ModelProto:
@@ -168,7 +184,7 @@ def measure_point(d: int, fraction: float, args: argparse.Namespace) -> list[dic
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
         name: ort.InferenceSession(stacked(m, copies).SerializeToString(), options, providers=["CPUExecutionProvider"])
-        for name, m in (("dense", model), ("tardis", rewritten))
+        for name, m in (("dense", model), ("tardis", rewritten), ("unflagged", never_flagging(rewritten)))
     }
     rows = []
     for tokens in args.tokens:
@@ -179,6 +195,17 @@ def measure_point(d: int, fraction: float, args: argparse.Namespace) -> list[dic
         repeats = args.repeats * 8 if tokens == 1 else max(5, args.repeats // 3)
         x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
         timed_flagged = float(reference.outside_window(predictor.predict(x, ffn.w1, ffn.b1), lines, args.margin).mean())
+        # Rows read per run: those of the neurons that any token of the input flags (one block: ≤ 512 tokens).
+        rows_read = dense_bytes * np.mean(
+            [
+                reference.outside_window(
+                    predictor.predict(f["x"].astype(np.float64), ffn.w1, ffn.b1), lines, args.margin
+                )
+                .any(axis=0)
+                .mean()
+                for f in feeds
+            ]
+        )
         # Spinning: turns of 10 runs whose first 2 are untimed, one turn of warm-up.
         t = median_times(sessions, feeds, repeats, warmup=1 if args.spinning else 5, block=10 if args.spinning else 1)
         t = {name: seconds / copies for name, seconds in t.items()}
@@ -195,8 +222,14 @@ def measure_point(d: int, fraction: float, args: argparse.Namespace) -> list[dic
                 "copies": copies,
                 "dense_us": t["dense"] * 1e6,
                 "tardis_us": t["tardis"] * 1e6,
+                "unflagged_us": t["unflagged"] * 1e6,
                 "speedup": t["dense"] / t["tardis"],
                 "bytes_read_ratio": dense_bytes / (fixed_read + timed_flagged * dense_bytes),
+                # Read rates: the dense weights, the rewrite's fixed part (nothing flagged) and the flagged
+                # neurons' W1/W2 rows (the time they add over the never-flagging rewrite), GB/s.
+                "dense_gbps": dense_bytes / t["dense"] / 1e9,
+                "fixed_gbps": fixed_read / t["unflagged"] / 1e9,
+                "rows_gbps": rows_read / max(t["tardis"] - t["unflagged"], 1e-9) / 1e9,
             }
         )
     return rows
@@ -230,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(
         f"{'d':>5} {'tokens':>6} {'f':>5} {'flagged':>7} {'dense us':>9} {'tardis us':>9} {'speedup':>7} {'bound':>6}"
+        "  GB/s: dense  fixed   rows"
     )
     # One fresh process per (d, fraction): in one process, a second rewritten stack timed up to 1.5x slower
     # than the first (d = 1024, 5%: 103 us first, 133-153 us after), a state a deployed model never sees.
@@ -249,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{row['speedup']:.2f}x",
                         f"{row['bytes_read_ratio']:.2f}x",
                     )
-                    print(" ".join(f"{c:>9}" for c in cells), flush=True)
+                    rates = (f"{row[k]:.0f}" for k in ("dense_gbps", "fixed_gbps", "rows_gbps"))
+                    print(" ".join(f"{c:>9}" for c in cells), " " * 4, " ".join(f"{r:>6}" for r in rates), flush=True)
     meta = {
         "threads": args.threads,
         "repeats": args.repeats,
@@ -273,8 +308,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     token_counts = sorted({r["tokens"] for r in rows})
-    fig, axes = plt.subplots(1, len(token_counts), figsize=(5 * len(token_counts), 4), squeeze=False)
-    for ax, tokens in zip(axes[0], token_counts, strict=True):
+    decode = [r for r in rows if r["tokens"] == 1]
+    panels = len(token_counts) + bool(decode)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    for ax, tokens in zip(axes[0], token_counts, strict=False):
         for i, d in enumerate(sorted({r["d"] for r in rows})):
             sel = [r for r in rows if r["tokens"] == tokens and r["d"] == d]
             fractions = [r["outlier_fraction"] * 100 for r in sel]
@@ -291,6 +328,16 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{tokens} token(s)")
         ax.set_xlabel("outlier fraction (%)")
         ax.set_ylabel("speedup vs dense FFN")
+        ax.legend(fontsize=7)
+    if decode:  # where the decode time goes: how fast each kind of read streams
+        ax = axes[0][-1]
+        labels = [f"d={r['d']}\n{r['outlier_fraction'] * 100:.0f}%" for r in decode]
+        kinds = (("dense_gbps", "dense W1+W2"), ("fixed_gbps", "rewrite, none flagged"), ("rows_gbps", "flagged rows"))
+        for k, (key, label) in enumerate(kinds):
+            ax.bar(np.arange(len(decode)) + (k - 1) * 0.27, [r[key] for r in decode], 0.27, label=label)
+        ax.set_xticks(np.arange(len(decode)), labels, fontsize=7)
+        ax.set_title("1 token: read rates")
+        ax.set_ylabel("GB/s")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -13,7 +13,8 @@ preset at several fallback reductions, the plain recipe at several coverages, an
 with an int4 predictor; magnitude / Wanda / RIA pruning at the same FFN reductions. Each TARDIS row
 reports the outlier fraction ``f`` measured per layer on the held-out tokens and both bytes-read
 figures of DESIGN.md §2 (fallback reduction; total read with the predictor). Writes
-``results.json`` to ``--out`` (default ``out/perplexity``) and the plot to ``--plot``.
+``results.json`` and ``perplexity.png`` to ``--out`` (default ``out/perplexity``), the plot elsewhere with
+``--plot`` (the README's figure: ``--plot docs/gpt_selftrained_perplexity.png``).
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=float, nargs="*", default=None, help="pruning (default: the reductions)")
     p.add_argument("--predictors", nargs="*", default=["int4"], help="on accurate at the top reduction")
     p.add_argument("--out", type=Path, default=REPO / "out" / "perplexity")
-    p.add_argument("--plot", type=Path, default=REPO / "docs" / "gpt_selftrained_perplexity.png")
+    p.add_argument("--plot", type=Path, default=None, help="where the plot goes (default: perplexity.png in --out)")
     return p
 
 
@@ -288,15 +289,11 @@ def run(args: argparse.Namespace) -> dict:
         "rows": rows,
     }
     save_results(args.out, result, started)
-    if args.plot:
-        entry = Path(model_path).parent.parent.name.split("__")
-        name = f"self-trained GPT-2 {entry[1]}" if entry[0] == "gpt-selftrained" else Path(model_path).stem
-        title = f"{name}: held-out perplexity, ONNX Runtime"
-        plot(rows, dense, title, args.plot)
-    print(
-        f"dense {dense:.3f}; {result['seconds']:.0f} s; wrote {args.out / 'results.json'}"
-        + (f" and {args.plot}" if args.plot else "")
-    )
+    entry = Path(model_path).parent.parent.name.split("__")
+    name = f"self-trained GPT-2 {entry[1]}" if entry[0] == "gpt-selftrained" else Path(model_path).stem
+    plot_path = args.plot or args.out / "perplexity.png"
+    plot(rows, dense, f"{name}: held-out perplexity, ONNX Runtime", plot_path)
+    print(f"dense {dense:.3f}; {result['seconds']:.0f} s; wrote {args.out / 'results.json'} and {plot_path}")
     return result
 
 

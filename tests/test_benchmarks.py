@@ -4,13 +4,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from tardis_onnx import runtime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from ffn_latency import dense_model, rewrite, stacked  # noqa: E402
+from ffn_latency import dense_model, never_flagging, rewrite, stacked  # noqa: E402
 
 
 @pytest.mark.parametrize("form", ["dense", "rewritten"])
@@ -31,3 +32,25 @@ def test_every_copy_of_the_stack_is_the_model(form):
     assert len(outputs) == 3
     for y in outputs:
         np.testing.assert_array_equal(y, one)
+
+
+def test_never_flagging_rewrite_is_the_folded_output():
+    """The benchmark's row-read baseline: with its windows widened to everything, the rewritten FFN
+    outputs the folded MatMul's first d columns (no neuron falls back), while the real rewrite differs."""
+    if not runtime.library_available():
+        pytest.skip(f"custom-op library not built: run `{runtime.BUILD_COMMAND}`")
+    rng = np.random.default_rng(1)
+    d = 16
+    model = rewrite(dense_model(d, 64, rng), rng.normal(size=(256, d)), 0.2, "lowrank", 4, 0.0)[0]
+    fallback = next(n for n in model.graph.node if n.op_type == "FfnFallback")
+    options = runtime.session_options(threads=1, optimization="disable")
+    x = {"x": rng.normal(size=(5, d)).astype(np.float32)}
+    outputs = {}
+    for name, m in (("rewritten", model), ("never", never_flagging(model))):
+        m.graph.output.extend([onnx.helper.make_tensor_value_info(fallback.input[1], onnx.TensorProto.FLOAT, None)])
+        session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        outputs[name] = session.run(None, x)
+    y, y_folded = outputs["never"]
+    np.testing.assert_array_equal(y, y_folded[:, :d])
+    np.testing.assert_array_equal(outputs["rewritten"][1], y_folded)
+    assert np.abs(outputs["rewritten"][0] - y).max() > 1e-3

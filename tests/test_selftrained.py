@@ -115,3 +115,21 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
     assert "set --data or $TARDIS_DATA" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_command_writes_results_and_plot_to_out(tiny, tmp_path):
+    """A small run of ``python -m tardis_onnx.perplexity`` on a given model: results.json and the plot
+    land in --out (the README's figure under docs/ is only written when --plot names it)."""
+    import json
+
+    from models.gpt_selftrained import HELDOUT_FILE
+    from tardis_onnx.perplexity import main
+
+    path, *_ = tiny
+    texts = ["--calib", str(DATA / "tinyshakespeare" / "input.txt"), "--heldout", str(DATA / HELDOUT_FILE)]
+    args = ["--model", str(path), *texts, "--max-windows", "2", "--calib-windows", "4"]
+    args += ["--reductions", "0.5", "--coverages", "--predictors", "--sparsities", "0.5", "--out", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["dense"] > 1 and len(result["rows"]) >= 2
+    assert (tmp_path / "perplexity.png").stat().st_size > 0
