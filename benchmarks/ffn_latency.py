@@ -6,6 +6,9 @@ compared, and the FFN weight bytes-read ratio (DESIGN.md §2) is printed beside 
 Each model holds enough copies of the FFN (its own weights each, all fed the same x) that one run
 streams ``--stack-mib`` of rewritten weights, four times the last-level cache by default: the weights
 come from memory, as a model's layers do, and a time is a run's over the number of copies.
+A third model, the rewrite with every window widened to everything (`never_flagging`), splits the
+rewrite's time into its fixed part and the flagged neurons' rows: each point also reports the read
+rates (GB/s) of the dense weights, the fixed part and the rows (at decode, memory read rates).
 Random weights: speed depends on how many neurons fall back, not on which, so each neuron's window
 is calibrated on the predictor's own outputs to flag the requested fraction (measured on fresh
 tokens and reported). Whether a predictor finds the true outliers is measured on real weights by
