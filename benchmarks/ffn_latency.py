@@ -196,19 +196,13 @@ def measure_point(d: int, fraction: float, args: argparse.Namespace) -> list[dic
         inputs = DECODE_INPUTS if tokens == 1 else 1
         feeds = [{"x": rng.normal(size=(tokens, d)).astype(np.float32)} for _ in range(inputs)]
         repeats = args.repeats * 8 if tokens == 1 else max(5, args.repeats // 3)
-        x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
-        timed_flagged = float(reference.outside_window(predictor.predict(x, ffn.w1, ffn.b1), lines, args.margin).mean())
+        flags = [
+            reference.outside_window(predictor.predict(f["x"].astype(np.float64), ffn.w1, ffn.b1), lines, args.margin)
+            for f in feeds
+        ]
+        timed_flagged = float(np.concatenate(flags).mean())
         # Rows read per run: those of the neurons that any token of the input flags (one block: ≤ 512 tokens).
-        rows_read = dense_bytes * np.mean(
-            [
-                reference.outside_window(
-                    predictor.predict(f["x"].astype(np.float64), ffn.w1, ffn.b1), lines, args.margin
-                )
-                .any(axis=0)
-                .mean()
-                for f in feeds
-            ]
-        )
+        rows_read = dense_bytes * np.mean([f.any(axis=0).mean() for f in flags])
         # Spinning: turns of 10 runs whose first 2 are untimed, one turn of warm-up.
         t = median_times(sessions, feeds, repeats, warmup=1 if args.spinning else 5, block=10 if args.spinning else 1)
         t = {name: seconds / copies for name, seconds in t.items()}

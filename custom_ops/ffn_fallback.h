@@ -51,9 +51,9 @@ void ffn_fallback_cpu(const FallbackArgs<T>& args, const ParallelRunner& runner)
 // (madvise MADV_HUGEPAGE, then MADV_COLLAPSE to do it now; Linux >= 6.1, contents unchanged). The
 // fallback reads scattered 4 KiB rows of W1 and W2, each on its own 4 KiB page: with huge pages
 // they cost no page walk (measured: 490 random rows on a 2-core EPYC VM, 2 threads, 77 -> 63 us;
-// sequential reads unchanged). Returns the bytes now in huge pages; 0 where unsupported, refused
-// or disabled by TARDIS_HUGE_PAGES=0. Called once per weight tensor, when a kernel is created.
-size_t back_with_huge_pages(const void* data, size_t bytes);
+// sequential reads unchanged). Does nothing where unsupported or refused, or with
+// TARDIS_HUGE_PAGES=0. Called once per weight tensor, when a kernel is created.
+void back_with_huge_pages(const void* data, size_t bytes);
 
 #ifdef USE_CUDA
 // Device scratch for the CUDA kernel. `free` is called right after the kernels are enqueued, so

@@ -804,25 +804,23 @@ struct Fallback {
 
 }  // namespace
 
-size_t back_with_huge_pages(const void* data, size_t bytes) {
+void back_with_huge_pages(const void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr int kCollapse = 25;  // MADV_COLLAPSE (Linux 6.1), absent from older libc headers
   constexpr uintptr_t kHuge = uintptr_t{2} << 20;
   if (const char* setting = std::getenv("TARDIS_HUGE_PAGES"); setting != nullptr && std::strcmp(setting, "0") == 0) {
-    return 0;
+    return;
   }
   const auto begin = reinterpret_cast<uintptr_t>(data);
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + bytes) & ~(kHuge - 1);
-  if (data == nullptr || last <= first) return 0;
-  void* range = reinterpret_cast<void*>(first);
+  if (data == nullptr || last <= first) return;
   // Whole huge pages inside the buffer only, so no neighbouring memory is touched; a refusal
   // (older kernel, file-backed weights, THP disabled) leaves the pages as they were.
-  if (madvise(range, last - first, MADV_HUGEPAGE) != 0 || madvise(range, last - first, kCollapse) != 0) return 0;
-  return last - first;
+  void* range = reinterpret_cast<void*>(first);
+  if (madvise(range, last - first, MADV_HUGEPAGE) == 0) madvise(range, last - first, kCollapse);
 #else
   (void)data;
   (void)bytes;
-  return 0;
 #endif
 }
 

@@ -58,7 +58,7 @@ def fallback_schema() -> defs.OpSchema:
         "TARDIS outlier fallback: folded + sum over flagged neurons i of (GELU(z_i) - (a_i z_i + c_i)) * W2[i, :], "
         "z = x·W1 + b1; neuron i is flagged when z_hat_i is outside [lo_i - margin, hi_i + margin] (or NaN).",
         inputs=[param(name, kind, doc, param_option=_option(name)) for name, kind, doc in FALLBACK_INPUTS],
-        outputs=[param("y", "T", "folded plus the outliers' exact residuals [..., d_out]")],
+        outputs=[param("y", "T", "folded plus the outliers' exact residuals [..., d]")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "compute type of the FFN")],
         attributes=[
             attr("margin", onnx.helper.make_attribute("margin", 0.0), "widen every window by this much when flagging"),
