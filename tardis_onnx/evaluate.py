@@ -27,6 +27,7 @@ from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.errors import TardisError, run_command
+from tardis_onnx.io import make_output_folders
 from tardis_onnx.optimize import optimize_model
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.session import create_session
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
+    make_output_folders(args.out)
     data = args.data or default_data_dir()
     if args.quick:
         args.calib_samples, args.calib_seq_len = min(args.calib_samples, 48), min(args.calib_seq_len, 64)
@@ -371,7 +373,6 @@ def save_results(out: Path, result: dict, started: float) -> None:
     """Add the peak RSS and the seconds since ``started`` to ``result``; write it to ``out/results.json``."""
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["seconds"] = time.perf_counter() - started
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

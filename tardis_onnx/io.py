@@ -52,6 +52,21 @@ def check_writable(output: Path, source: Path) -> None:
         raise TardisError(f"{output}: output folder '{folder}' is not writable")
 
 
+def make_output_folders(*folders: Path) -> None:
+    """Create the folders a long run will write to, having checked first that each can be (so a bad
+    one fails before any work, and leaves nothing behind)."""
+    for folder in folders:
+        existing = folder.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise TardisError(f"output folder '{folder}' cannot be created: '{existing}' is not a folder")
+        if not os.access(existing, os.W_OK):
+            raise TardisError(f"output folder '{folder}' cannot be created: '{existing}' is not writable")
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
 def save_model(model: onnx.ModelProto, output: Path) -> list[Path]:
     """Write ``model`` to ``output`` atomically (external data ``<name>.data`` when over 2 GiB); return the files."""
     output = Path(output)

@@ -43,7 +43,7 @@ from tardis_onnx.evaluate import (
     tardis_row,
 )
 from tardis_onnx.feeds import Feeds, random_feeds
-from tardis_onnx.io import load_model
+from tardis_onnx.io import load_model, make_output_folders
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.session import create_session
 
@@ -179,7 +179,6 @@ def plot(rows: list[dict], dense: float, title: str, path: Path) -> None:
     ax.legend(fontsize=6, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -208,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
+    plot_path = args.plot or args.out / "perplexity.png"
+    make_output_folders(args.out, plot_path.parent)
     data = args.data or default_data_dir()
     if args.model is None:
         recipe = import_recipe("gpt_selftrained")
@@ -291,7 +292,6 @@ def run(args: argparse.Namespace) -> dict:
     save_results(args.out, result, started)
     entry = Path(model_path).parent.parent.name.split("__")
     name = f"self-trained GPT-2 {entry[1]}" if entry[0] == "gpt-selftrained" else Path(model_path).stem
-    plot_path = args.plot or args.out / "perplexity.png"
     plot(rows, dense, f"{name}: held-out perplexity, ONNX Runtime", plot_path)
     print(f"dense {dense:.3f}; {result['seconds']:.0f} s; wrote {args.out / 'results.json'} and {plot_path}")
     return result

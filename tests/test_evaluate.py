@@ -69,3 +69,14 @@ def test_quick_evaluation_runs(tmp_path, data_dir):
     for row in result["rows"]:
         assert np.isfinite(row["stsb"]) and 0 < row["weights_read"] < 1
     assert (tmp_path / "accuracy_vs_bytes.png").stat().st_size > 0
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
+    from tardis_onnx.evaluate import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--out", str(blocker / "eval"), "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be created" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]

@@ -133,3 +133,20 @@ def test_command_writes_results_and_plot_to_out(tiny, tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["dense"] > 1 and len(result["rows"]) >= 2
     assert (tmp_path / "perplexity.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_unwritable_output_fails_before_any_work(tmp_path, capsys, flag):
+    """An output that cannot be written is a one-line error before anything is trained or scored
+    (it used to fail after results.json was written)."""
+    from tardis_onnx.perplexity import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = tmp_path / "out"
+    target = blocker / ("plot.png" if flag == "--plot" else "results")
+    args = ["--data", str(tmp_path / "nowhere"), "--out", str(out if flag == "--plot" else target)]
+    assert main([*args, *([flag, str(target)] if flag == "--plot" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be created" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]  # --out not created either
