@@ -309,7 +309,7 @@ def test_fused_lowrank_matches_reference(cpu_library, lead, threads, dtype):
     assert_matches(run_op(case, margin=0.05, threads=threads), oracle(case, 0.05), dtype)
 
 
-@pytest.mark.parametrize("rank", [1, 64, 130])
+@pytest.mark.parametrize("rank", [1, 3, 64, 130])  # odd ranks: pairs of V rows, then one
 @pytest.mark.parametrize("flagged", ["none", "some", "all"])
 @pytest.mark.parametrize("lead", [(1,), (9,)], ids=["decode", "prefill"])
 def test_fused_lowrank_ranks_and_fractions(cpu_library, lead, flagged, rank):
