@@ -332,6 +332,24 @@ def test_fused_lowrank_threads_and_size(cpu_library):
         assert_matches(y1, oracle(case), np.float32)
 
 
+def test_concurrent_runs_of_one_session(cpu_library):
+    """A server calls Run on one session from several threads at once: decode and prefill calls
+    interleaved from four threads give, bit for bit, what each gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(33)
+    cases = [make_fused_case(rng, lead, d=256, h=1024, rank=16) for lead in [(1,), (2,), (1, 1), (40,), (3, 70)]]
+    so = runtime.session_options(threads=2, optimization="disable")
+    session = ort.InferenceSession(fallback_model(np.float32, fused=True), so, providers=["CPUExecutionProvider"])
+    alone = [session.run(None, case)[0] for case in cases]
+    order = rng.permutation(np.repeat(np.arange(len(cases)), 8))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda k: (k, session.run(None, cases[k])[0]), order))
+    for k, y in together:
+        np.testing.assert_array_equal(y, alone[k])
+    assert_matches(alone[3], oracle(cases[3]), np.float32)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
