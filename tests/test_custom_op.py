@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zlib
@@ -503,6 +504,15 @@ def test_make_session_runs_the_op():
     case = make_case(rng, (2,), d=16, h=32)
     session = runtime.make_session(fallback_model(np.float32), threads=1, optimization="all")
     assert_matches(session.run(None, case)[0], oracle(case), np.float32)
+    # The public names: registered by hand, as a host that builds its own options does.
+    import tardis_onnx
+
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(tardis_onnx.library_path()))
+    by_hand = ort.InferenceSession(fallback_model(np.float32), so, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(by_hand.run(None, case)[0], session.run(None, case)[0])
+    with pytest.raises(Exception, match="FfnFallback"):  # without the library: refused at load
+        ort.InferenceSession(fallback_model(np.float32), providers=["CPUExecutionProvider"])
 
 
 def test_readme_example_runs():
@@ -528,6 +538,69 @@ def test_build_without_headers_fails_clearly(tmp_path):
     assert result.returncode == 1
     assert "ORT_INCLUDE_DIR" in result.stderr and "onnxruntime_c_api.h" in result.stderr
     assert not (tmp_path / "lib" / runtime.CPU_LIBRARY).exists()
+
+
+def ort_headers() -> Path | None:
+    """ONNX Runtime's C/C++ headers as the build finds them: $ORT_INCLUDE_DIR or the fetched copy."""
+    for root in [os.environ.get("ORT_INCLUDE_DIR"), ROOT / "build" / "ort-headers" / "usr" / "include"]:
+        for folder in [Path(root), Path(root) / "onnxruntime"] if root else []:
+            if (folder / "onnxruntime_cxx_api.h").is_file():
+                return folder
+    return None
+
+
+def test_cpp_host_runs_a_rewritten_export(tmp_path):
+    """Deployment without Python: custom_ops/host_run.cc, built against ONNX Runtime's C++ API and the
+    wheel's libonnxruntime, registers the library as ORT-based servers do and runs a rewritten BERT
+    export (custom op with the fused low-rank predictor); its outputs equal the Python session's bit
+    for bit."""
+    needs_library()
+    include = ort_headers()
+    wheel_lib = sorted((Path(ort.__file__).parent / "capi").glob("libonnxruntime.so.*"))
+    if include is None or not wheel_lib or shutil.which("g++") is None:
+        pytest.skip("needs g++, ONNX Runtime headers (python custom_ops/build.py fetches them) and libonnxruntime.so")
+    import onnx
+
+    from models import optimum_zoo as zoo
+    from tardis_onnx.config import TardisConfig
+    from tardis_onnx.feeds import random_feeds
+    from tardis_onnx.optimize import optimize_model
+
+    lib_dir = tmp_path / "lib"  # the wheel's library under its soname
+    lib_dir.mkdir()
+    for name in ("libonnxruntime.so.1", "libonnxruntime.so"):
+        (lib_dir / name).symlink_to(wheel_lib[0])
+    host = tmp_path / "host_run"
+    source = ROOT / "custom_ops" / "host_run.cc"
+    compile_command = ["g++", "-std=c++17", "-O1", f"-I{include}", str(source), f"-L{lib_dir}", "-lonnxruntime"]
+    subprocess.run([*compile_command, f"-Wl,-rpath,{lib_dir}", "-o", str(host)], check=True)
+
+    model = onnx.load(zoo.export("bert"))
+    result = optimize_model(model, TardisConfig(coverage=0.8, fallback="custom", predictor="lowrank", predictor_rank=8))
+    assert any(n.op_type == "FfnFallback" for n in result.model.graph.node)
+    model_file = tmp_path / "model.tardis.onnx"
+    onnx.save(result.model, model_file)
+    feeds = random_feeds(result.model, batch=2, sequence=7, seed=3)
+    args = [str(host), "--threads", "2", str(model_file), str(runtime.library_path()), str(tmp_path)]
+    for name, value in feeds.items():
+        raw = tmp_path / f"{name}.raw"
+        value.tofile(raw)
+        kind = {np.dtype(np.float32): "f32", np.dtype(np.int64): "i64"}[value.dtype]
+        args.append(f"{name}={kind}:{'x'.join(map(str, value.shape))}:{raw}")
+    printed = subprocess.run(args, capture_output=True, text=True, check=True).stdout.splitlines()
+
+    session = runtime.make_session(model_file.read_bytes(), threads=2)
+    expected = session.run(None, feeds)
+    assert len(printed) == len(expected)
+    for line, want in zip(printed, expected, strict=True):
+        k, name, kind, shape = line.split()
+        got = np.fromfile(tmp_path / f"{k}.bin", dtype=np.float32 if kind == "f32" else np.int64)
+        assert shape == "x".join(map(str, want.shape))
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+    no_library = [*args[:4], str(tmp_path / "no_such_library.so"), *args[5:]]
+    missing = subprocess.run(no_library, capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
 
 
 # ---- CUDA kernel through its C entry point --------------------------------------------------
