@@ -246,9 +246,9 @@ TARDIS_CLONES void axpy_two_rows(float* __restrict acc, float r0, const float* _
 // The low-rank predictor fused in: z[0:n] = sum over r < rank (increasing) of code[r] * v[r, 0:n],
 // V rows `stride` apart. Two rows at a time (the sums stay in L1, each of z's loads and stores
 // serves two rows), each V row segment one contiguous stream, the next two prefetched meanwhile
-// (a C harness timing this kernel at decode, d = 1024, rank 64, 4 parts, cold weights, nothing
-// flagged: 20-23 -> 15-16 us; four rows at a time or two unprefetched: 21-30 us). Half rows are
-// converted through `row` ([n] floats).
+// (benchmarks/decode_kernel.cc, d = 1024, rank 64, cold weights, run in turn with one row at a time:
+// nothing flagged 17.5-17.9 -> 13.7-14.5 us, 5% flagged 77-80 -> 73-77 us; four rows at a time or
+// two unprefetched were slower than one). Half rows are converted through `row` ([n] floats).
 TARDIS_CLONES void lowrank_z(const float* code, int64_t rank, const float* v, int64_t stride, int64_t n, float* z,
                              float*) {
   std::fill(z, z + n, 0.0f);
