@@ -54,3 +54,25 @@ def test_never_flagging_rewrite_is_the_folded_output():
     np.testing.assert_array_equal(y, y_folded[:, :d])
     np.testing.assert_array_equal(outputs["rewritten"][1], y_folded)
     assert np.abs(outputs["rewritten"][0] - y).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "probe",
+    [["benchmarks/row_reads.c", "-mavx2", "-mfma"], ["benchmarks/decode_kernel.cc", "custom_ops/ffn_fallback_cpu.cc"]],
+    ids=["row_reads", "decode_kernel"],
+)
+def test_c_probes_build(probe, tmp_path):
+    """The C/C++ probes cited for kernel choices still build against the kernel as it is (their
+    numbers are timings, not run here)."""
+    import shutil
+    import subprocess
+
+    compiler = "gcc" if probe[0].endswith(".c") else "g++"
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no {compiler}")
+    root = Path(__file__).resolve().parent.parent
+    flags = ["-O1", "-fopenmp", "-Icustom_ops"] + (["-std=c++17", "-Wno-psabi"] if compiler == "g++" else [])
+    result = subprocess.run(
+        [compiler, *flags, *probe, "-o", str(tmp_path / "probe")], cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
