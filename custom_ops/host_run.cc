@@ -30,12 +30,17 @@ struct Input {
   std::vector<char> bytes;
 };
 
+// "1x7x384" -> {1, 7, 384}
 std::vector<int64_t> parse_shape(const std::string& text) {
   std::vector<int64_t> shape;
   size_t start = 0;
   while (start <= text.size()) {
     const size_t end = std::min(text.find('x', start), text.size());
-    shape.push_back(std::stoll(text.substr(start, end - start)));
+    const std::string dim = text.substr(start, end - start);
+    if (dim.empty() || dim.find_first_not_of("0123456789") != std::string::npos) {
+      throw std::runtime_error("shape '" + text + "' is not like 1x7x384");
+    }
+    shape.push_back(std::stoll(dim));
     start = end + 1;
   }
   return shape;

@@ -598,9 +598,15 @@ def test_cpp_host_runs_a_rewritten_export(tmp_path):
         assert shape == "x".join(map(str, want.shape))
         np.testing.assert_array_equal(got.reshape(want.shape), want)
 
-    no_library = [*args[:4], str(tmp_path / "no_such_library.so"), *args[5:]]
-    missing = subprocess.run(no_library, capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and missing.stderr.count("\n") == 1
+    bad_runs = {
+        "Failed to load library": [*args[:4], str(tmp_path / "no_such_library.so"), *args[5:]],
+        "is not like 1x7x384": [*args[:6], "input_ids=i64:2xseven:/dev/null"],
+        "bytes, shape needs 112": [*args[:6], "input_ids=i64:2x7:/dev/null"],
+    }
+    for message, bad in bad_runs.items():
+        run = subprocess.run(bad, capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.startswith("error: ") and run.stderr.count("\n") == 1
+        assert message in run.stderr
 
 
 # ---- CUDA kernel through its C entry point --------------------------------------------------
