@@ -7,11 +7,13 @@
 // runs it once on the given inputs: TYPE f32 or i64, SHAPE like 1x7x384 (0 allowed), FILE the raw
 // little-endian values. Writes output k to OUT_DIR/k.bin (raw) and prints "k name type shape" per
 // output. Any error: one line on stderr, exit 2. Build against the ONNX Runtime C/C++ headers and
-// library (tests/test_custom_op.py does, with the Python wheel's libonnxruntime.so):
+// library, ORT_LIB holding libonnxruntime.so and libonnxruntime.so.1 (as a release archive's lib/
+// does; tests/test_custom_op.py links the Python wheel's library under those names):
 //
-//     g++ -std=c++17 -I$ORT_INCLUDE_DIR custom_ops/host_run.cc -L$ORT_LIB -l:libonnxruntime.so.1.32.0 -o host_run
+//     g++ -std=c++17 -I$ORT_INCLUDE_DIR custom_ops/host_run.cc -L$ORT_LIB -lonnxruntime -Wl,-rpath,$ORT_LIB -o host_run
 #include <onnxruntime_cxx_api.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
