@@ -54,8 +54,8 @@ Input parse_input(const std::string& spec) {
   if (eq == std::string::npos || c1 == std::string::npos || c2 == std::string::npos) {
     throw std::runtime_error("input '" + spec + "' is not NAME=TYPE:SHAPE:FILE");
   }
-  Input input{spec.substr(0, eq), ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, parse_shape(spec.substr(c1 + 1, c2 - c1 - 1)),
-              {}};
+  Input input{spec.substr(0, eq), ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+              parse_shape(spec.substr(c1 + 1, c2 - c1 - 1)), {}};
   const std::string type = spec.substr(eq + 1, c1 - eq - 1);
   size_t element = 0;
   if (type == "f32") {
@@ -71,8 +71,8 @@ Input parse_input(const std::string& spec) {
   size_t count = 1;
   for (int64_t dim : input.shape) count *= static_cast<size_t>(dim);
   if (input.bytes.size() != count * element) {
-    throw std::runtime_error("input '" + input.name + "': " + std::to_string(input.bytes.size()) + " bytes, shape needs " +
-                             std::to_string(count * element));
+    throw std::runtime_error("input '" + input.name + "': " + std::to_string(input.bytes.size()) +
+                             " bytes, shape needs " + std::to_string(count * element));
   }
   return input;
 }
@@ -89,7 +89,9 @@ int run(int argc, char** argv) {
     threads = std::atoi(argv[arg + 1]);
     arg += 2;
   }
-  if (argc - arg < 3) throw std::runtime_error("usage: host_run [--threads N] MODEL LIBRARY OUT_DIR [NAME=TYPE:SHAPE:FILE ...]");
+  if (argc - arg < 3) {
+    throw std::runtime_error("usage: host_run [--threads N] MODEL LIBRARY OUT_DIR [NAME=TYPE:SHAPE:FILE ...]");
+  }
   const std::string model = argv[arg], library = argv[arg + 1], out_dir = argv[arg + 2];
   std::vector<Input> inputs;
   for (int k = arg + 3; k < argc; ++k) inputs.push_back(parse_input(argv[k]));
@@ -120,14 +122,17 @@ int run(int argc, char** argv) {
   for (size_t k = 0; k < outputs.size(); ++k) {
     const auto info = outputs[k].GetTensorTypeAndShapeInfo();
     const auto type = info.GetElementType();
-    const size_t element = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ? 8 : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 0;
+    const size_t element = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64   ? 8
+                           : type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4
+                                                                         : 0;
     if (element == 0) throw std::runtime_error(std::string("output '") + output_names[k] + "' is neither f32 nor i64");
     const std::string path = out_dir + "/" + std::to_string(k) + ".bin";
     std::ofstream file(path, std::ios::binary);
     file.write(static_cast<const char*>(outputs[k].GetTensorRawData()),
                static_cast<std::streamsize>(info.GetElementCount() * element));
     if (!file) throw std::runtime_error("cannot write " + path);
-    std::printf("%zu %s %s %s\n", k, output_names[k], element == 4 ? "f32" : "i64", shape_text(info.GetShape()).c_str());
+    std::printf("%zu %s %s %s\n", k, output_names[k], element == 4 ? "f32" : "i64",
+                shape_text(info.GetShape()).c_str());
   }
   return 0;
 }
