@@ -4,7 +4,9 @@ The GPU machines lent to this project have a CPU-only ONNX Runtime, so the CUDA 
 its C entry point (``tardis_ffn_fallback_cuda_*`` in ``libtardis_ops_cuda.so``) on torch device
 pointers, and the MatMuls around it are torch's (cuBLAS), as ONNX Runtime's CUDA provider would run
 them. Dense: ``GELU(x·W1 + b1)·W2 + b2``. Rewritten: ``x·[Wf | U]`` (fold and the low-rank predictor's
-first factor in one MatMul, as the emitted graph does), ``z_hat = t·V + b1``, then the fallback kernel.
+first factor in one MatMul, as the emitted graph does), then with ``--form z_hat`` (default) a second
+MatMul ``z_hat = t·V + b1`` and the fallback kernel reading it, with ``--form fused`` the kernel alone,
+computing ``z_hat`` from the code ``t`` and V itself (the form the optimizer emits).
 
 Weights are random; each neuron's window is calibrated on the predictor's own outputs to flag the
 requested fraction (measured on fresh tokens and reported). Each timed run goes through ``layers``
@@ -13,6 +15,7 @@ CUDA graph (no launch overhead, as serving stacks decode); medians of alternated
 every configuration checks that the rewrite with all neurons falling back equals the dense FFN.
 
     python benchmarks/ffn_latency_cuda.py --out out/bench-cuda
+    python benchmarks/ffn_latency_cuda.py --form fused --out out/bench-cuda-fused
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class Layer:
         self.flagged = float(reference.outside_window((x_test @ u) @ v + b1, lines).mean())
         wf, bf = reference.fold(w1, b1, w2, b2, lines)
         empty = reference.NeuronLines(lines.slope, lines.intercept, np.full(h, np.inf), np.full(h, -np.inf))
+        # The fused form tests z_hat without b1 against windows shifted by −b1, as emit.py writes them.
+        shifted = reference.NeuronLines(lines.slope, lines.intercept, lines.lo - b1, lines.hi - b1)
 
         def dev(a: np.ndarray, dt=dtype):
             return torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE, dt)
@@ -66,6 +71,7 @@ class Layer:
             "wfu": dev(np.concatenate([wf, u], axis=1)),  # fold and predictor's first factor: one MatMul
             "bias0": dev(np.concatenate([bf, np.zeros(rank)])), "v": dev(v),
             "lines": dev(reference.pack_lines(lines), torch.float32),
+            "lines_fused": dev(reference.pack_lines(shifted), torch.float32),
             "all_flagged": dev(reference.pack_lines(empty), torch.float32),
         }  # fmt: skip
 
@@ -81,21 +87,34 @@ def dense(torch, layer: Layer, x):
     return torch.addmm(w["b2"], torch.nn.functional.gelu(torch.addmm(w["b1"], x, w["w1"])), w["w2"])
 
 
+def folded(torch, layer: Layer, x):
+    """The rewrite's first MatMul: ``[y_folded | t]``, the folded output and the predictor's code ``t = x·U``."""
+    w = layer.tensors
+    return torch.addmm(w["bias0"], x, w["wfu"])
+
+
 def folded_and_predicted(torch, layer: Layer, x):
-    """The rewrite's MatMuls: ``y_folded`` and ``z_hat``."""
+    """The z_hat form's MatMuls: ``y_folded`` and ``z_hat``."""
     w, d = layer.tensors, layer.d
-    yt = torch.addmm(w["bias0"], x, w["wfu"])
+    yt = folded(torch, layer, x)
     return yt[:, :d].contiguous(), torch.addmm(w["b1"], yt[:, d:], w["v"])
 
 
-def rewritten(torch, entry, layer: Layer, x, lines: str = "lines"):
+def rewritten(torch, entry, layer: Layer, x, lines: str = "lines", fused: bool = False):
+    """The rewritten FFN; ``fused``: the kernel computes z_hat from the code and V (windows ``lines`` + "_fused")."""
     w, d = layer.tensors, layer.d
-    y_folded, z_hat = folded_and_predicted(torch, layer, x)
-    y = torch.empty_like(y_folded)
     fn, error_string = entry
-    pointers = [t.data_ptr() for t in (x, y_folded, z_hat, w["w1t"], w["b1"], w["w2"], w[lines])]
+    if fused:
+        y_folded, z_hat, v = folded(torch, layer, x), None, w["v"]
+        lines = lines if lines == "all_flagged" else lines + "_fused"
+    else:
+        (y_folded, z_hat), v = folded_and_predicted(torch, layer, x), None
+    y = torch.empty(x.shape[0], d, device=x.device, dtype=x.dtype)
+    inputs = (x, y_folded, z_hat, w["w1t"], w["b1"], w["w2"], w[lines], v)
+    pointers = [None if t is None else t.data_ptr() for t in inputs]
+    rank = 0 if v is None else v.shape[0]
     stream = torch.cuda.current_stream().cuda_stream
-    code = fn(*pointers, None, y.data_ptr(), x.shape[0], d, layer.h, 0, 0.0, 0, stream)  # z_hat given: no v, rank 0
+    code = fn(*pointers, y.data_ptr(), x.shape[0], d, layer.h, rank, 0.0, 0, stream)
     if code != 0:
         raise RuntimeError(f"fallback kernel: {error_string(code).decode()}")
     return y
@@ -134,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = grid_parser(__doc__)
     parser.add_argument("--dtypes", nargs="+", choices=["fp16", "fp32"], default=["fp16", "fp32"])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--form", choices=["z_hat", "fused"], default="z_hat", help="z_hat from a second MatMul, or in the kernel"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/bench-cuda"))
     args = parser.parse_args(argv)
     import torch
@@ -141,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
+    fused = args.form == "fused"
     rng = np.random.default_rng(0)
     rows = []
     print(
@@ -161,20 +184,22 @@ def main(argv: list[str] | None = None) -> int:
                 # Coverage 0 (every neuron falls back) must reproduce the dense FFN.
                 x_check = torch.randn(64, d, device=DEVICE, dtype=dtype)
                 want = dense(torch, first, x_check).float()
-                got = rewritten(torch, entry, first, x_check, "all_flagged").float()
+                got = rewritten(torch, entry, first, x_check, "all_flagged", fused).float()
                 error = float((got - want).abs().max() / want.abs().max())
                 assert error < (2e-2 if dtype_name == "fp16" else 1e-4), f"coverage-0 rewrite differs: {error:.2e}"
                 flagged = first.flagged
                 read = (d * (d + args.rank) + args.rank * h + flagged * 2 * d * h) * itemsize
                 for tokens in args.tokens:
                     x = torch.randn(tokens, d, device=DEVICE, dtype=dtype)
+                    matmuls = folded if fused else folded_and_predicted
                     graphs = {
                         "dense": graph_of(torch, partial(dense, torch), layers, x),
-                        "tardis": graph_of(torch, partial(rewritten, torch, entry), layers, x),
-                        "matmuls": graph_of(torch, partial(folded_and_predicted, torch), layers, x),
+                        "tardis": graph_of(torch, partial(rewritten, torch, entry, fused=fused), layers, x),
+                        "matmuls": graph_of(torch, partial(matmuls, torch), layers, x),
                     }
                     t = median_ms(torch, graphs, args.repeats)
                     row = {
+                        "form": args.form,
                         "dtype": dtype_name,
                         "d": d,
                         "h": h,

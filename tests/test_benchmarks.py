@@ -76,3 +76,48 @@ def test_c_probes_build(probe, tmp_path):
         [compiler, *flags, *probe, "-o", str(tmp_path / "probe")], cwd=root, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_cuda_benchmark_plumbing_on_cpu(monkeypatch):
+    """The CUDA benchmark's rewrite in both forms (z_hat from a MatMul; fused: the kernel computes it
+    from the code and V against windows shifted by −b1), run here on CPU tensors with the op's numpy
+    oracle standing in for the CUDA entry point (same pointer arguments): every neuron flagged gives
+    the dense FFN, and the two forms agree. The CUDA kernel itself is tested on a GPU."""
+    import ctypes
+    from types import SimpleNamespace
+
+    torch = pytest.importorskip("torch")
+    import ffn_latency_cuda as bench
+
+    from tardis_onnx.reference import fallback_op
+
+    def oracle_entry(x, y_folded, z_hat, w1t, b1, w2, lines, v, y, tokens, d, h, rank, margin, approximate, stream):
+        def view(address, *shape):
+            return np.ctypeslib.as_array((ctypes.c_float * int(np.prod(shape))).from_address(address)).reshape(shape)
+
+        z = None if z_hat is None else view(z_hat, tokens, h)
+        v = None if v is None else view(v, rank, h)
+        args = (view(x, tokens, d), view(y_folded, tokens, d + rank), z, view(w1t, h, d), view(b1, h), view(w2, h, d))
+        view(y, tokens, d)[:] = fallback_op(*args, view(lines, 4, h), v, margin=margin, form="erf")
+        return 0
+
+    class CpuTorch:  # torch, with a CUDA stream that is never used
+        cuda = SimpleNamespace(current_stream=lambda: SimpleNamespace(cuda_stream=None))
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    cpu = CpuTorch()
+    entry = (oracle_entry, lambda code: b"oracle")
+    layer = bench.Layer(cpu, 32, 0.1, 4, torch.float32, np.random.default_rng(5))
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    dense = bench.dense(cpu, layer, x)
+    for fused in (False, True):
+        every = bench.rewritten(cpu, entry, layer, x, "all_flagged", fused)
+        torch.testing.assert_close(every, dense, rtol=1e-5, atol=1e-5)
+    z_hat_form = bench.rewritten(cpu, entry, layer, x)
+    fused_form = bench.rewritten(cpu, entry, layer, x, fused=True)
+    torch.testing.assert_close(fused_form, z_hat_form, rtol=1e-5, atol=1e-5)
+    unflagged = bench.folded(cpu, layer, x)[:, :32]
+    assert (fused_form - unflagged).abs().max() > 1e-3  # some neurons were flagged
