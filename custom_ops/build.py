@@ -36,6 +36,7 @@ SOURCES = ROOT / "custom_ops"
 DEFAULT_OUT = ROOT / "tardis_onnx" / "lib"
 BUILD_DIR = ROOT / "build"
 HEADER_CACHE = BUILD_DIR / "ort-headers"
+FETCHED_HEADERS = HEADER_CACHE / "usr" / "include" / "onnxruntime"
 OBJECT_DIR = BUILD_DIR / "custom_ops"
 
 CPU_LIBRARY = "libtardis_ops.so"
@@ -118,11 +119,17 @@ def user_headers(path: str) -> Path:
     raise BuildError(f"ORT_INCLUDE_DIR={path} holds no onnxruntime_c_api.h (ONNX Runtime C/C++ headers)")
 
 
+def headers_at_hand() -> Path | None:
+    """The headers the build uses without fetching: $ORT_INCLUDE_DIR's (BuildError if it holds none),
+    else an earlier fetch's, else None."""
+    env = os.environ.get("ORT_INCLUDE_DIR")
+    if env:
+        return user_headers(env)
+    return FETCHED_HEADERS if (FETCHED_HEADERS / "onnxruntime_c_api.h").is_file() else None
+
+
 def fetch_debian_headers(verbose: bool) -> Path:
     """Download and unpack Debian's libonnxruntime-dev into build/ort-headers."""
-    include_dir = HEADER_CACHE / "usr" / "include" / "onnxruntime"
-    if (include_dir / "onnxruntime_c_api.h").is_file():
-        return include_dir
     for tool in ("apt-get", "dpkg"):
         if shutil.which(tool) is None:
             raise BuildError(
@@ -171,14 +178,14 @@ def fetch_debian_headers(verbose: bool) -> Path:
         shutil.rmtree(HEADER_CACHE)
     staging.rename(HEADER_CACHE)
     shutil.rmtree(apt_dir, ignore_errors=True)  # the package lists (tens of MB) are no longer needed
-    return include_dir
+    return FETCHED_HEADERS
 
 
 def find_headers(verbose: bool) -> Path:
-    env = os.environ.get("ORT_INCLUDE_DIR")
-    include_dir = user_headers(env) if env else fetch_debian_headers(verbose)
+    include_dir = headers_at_hand() or fetch_debian_headers(verbose)
     version = header_api_version(include_dir)
-    step(f"headers: {include_dir} (ONNX Runtime API {version}{', from ORT_INCLUDE_DIR' if env else ''})")
+    origin = ", from ORT_INCLUDE_DIR" if os.environ.get("ORT_INCLUDE_DIR") else ""
+    step(f"headers: {include_dir} (ONNX Runtime API {version}{origin})")
     return include_dir
 
 

@@ -541,12 +541,16 @@ def test_build_without_headers_fails_clearly(tmp_path):
 
 
 def ort_headers() -> Path | None:
-    """ONNX Runtime's C/C++ headers as the build finds them: $ORT_INCLUDE_DIR or the fetched copy."""
-    for root in [os.environ.get("ORT_INCLUDE_DIR"), ROOT / "build" / "ort-headers" / "usr" / "include"]:
-        for folder in [Path(root), Path(root) / "onnxruntime"] if root else []:
-            if (folder / "onnxruntime_cxx_api.h").is_file():
-                return folder
-    return None
+    """ONNX Runtime's C/C++ headers the build used ($ORT_INCLUDE_DIR or its fetched copy), never fetching."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tardis_build", ROOT / "custom_ops" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    try:
+        return build.headers_at_hand()
+    except build.BuildError:
+        return None
 
 
 def test_cpp_host_runs_a_rewritten_export(tmp_path):
