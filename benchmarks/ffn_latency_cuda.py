@@ -100,13 +100,14 @@ def folded_and_predicted(torch, layer: Layer, x):
     return yt[:, :d].contiguous(), torch.addmm(w["b1"], yt[:, d:], w["v"])
 
 
-def rewritten(torch, entry, layer: Layer, x, lines: str = "lines", fused: bool = False):
-    """The rewritten FFN; ``fused``: the kernel computes z_hat from the code and V (windows ``lines`` + "_fused")."""
+def rewritten(torch, entry, layer: Layer, x, fused: bool = False, all_flagged: bool = False):
+    """The rewritten FFN; ``fused``: the kernel computes z_hat from the code and V; ``all_flagged``: every
+    neuron falls back (empty windows, the same in both forms)."""
     w, d = layer.tensors, layer.d
     fn, error_string = entry
+    lines = "all_flagged" if all_flagged else "lines_fused" if fused else "lines"
     if fused:
         y_folded, z_hat, v = folded(torch, layer, x), None, w["v"]
-        lines = lines if lines == "all_flagged" else lines + "_fused"
     else:
         (y_folded, z_hat), v = folded_and_predicted(torch, layer, x), None
     y = torch.empty(x.shape[0], d, device=x.device, dtype=x.dtype)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Coverage 0 (every neuron falls back) must reproduce the dense FFN.
                 x_check = torch.randn(64, d, device=DEVICE, dtype=dtype)
                 want = dense(torch, first, x_check).float()
-                got = rewritten(torch, entry, first, x_check, "all_flagged", fused).float()
+                got = rewritten(torch, entry, first, x_check, fused, all_flagged=True).float()
                 error = float((got - want).abs().max() / want.abs().max())
                 assert error < (2e-2 if dtype_name == "fp16" else 1e-4), f"coverage-0 rewrite differs: {error:.2e}"
                 flagged = first.flagged

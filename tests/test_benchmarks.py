@@ -114,7 +114,7 @@ def test_cuda_benchmark_plumbing_on_cpu(monkeypatch):
     x = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
     dense = bench.dense(cpu, layer, x)
     for fused in (False, True):
-        every = bench.rewritten(cpu, entry, layer, x, "all_flagged", fused)
+        every = bench.rewritten(cpu, entry, layer, x, fused, all_flagged=True)
         torch.testing.assert_close(every, dense, rtol=1e-5, atol=1e-5)
     z_hat_form = bench.rewritten(cpu, entry, layer, x)
     fused_form = bench.rewritten(cpu, entry, layer, x, fused=True)
