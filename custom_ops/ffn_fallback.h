@@ -52,8 +52,8 @@ void ffn_fallback_cpu(const FallbackArgs<T>& args, const ParallelRunner& runner)
 // fallback reads scattered 4 KiB rows of W1 and W2, each on its own 4 KiB page: with huge pages
 // they cost no page walk (benchmarks/row_reads.c on a 2-core EPYC VM, 490 random rows, 2 threads,
 // next row prefetched: 28-41 GB/s with 4 KiB pages, 37-40 GB/s with 2 MiB pages). Does nothing
-// where unsupported or refused, or with
-// TARDIS_HUGE_PAGES=0. Called once per weight tensor, when a kernel is created.
+// where unsupported or refused, or with TARDIS_HUGE_PAGES=0. Called once per weight tensor, when
+// a kernel is created.
 void back_with_huge_pages(const void* data, size_t bytes);
 
 #ifdef USE_CUDA

@@ -143,10 +143,11 @@ def test_unwritable_output_fails_before_any_work(tmp_path, capsys, flag):
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    out = tmp_path / "out"
-    target = blocker / ("plot.png" if flag == "--plot" else "results")
-    args = ["--data", str(tmp_path / "nowhere"), "--out", str(out if flag == "--plot" else target)]
-    assert main([*args, *([flag, str(target)] if flag == "--plot" else [])]) == 2
+    outputs = {
+        "--out": ["--out", str(blocker / "results")],
+        "--plot": ["--out", str(tmp_path / "out"), "--plot", str(blocker / "plot.png")],
+    }
+    assert main(["--data", str(tmp_path / "nowhere"), *outputs[flag]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be created" in err
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]  # --out not created either
