@@ -45,8 +45,9 @@ from tardis_onnx import runtime, text  # noqa: E402
 from tardis_onnx.calibrate import capture_ffn_inputs  # noqa: E402
 from tardis_onnx.feeds import Feeds, random_feeds  # noqa: E402
 from tardis_onnx.io import save_model  # noqa: E402
-from tardis_onnx.optimize import build_parser, config_from_args, optimize_model, predictor_quality  # noqa: E402
+from tardis_onnx.optimize import build_parser, config_from_args, optimize_model  # noqa: E402
 from tardis_onnx.passes import find_ffns  # noqa: E402
+from tardis_onnx.predictor import predictor_quality  # noqa: E402
 
 DEFAULT_VARIANTS = (
     "",
@@ -173,7 +174,7 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
         result = optimize_model(rewritten, config, samples=samples)
         fit_s = time.perf_counter() - t0
         per_ffn = zip(result.predictors, ffns, decoded, result.lines, result.flags, strict=True)
-        quality = [predictor_quality(p, ffn, s, lines, flags, config.margin) for p, ffn, s, lines, flags in per_ffn]
+        quality = [predictor_quality(p, ffn, s.x, lines, flags, config.margin) for p, ffn, s, lines, flags in per_ffn]
         f = [q[0] for q in quality]
         ffn_dense = sum(r.dense_bytes for r in result.ffns)
         ffn_read = sum(

@@ -201,26 +201,37 @@ def _bisect(costs, fractions, weights, budget, per_neuron=False):
     return choose(hi_lam)
 
 
-def normal_equations(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """``([x 1]ᵀ[x 1], [x 1]ᵀ·target, Σ target²)`` of one block of tokens: sums that stream over blocks."""
+def gram_matrix(x: np.ndarray) -> np.ndarray:
+    """``[x 1]ᵀ[x 1]`` of one block of tokens (sums that stream over blocks)."""
     a = np.concatenate([np.asarray(x, dtype=np.float64), np.ones((x.shape[0], 1))], axis=1)
-    return a.T @ a, a.T @ target, float((target * target).sum())
+    return a.T @ a
+
+
+def cross_terms(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
+    """``([x 1]ᵀ·target, Σ target²)`` of one block of tokens (sums that stream over blocks)."""
+    x = np.asarray(x, dtype=np.float64)
+    cross = np.concatenate([x.T @ target, target.sum(axis=0, keepdims=True)], axis=0)
+    return cross, float((target * target).sum())
 
 
 def refit_fold(
-    gram: np.ndarray, cross: np.ndarray, wf: np.ndarray, bf: np.ndarray, ridge: float = 1e-6
+    gram: np.ndarray, cross: np.ndarray, wf: np.ndarray, bf: np.ndarray, ridge: float = 0.1
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares ``(Wf, bf)`` with ``x·Wf + bf ≈ target`` from :func:`normal_equations` sums.
+    """Least-squares ``(Wf, bf)`` with ``x·Wf + bf ≈ target`` from :func:`gram_matrix` and :func:`cross_terms` sums.
 
-    Solves ``min ‖[x 1]·B − target‖² + ρ‖B − B0‖²`` (``B0`` = the fold, ``ρ = ridge · mean diag(gram)``).
+    Solves ``min ‖[x 1]·B − target‖² + ρ‖B − B0‖²`` (``B0`` = the fold) with ``ρ = ridge · (d + 1) ·
+    mean x²``: the prior weighs as much as ``ridge · (d + 1)`` tokens, whatever the token count, so
+    it matters when tokens are few relative to the ``d + 1`` unknowns per output and fades when many.
     """
-    rho = ridge * float(np.mean(np.diag(gram)))
+    tokens = max(float(gram[-1, -1]), 1.0)  # the bias column's sum of ones
+    mean_square = float(np.mean(np.diag(gram)[:-1])) / tokens
+    rho = ridge * gram.shape[0] * max(mean_square, 1e-30)
     b0 = np.concatenate([wf, bf[None, :]], axis=0)
     solution = np.linalg.solve(gram + rho * np.eye(gram.shape[0]), cross + rho * b0)
     return solution[:-1], solution[-1]
 
 
 def squared_error(gram: np.ndarray, cross: np.ndarray, target_sq: float, wf: np.ndarray, bf: np.ndarray) -> float:
-    """``Σ‖x·Wf + bf − target‖²`` from :func:`normal_equations` sums (no second pass over tokens)."""
+    """``Σ‖x·Wf + bf − target‖²`` from :func:`gram_matrix` and :func:`cross_terms` sums (no pass over tokens)."""
     b = np.concatenate([wf, bf[None, :]], axis=0)
     return max(float(np.sum(b * (gram @ b)) - 2.0 * np.sum(b * cross) + target_sq), 0.0)

@@ -10,6 +10,7 @@ number of calibration tokens every token is kept and the statistics equal the ex
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,14 +26,23 @@ from tardis_onnx.feeds import Feeds
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.session import create_session
 
+# The refit's ridge, in pseudo-tokens per input dimension: the grid the held-out tokens choose from,
+# and the value used when there are none.
+REFIT_RIDGES = (1e-3, 1e-2, 0.1, 1.0, 10.0)
+DEFAULT_REFIT_RIDGE = 0.1
+# The refit of a d-input FFN solves d + 1 unknowns per output: trusted from this many fit tokens each.
+REFIT_TOKENS_PER_UNKNOWN = 10
+
 
 @dataclass
 class Calibration:
-    """Per FFN: the fitted lines and the measured outlier fraction on the calibration tokens.
+    """Per FFN: the fitted lines and the measured outlier fraction on the fit tokens.
 
     coverage: the (mean) coverage of the neurons' windows; fold: the refitted ``(Wf, bf)`` when the
-    refit is on (else ``None``: the plain fold); calibration_error: ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the
-    rewritten FFN with the exact outlier set on the calibration tokens.
+    refit was kept (else ``None``: the plain fold); calibration_error and heldout_error:
+    ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN with the exact outlier set on the fit tokens and on
+    the held-out tokens (None without any); recipe: what was kept ("plain", "least-error/layer",
+    "least-error/layer+refit", ...); refit_ridge: the refit's ridge when refitted.
     """
 
     lines: reference.NeuronLines
@@ -41,6 +51,10 @@ class Calibration:
     coverage: float | None = None
     fold: tuple[np.ndarray, np.ndarray] | None = None
     calibration_error: float | None = None
+    heldout_error: float | None = None
+    heldout_tokens: int = 0
+    recipe: str = "plain"
+    refit_ridge: float | None = None
 
 
 class SampleReservoir:
@@ -89,6 +103,24 @@ class FfnSamples:
     seen: int
     tables: dict = field(default_factory=dict)
 
+    def split(self, holdout: float, seed: int = 0) -> tuple[FfnSamples, FfnSamples | None]:
+        """The fit tokens and the held-out ones (a random ``holdout`` fraction; None when that is no
+        token or would leave no fit token). Cached, so each part's candidate tables are computed once."""
+        key = ("split", holdout, seed)
+        if key not in self.tables:
+            n = self.x.shape[0]
+            held = int(round(holdout * n))
+            if held == 0 or held >= n:
+                self.tables[key] = (self, None)
+            else:
+                order = np.random.default_rng(seed).permutation(n)
+                fit_rows, held_rows = np.sort(order[held:]), np.sort(order[:held])
+                self.tables[key] = (
+                    FfnSamples(self.name, self.x[fit_rows], self.seen),
+                    FfnSamples(self.name, self.x[held_rows], self.seen),
+                )
+        return self.tables[key]
+
     def preactivations(self, ffn: FfnMatch, rows: slice | None = None) -> np.ndarray:
         """``z = x·W1 + b1`` (float64) of the kept tokens (or the ``rows`` slice of them)."""
         x = np.asarray(self.x if rows is None else self.x[rows], dtype=np.float64)
@@ -118,10 +150,58 @@ class _LazyPreactivations:
         return z if self.b1 is None else z + self.b1[cols]
 
 
+@dataclass
+class CaptureStats:
+    """What calibration saw: batches, real (non-padding) tokens, tokens skipped for non-finite values."""
+
+    batches: int = 0
+    tokens: int = 0
+    skipped_tokens: int = 0
+
+
+@dataclass
+class CalibrationData:
+    """Calibration feeds (see :func:`iterate_feeds`) and where they come from, for the report."""
+
+    feeds: object
+    source: str
+
+    def __iter__(self):
+        return iter(iterate_feeds(self.feeds))
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+
+def iterate_feeds(source) -> Iterable[Feeds]:
+    """Feed dicts from a list or any iterable of them, or from an ONNX Runtime ``CalibrationDataReader``
+    (anything with ``get_next()`` returning a dict, then None), as Optimum and ORT quantization use."""
+    if hasattr(source, "get_next"):
+        return iter(source.get_next, None)
+    if isinstance(source, dict):
+        raise TardisError("calibration must be an iterable of feed dicts (got one dict: wrap it in a list)")
+    try:
+        return iter(source)
+    except TypeError:
+        raise TardisError(
+            f"calibration must be an iterable of feed dicts or a CalibrationDataReader, got {type(source).__name__}"
+        ) from None
+
+
 def capture_ffn_inputs(
-    model: onnx.ModelProto, ffns: list[FfnMatch], feeds: Iterable[Feeds], max_samples: int, seed: int = 0
+    model: onnx.ModelProto,
+    ffns: list[FfnMatch],
+    feeds,
+    max_samples: int,
+    seed: int = 0,
+    stats: CaptureStats | None = None,
+    progress=None,
 ) -> list[FfnSamples]:
-    """Each FFN's inputs over ``feeds`` (padding tokens dropped), a uniform reservoir of ``max_samples`` rows."""
+    """Each FFN's inputs over ``feeds`` (padding tokens dropped), a uniform reservoir of ``max_samples`` rows.
+
+    ``feeds``: see :func:`iterate_feeds`. Tokens whose FFN input holds a non-finite value are skipped and
+    counted in ``stats``; ``progress`` (a callable taking a count) is told of each batch.
+    """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -133,79 +213,195 @@ def capture_ffn_inputs(
             existing.add(ffn.x)
     names = sorted({ffn.x for ffn in ffns} - graph_inputs)
     session = create_session(probe)
+    stats = stats if stats is not None else CaptureStats()
     reservoirs = [SampleReservoir(max_samples, seed + i) for i in range(len(ffns))]
-    for batch in feeds:
-        values = dict(zip(names, session.run(names, batch), strict=True)) if names else {}
+    for batch in iterate_feeds(feeds):
+        if not isinstance(batch, dict):
+            raise TardisError(
+                f"calibration batch {stats.batches}: expected a dict of input arrays, got {type(batch).__name__}"
+            )
+        values = dict(zip(names, run_session(session, names, batch), strict=True)) if names else {}
         keep = _real_tokens(batch)
-        for ffn, reservoir in zip(ffns, reservoirs, strict=True):
-            value = batch[ffn.x] if ffn.x in graph_inputs else values[ffn.x]
+        rows_per_ffn = []
+        finite = None
+        for ffn in ffns:
+            value = np.asarray(batch[ffn.x] if ffn.x in graph_inputs else values[ffn.x])
             rows = value.reshape(-1, ffn.w1.shape[0])
             if keep is not None and keep.size == rows.shape[0]:
                 rows = rows[keep]
-            reservoir.add(rows)
-    for reservoir in reservoirs:
+            ok = np.isfinite(rows).all(axis=1)
+            finite = ok if finite is None or finite.shape != ok.shape else finite & ok
+            rows_per_ffn.append(rows)
+        for rows, reservoir in zip(rows_per_ffn, reservoirs, strict=True):
+            reservoir.add(rows[finite] if finite.shape[0] == rows.shape[0] else rows[np.isfinite(rows).all(axis=1)])
+        stats.batches += 1
+        stats.tokens += int(finite.size)
+        stats.skipped_tokens += int(finite.size - finite.sum())
+        if progress is not None:
+            progress(1)
+    if stats.batches == 0:
+        raise TardisError("the calibration data holds no batch")
+    for ffn, reservoir in zip(ffns, reservoirs, strict=True):
         if reservoir.rows is None or reservoir.rows.shape[0] == 0:
-            raise ValueError("no calibration tokens were captured (all padding?)")
+            why = "all non-finite" if stats.skipped_tokens else "all padding?"
+            raise TardisError(f"no calibration token reached FFN {ffn.name} ({why})")
     return [FfnSamples(f.name, r.rows, r.seen) for f, r in zip(ffns, reservoirs, strict=True)]
 
 
+def run_session(session, names: list[str], feeds: Feeds) -> list[np.ndarray]:
+    """``session.run`` with ONNX Runtime's failures (wrong input names, shapes, dtypes) as one-line errors."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:  # onnxruntime raises its own pybind classes (Fail, InvalidArgument, ...)
+        if type(exc).__module__.startswith("onnxruntime") or isinstance(exc, (ValueError, TypeError, RuntimeError)):
+            first = " ".join(str(exc).split())
+            raise TardisError(f"ONNX Runtime could not run the model on the calibration data: {first}") from None
+        raise
+
+
 def fallback_budgets(ffns: list[FfnMatch], config: TardisConfig) -> list[float]:
-    """Allowed outlier fraction per FFN: from ``target_reduction`` (DESIGN §2) or ``1 − coverage``."""
+    """Allowed outlier fraction per FFN: from ``target_reduction`` (DESIGN §2) or ``1 − coverage``.
+
+    The default target (none given) gives an FFN too narrow for it the budget it gives an ``h = 4d`` FFN.
+    """
     if config.target_reduction is None:
         return [1.0 - config.coverage] * len(ffns)
-    try:
-        return [budget.fallback_budget(config.target_reduction, *f.w1.shape, f.w2.shape[1]) for f in ffns]
-    except ValueError as exc:
-        raise TardisError(str(exc)) from None
+    budgets = []
+    for f in ffns:
+        try:
+            budgets.append(budget.fallback_budget(config.target_reduction, *f.w1.shape, f.w2.shape[1]))
+        except ValueError as exc:
+            if not config.default_target:
+                raise TardisError(str(exc)) from None
+            budgets.append(budget.fallback_budget(config.target_reduction, 1, 4, 1))
+    return budgets
 
 
-def calibrate_ffns(ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig) -> list[Calibration]:
-    """Lines (and, with ``config.refit``, a refitted fold) for every FFN, meeting the config's budget."""
+@dataclass
+class Candidate:
+    """One recipe's windows for one FFN, with the coverage they hold on average."""
+
+    recipe: str
+    lines: reference.NeuronLines
+    coverage: float
+
+
+def calibrate_ffns(
+    ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig, progress=None
+) -> list[Calibration]:
+    """Lines and fold for every FFN, meeting the config's budget, checked on held-out tokens.
+
+    The windows are fitted on the fit tokens (``samples[i].fit``); where ``config.holdout`` leaves
+    held-out tokens, each FFN keeps the recipe's windows, allocation and refit only if they lower the
+    held-out error below the plain recipe's (narrowest windows, uniform coverage, plain fold).
+    ``progress`` (a callable taking a count) is told as each FFN is done.
+    """
     for ffn, sample in zip(ffns, samples, strict=True):
         if ffn.name != sample.name:
             raise ValueError(f"calibration samples for {sample.name!r} given for FFN {ffn.name!r}")
     budgets = fallback_budgets(ffns, config)
+    parts = [s.split(config.holdout, config.seed) for s in samples]
+    fits = [fit for fit, _ in parts]
+    candidates = [[] for _ in ffns]
     if config.allocation == "uniform":
-        coverages = [1.0 - b for b in budgets]
-        all_lines = _map(
-            lambda fst: fst[1].table(fst[0], (fst[2],), config.window).lines(np.zeros(fst[0].hidden, dtype=np.int64)),
-            list(zip(ffns, samples, coverages, strict=True)),
+        uniform = _map(
+            lambda a: _uniform_lines(a[0], a[1], a[2], config.window), list(zip(ffns, fits, budgets, strict=True))
         )
+        for row, (lines, coverage) in zip(candidates, uniform, strict=True):
+            row.append(Candidate(_recipe_name(config), lines, coverage))
     else:
         tables = _map(
-            lambda fs: fs[1].table(fs[0], config.coverage_grid, config.window), list(zip(ffns, samples, strict=True))
+            lambda fs: fs[1].table(fs[0], config.coverage_grid, config.window), list(zip(ffns, fits, strict=True))
         )
         importance = [(f.w2 * f.w2).sum(axis=1) for f in ffns]
         weights = [float(f.w1.size + f.w2.size) for f in ffns]
         choices = budget.allocate(tables, importance, budgets, weights, config.allocation)
-        all_lines = [t.lines(c) for t, c in zip(tables, choices, strict=True)]
-        coverages = [float(t.grid[c].mean()) for t, c in zip(tables, choices, strict=True)]
-    return _map(lambda args: _finish(*args, config), list(zip(ffns, samples, all_lines, coverages, strict=True)))
+        for row, table, choice in zip(candidates, tables, choices, strict=True):
+            row.append(Candidate(_recipe_name(config), table.lines(choice), float(table.grid[choice].mean())))
+    if not config.plain and config.holdout > 0:
+        plain = _map(
+            lambda a: _uniform_lines(a[0], a[1], a[2], "narrowest"), list(zip(ffns, fits, budgets, strict=True))
+        )
+        for row, (lines, coverage) in zip(candidates, plain, strict=True):
+            row.append(Candidate("plain", lines, coverage))
+
+    def finish(args) -> Calibration:
+        result = _finish(*args, config)
+        if progress is not None:
+            progress(1)
+        return result
+
+    return _map(finish, [(f, *p, c) for f, p, c in zip(ffns, parts, candidates, strict=True)])
+
+
+def _recipe_name(config: TardisConfig) -> str:
+    return "plain" if config.plain else f"{config.window}/{config.allocation}"
+
+
+def _uniform_lines(ffn: FfnMatch, sample: FfnSamples, outlier_budget: float, window: str):
+    coverage = 1.0 - outlier_budget
+    lines = sample.table(ffn, (coverage,), window).lines(np.zeros(ffn.hidden, dtype=np.int64))
+    return lines, coverage
+
+
+def thread_count() -> int:
+    """``TARDIS_THREADS`` (default 2): threads for the per-FFN fitting."""
+    value = os.environ.get("TARDIS_THREADS", "2")
+    try:
+        threads = int(value)
+    except ValueError:
+        raise TardisError(f"TARDIS_THREADS must be a whole number, got {value!r}") from None
+    if threads < 1:
+        raise TardisError(f"TARDIS_THREADS must be >= 1, got {threads}")
+    return threads
 
 
 def _map(function, items: list) -> list:
     """``[function(i) for i in items]`` on ``TARDIS_THREADS`` threads (default 2): numpy releases the GIL."""
-    threads = int(os.environ.get("TARDIS_THREADS", "2"))
+    threads = thread_count()
     if threads <= 1 or len(items) <= 1:
         return [function(i) for i in items]
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(function, items))
 
 
-def _finish(
-    ffn: FfnMatch, sample: FfnSamples, lines: reference.NeuronLines, coverage: float, config: TardisConfig
-) -> Calibration:
-    """Stream the kept tokens in blocks: outlier fraction, normal equations, error; refit when asked."""
-    wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
-    n = sample.x.shape[0]
+@dataclass
+class _Sums:
+    """Streamed sums of one token set under one candidate's windows: the normal equations' right-hand
+    side and target energy, the true output's spread, the outlier count."""
+
+    cross: np.ndarray
+    target_sq: float
+    spread: float
+    outliers: int
+    tokens: int
+
+    def error(self, gram: np.ndarray, wf: np.ndarray, bf: np.ndarray) -> float:
+        """``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the fold ``(Wf, bf)`` with the exact outlier set."""
+        if self.tokens == 0:
+            return math.nan
+        error = budget.squared_error(gram, self.cross, self.target_sq, wf, bf)
+        return error / self.spread if self.spread > 0 else 0.0
+
+
+def _gram(x: np.ndarray) -> np.ndarray:
+    gram = np.zeros((x.shape[1] + 1,) * 2)
+    for start in range(0, x.shape[0], 4096):
+        gram += budget.gram_matrix(x[start : start + 4096])
+    return gram
+
+
+def _sums(ffn: FfnMatch, x: np.ndarray, lines: reference.NeuronLines) -> _Sums:
+    """Stream the tokens ``x`` in blocks: outlier count and the sums the refit and its error need."""
     d_out = ffn.w2.shape[1]
-    gram, cross, target_sq = np.zeros((wf.shape[0] + 1,) * 2), np.zeros((wf.shape[0] + 1, d_out)), 0.0
-    outliers = 0
+    cross, target_sq, outliers = np.zeros((x.shape[1] + 1, d_out)), 0.0, 0
     y_sum, y_sq = np.zeros(d_out), 0.0
-    step = max(1, (1 << 22) // ffn.hidden)
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        z = sample.preactivations(ffn, rows)
+    step = max(1, (1 << 22) // max(ffn.hidden, 1))
+    for start in range(0, x.shape[0], step):
+        block = np.asarray(x[start : start + step], dtype=np.float64)
+        z = block @ ffn.w1
+        if ffn.b1 is not None:
+            z += ffn.b1
         outside = reference.outside_window(z, lines)
         outliers += int(outside.sum())
         g = reference.gelu(z, ffn.gelu.form)
@@ -216,17 +412,51 @@ def _finish(
             target, y = target + ffn.b2, y + ffn.b2
         y_sum += y.sum(axis=0)
         y_sq += float((y * y).sum())
-        g, c, t = budget.normal_equations(sample.x[rows], target)
-        gram += g
+        c, t = budget.cross_terms(block, target)
         cross += c
         target_sq += t
-    fold = None
-    if config.refit:
-        wf, bf = budget.refit_fold(gram, cross, wf, bf, config.refit_ridge)
-        fold = (wf, bf)
-    spread = y_sq - float((y_sum * y_sum).sum()) / n
-    error = budget.squared_error(gram, cross, target_sq, wf, bf) / spread if spread > 0 else 0.0
-    return Calibration(lines, outliers / (n * ffn.hidden), n, coverage, fold, error)
+    n = x.shape[0]
+    spread = y_sq - float((y_sum * y_sum).sum()) / n if n else 0.0
+    return _Sums(cross, target_sq, spread, outliers, n)
+
+
+def _finish(
+    ffn: FfnMatch, fit: FfnSamples, heldout: FfnSamples | None, candidates: list[Candidate], config: TardisConfig
+) -> Calibration:
+    """Fold each candidate's windows (plainly, and refitted when asked) and keep the least held-out error."""
+    gram_fit = _gram(fit.x)
+    gram_held = None if heldout is None else _gram(heldout.x)
+    options = []  # (candidate, recipe, ridge, Wf, bf, fit sums, held-out error)
+    for candidate in candidates:
+        wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)
+        fit_sums = _sums(ffn, fit.x, candidate.lines)
+        held_sums = None if heldout is None else _sums(ffn, heldout.x, candidate.lines)
+        folds = [(None, wf, bf)]
+        if config.refit and candidate.recipe != "plain":
+            chosen_ridge = config.refit_ridge if config.refit_ridge is not None else DEFAULT_REFIT_RIDGE
+            for ridge in REFIT_RIDGES if config.refit_ridge is None and heldout is not None else (chosen_ridge,):
+                folds.append((ridge, *budget.refit_fold(gram_fit, fit_sums.cross, wf, bf, ridge)))
+        for ridge, w, b in folds:
+            held = math.nan if held_sums is None else held_sums.error(gram_held, w, b)
+            recipe = candidate.recipe + ("" if ridge is None else "+refit")
+            options.append((candidate, recipe, ridge, w, b, fit_sums, held))
+    # Without held-out tokens the recipe asked for is taken as it is (refitted when the refit is on).
+    best = options[-1] if heldout is None else min(options, key=lambda option: option[-1])
+    candidate, recipe, ridge, wf, bf, fit_sums, held_error = best
+    if not (np.isfinite(wf).all() and np.isfinite(bf).all()):
+        raise TardisError(f"FFN {ffn.name}: the folded weights are not finite (non-finite weights or calibration?)")
+    return Calibration(
+        lines=candidate.lines,
+        outlier_fraction=fit_sums.outliers / max(fit_sums.tokens * ffn.hidden, 1),
+        tokens=fit_sums.tokens,
+        coverage=candidate.coverage,
+        fold=(wf, bf) if recipe.endswith("+refit") else None,
+        calibration_error=fit_sums.error(gram_fit, wf, bf),
+        heldout_error=None if math.isnan(held_error) else held_error,
+        heldout_tokens=0 if heldout is None else heldout.x.shape[0],
+        recipe=recipe,
+        refit_ridge=ridge,
+    )
 
 
 def _real_tokens(batch: Feeds) -> np.ndarray | None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 from tardis_onnx.predictor import PREDICTORS
 
@@ -10,7 +11,12 @@ FALLBACKS = ("auto", "portable", "custom")
 WINDOWS = ("narrowest", "least-error")
 ALLOCATIONS = ("uniform", "layer", "global")
 DEFAULT_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 1.0)
-# Named bundles of settings. "accurate" is what the MiniLM evaluation found best (DESIGN.md §7):
+# The budget when neither a coverage nor a target is given: 80% fallback reduction (the paper's figure).
+DEFAULT_TARGET_REDUCTION = 0.8
+# "auto" picks, per FFN, the predictor reading the fewest bytes whose recall of the true outliers on
+# held-out calibration tokens is at least ``min_recall``.
+PREDICTOR_CHOICES = ("auto", *PREDICTORS)
+# Named bundles of settings. "accurate" (the default) is what the MiniLM evaluation found best:
 # least-error windows, per-neuron coverage under each layer's budget, and the least-squares refit.
 PRESETS = {
     "plain": {"window": "narrowest", "allocation": "uniform", "refit": False},
@@ -20,21 +26,26 @@ PRESETS = {
 
 @dataclass
 class TardisConfig:
-    """How the pass folds FFNs.
+    """How the pass folds FFNs. The defaults are the best recipe measured (docs/defaults.md).
 
-    coverage: fraction of each neuron's calibration pre-activations its linear
-        window must hold (0 = every neuron always falls back: exact).
-    fallback: "portable" (standard ONNX ops only), "custom" (the ``ai.tardis``
-        kernel library) or "auto" (custom when the library is built).
+    coverage: fraction of each neuron's calibration pre-activations its linear window must hold
+        (0 = every neuron always falls back: exact). Give a coverage or a ``target_reduction``, not
+        both; with neither, the target is ``DEFAULT_TARGET_REDUCTION``.
+    target_reduction: the fallback reduction ``1 − (d² + f·2dh)/(2dh)`` each FFN must reach on the
+        calibration tokens; it sets the outlier budget ``f`` (a coverage's budget is ``1 − coverage``).
+        Where an FFN is too narrow (``h < 4d``) for the default target, it gets the outlier budget the
+        default gives an ``h = 4d`` FFN (``f = 0.075``); a target you give is an error there instead.
+    fallback: "portable" (standard ONNX ops only), "custom" (the ``ai.tardis`` kernel library) or
+        "auto" (custom when the library is built).
     margin: widen each window by this much when flagging outliers.
-    predictor: what computes the pre-activations the outlier test reads: "exact" (x·W1: the
-        exact outlier set, reads all of W1), "int4" (a 4-bit copy of W1, ``MatMulNBits``) or
-        "lowrank" (``(x·U)·V`` of rank ``predictor_rank`` fitted on the calibration inputs).
+    predictor: what computes the pre-activations the outlier test reads: "exact" (x·W1: the exact
+        outlier set, reads all of W1), "int4" (a 4-bit copy of W1, ``MatMulNBits``), "lowrank"
+        (``(x·U)·V`` of rank ``predictor_rank`` fitted on the calibration inputs) or "auto" (per FFN,
+        the one reading the fewest bytes, rows of flagged neurons included, whose recall of the true
+        outliers on the held-out tokens is at least ``min_recall``; int4 only with the custom fallback,
+        where it is a 4-bit kernel).
     predictor_uncertainty: flag a neuron when its prediction is within this many of the predictor's
         per-neuron error standard deviations (measured on the calibration tokens) of a window edge.
-    target_reduction: when set, the fallback reduction ``1 − (d² + f·2dh)/(2dh)`` (DESIGN §2) each
-        FFN must reach on the calibration tokens; it sets the outlier budget ``f`` (and replaces
-        ``coverage``, whose budget is ``f = 1 − coverage``).
     window: "narrowest" (the narrowest window holding the coverage) or "least-error" (among those
         windows, the one whose line has the least in-window squared error).
     allocation: "uniform" (one coverage for every neuron), "layer" (per-neuron coverage from
@@ -43,39 +54,56 @@ class TardisConfig:
     coverage_grid: the coverages the per-neuron allocation chooses from.
     refit: refit the folded d×d map and bias by least squares on the calibration tokens (target:
         true FFN output minus the exact fallback term); no extra weights at inference.
-    refit_ridge: relative shrinkage of the refit towards the plain fold.
+    refit_ridge: the refit's shrinkage towards the plain fold, in pseudo-tokens per input dimension
+        (``ρ = refit_ridge · (d + 1) · mean x²``); ``None`` chooses it on the held-out tokens.
+    holdout: fraction of the kept calibration tokens (chosen at random) held out from every fit. Per
+        FFN, the recipe's windows, allocation and refit are kept only where they lower the held-out
+        error below the plain recipe's (narrowest windows, uniform coverage, plain fold), and the
+        ``auto`` predictor's recall is measured there. 0: no held-out tokens, no such check.
+    min_recall: the ``auto`` predictor's least recall of true outliers on the held-out tokens.
     max_samples: calibration tokens kept per FFN (a uniform reservoir beyond that; memory
         ``max_samples · (4·d + 8)`` bytes per FFN).
-    calib_batch, calib_sequence, calib_batches: shape of the random calibration
-        feeds used when no calibration data is given.
+    calib_batch, calib_sequence, calib_batches: shape of the random calibration feeds used when no
+        calibration data is given.
     seed: seed of random feeds and subsampling.
     """
 
-    coverage: float = 0.9
+    coverage: float | None = None
+    target_reduction: float | None = None
     fallback: str = "auto"
     margin: float = 0.0
-    predictor: str = "exact"
+    predictor: str = "auto"
     predictor_rank: int = 64
     predictor_uncertainty: float = 1.0
-    target_reduction: float | None = None
-    window: str = "narrowest"
-    allocation: str = "uniform"
+    window: str = "least-error"
+    allocation: str = "layer"
     coverage_grid: tuple[float, ...] = DEFAULT_GRID
-    refit: bool = False
-    refit_ridge: float = 1e-6
+    refit: bool = True
+    refit_ridge: float | None = None
+    holdout: float = 0.2
+    min_recall: float = 0.95
     max_samples: int = 16384
     calib_batch: int = 2
     calib_sequence: int = 32
     calib_batches: int = 4
     seed: int = 0
+    default_target: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.coverage <= 1.0:
+        for name in ("coverage", "target_reduction", "margin", "predictor_uncertainty", "refit_ridge"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name.replace('_', ' ')} must be a finite number, got {value}")
+        if self.coverage is not None and self.target_reduction is not None:
+            raise ValueError("give a coverage or a target reduction, not both")
+        if self.coverage is None and self.target_reduction is None:
+            self.target_reduction, self.default_target = DEFAULT_TARGET_REDUCTION, True
+        if self.coverage is not None and not 0.0 <= self.coverage <= 1.0:
             raise ValueError(f"coverage must be in [0, 1], got {self.coverage}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-        if self.predictor not in PREDICTORS:
-            raise ValueError(f"predictor must be one of {PREDICTORS}, got {self.predictor!r}")
+        if self.predictor not in PREDICTOR_CHOICES:
+            raise ValueError(f"predictor must be one of {PREDICTOR_CHOICES}, got {self.predictor!r}")
         if self.predictor_rank < 1:
             raise ValueError(f"predictor rank must be >= 1, got {self.predictor_rank}")
         if self.predictor_uncertainty < 0:
@@ -91,8 +119,21 @@ class TardisConfig:
         self.coverage_grid = tuple(float(t) for t in self.coverage_grid)
         if not self.coverage_grid or not all(0.0 <= t <= 1.0 for t in self.coverage_grid):
             raise ValueError(f"coverage grid values must be in [0, 1], got {self.coverage_grid}")
+        if self.refit_ridge is not None and self.refit_ridge < 0:
+            raise ValueError(f"refit ridge must be >= 0, got {self.refit_ridge}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if not 0.0 <= self.min_recall <= 1.0:
+            raise ValueError(f"min recall must be in [0, 1], got {self.min_recall}")
         if self.max_samples < 1:
             raise ValueError(f"max samples must be >= 1, got {self.max_samples}")
+        if min(self.calib_batch, self.calib_sequence, self.calib_batches) < 1 or self.seed < 0:
+            raise ValueError("calibration batch, sequence and batches must be >= 1 and the seed >= 0")
+
+    @property
+    def plain(self) -> bool:
+        """Whether the recipe is the plain one (nothing for the held-out check to compare against)."""
+        return self.window == "narrowest" and self.allocation == "uniform" and not self.refit
 
     def to_dict(self) -> dict:
         return asdict(self)

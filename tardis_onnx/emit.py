@@ -10,7 +10,7 @@ from onnx import helper, numpy_helper
 
 from tardis_onnx import reference
 from tardis_onnx.passes.ffn import FfnMatch
-from tardis_onnx.predictor import INT4_BLOCK, Predictor, dequantize_int4, quantize_int4
+from tardis_onnx.predictor import INT4_ACCURACY_LEVEL, INT4_BLOCK, Predictor, dequantize_int4, quantize_int4
 
 DOMAIN = "ai.tardis"
 FALLBACK_OP = "FfnFallback"
@@ -166,6 +166,7 @@ def _predictor(b: _Builder, ffn: FfnMatch, predictor: Predictor, standard_only: 
                 N=h,
                 bits=4,
                 block_size=INT4_BLOCK,
+                accuracy_level=INT4_ACCURACY_LEVEL,
             )
     return z
 

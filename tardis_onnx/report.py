@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,8 +30,10 @@ class FfnReport:
     fallback_read_bytes: fold + flagged fraction × (W1 + W2): reads without the predictor.
     predictor_bytes: what predicting the outliers reads (the exact predictor reads all of W1).
     storage_bytes: every initializer the rewritten FFN stores.
-    calibration_error: ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN (exact outlier set) on the
-        calibration tokens.
+    calibration_error, heldout_error: ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN (exact outlier set)
+        on the fit tokens and on the held-out calibration tokens (None without held-out tokens).
+    recipe: what the held-out check kept ("plain", "least-error/layer+refit", ...).
+    Flag rate and recall are measured on the held-out tokens when there are any.
     """
 
     name: str
@@ -48,6 +52,8 @@ class FfnReport:
     flagged_fraction: float = 0.0
     recall: float = 1.0
     calibration_error: float | None = None
+    heldout_error: float | None = None
+    recipe: str = "plain"
 
     @classmethod
     def of(
@@ -80,6 +86,8 @@ class FfnReport:
             recall=recall,
             storage_bytes=sum(len(t.raw_data) for t in initializers),
             calibration_error=getattr(result, "calibration_error", None),
+            heldout_error=getattr(result, "heldout_error", None),
+            recipe=getattr(result, "recipe", "plain"),
         )
 
     def to_dict(self) -> dict:
@@ -107,13 +115,18 @@ def _mib(n: float) -> str:
 
 
 def print_report(result, output: Path, report_path: Path) -> None:
-    """The per-FFN table, refusals and totals, as a person reads them."""
+    """The warnings (stderr), then the per-FFN table, refusals and totals, as a person reads them."""
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     header = (
         "FFN",
         "GELU",
         "d→h",
+        "recipe",
         "coverage",
+        "held-out err",
         "outliers",
+        "predictor",
         "flagged",
         "recall",
         "dense MiB",
@@ -126,8 +139,11 @@ def print_report(result, output: Path, report_path: Path) -> None:
             r.name,
             r.gelu,
             f"{r.d}→{r.hidden}",
+            r.recipe,
             f"{r.coverage:.3g}",
+            "-" if r.heldout_error is None else f"{r.heldout_error:.4f}",
             f"{r.outlier_fraction:.3f}",
+            r.predictor,
             f"{r.flagged_fraction:.3f}",
             f"{r.recall:.3f}",
             _mib(r.dense_bytes),
@@ -143,11 +159,21 @@ def print_report(result, output: Path, report_path: Path) -> None:
     for refusal in result.refusals:
         print(f"unchanged: {refusal.name}: {refusal.reason} [{refusal.rule}]")
     t = FfnReport.totals(result.ffns)
+    kinds = Counter(r.predictor for r in result.ffns)
+    predictors = ", ".join(f"{kind} ×{count}" for kind, count in kinds.most_common())
+    c = result.calibration
+    if c:
+        print(
+            f"calibrated on {c['source']}: {c['tokens']} tokens, {c['fit_tokens_per_ffn']} fit and "
+            f"{c['heldout_tokens_per_ffn']} held out per FFN"
+            + (f", {c['skipped_tokens']} skipped (not finite)" if c.get("skipped_tokens") else "")
+        )
     print(
         f"folded {t['ffns']} FFN(s), fallback '{result.fallback}': FFN weights read per token "
         f"{1 - t['fallback_reduction']:.1%} of dense without the predictor "
         f"(reduction {t['fallback_reduction']:.1%}), {1 - t['total_read_reduction']:.1%} with the "
-        f"{result.config.predictor} predictor (reduction {t['total_read_reduction']:.1%}); "
+        f"predictors ({predictors}; reduction {t['total_read_reduction']:.1%}); "
         f"stored {_mib(t['storage_bytes'])} MiB vs {_mib(t['dense_bytes'])} MiB dense"
     )
+    print(f"took {result.elapsed_s:.1f} s, peak memory {result.peak_rss_mib:.0f} MiB")
     print(f"wrote {output} and {report_path}")

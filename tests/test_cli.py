@@ -150,7 +150,7 @@ def test_calibration_feeds_from_npz(model_path, tmp_path):
     args = [str(model_path), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--fallback", "portable", "-q"]
     assert optimize_main(args) == 0
     report = json.loads((tmp_path / "out.json").read_text())
-    assert report["ffns"][0]["calibration_tokens"] == 3 * 2 * 8
+    assert report["calibration"]["tokens"] == report["calibration"]["kept_tokens_per_ffn"] == 3 * 2 * 8
     np.savez(tmp_path / "wrong.npz", y=batches["x/0"])
     args[args.index(str(tmp_path / "calib.npz"))] = str(tmp_path / "wrong.npz")
     assert optimize_main(args) == 2
@@ -175,10 +175,10 @@ def test_large_models_keep_external_data(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("flags", "want"),
     [
-        ([], ("narrowest", "uniform", False)),
-        (["--preset", "accurate"], ("least-error", "layer", True)),
+        ([], ("least-error", "layer", True)),
+        (["--preset", "plain"], ("narrowest", "uniform", False)),
         (["--preset", "accurate", "--no-refit", "--window", "narrowest"], ("narrowest", "layer", False)),
-        (["--refit", "--allocation", "global"], ("narrowest", "global", True)),
+        (["--preset", "plain", "--refit", "--allocation", "global"], ("narrowest", "global", True)),
     ],
 )
 def test_preset_then_explicit_flags(flags, want):

