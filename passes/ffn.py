@@ -89,7 +89,7 @@ def find_ffns(model: onnx.ModelProto) -> tuple[list[FfnMatch], list[Refusal]]:
             if node.op_type == "Sigmoid":
                 reason = "gated FFN (SiLU/SwiGLU): the product of two projections does not fold into one matrix"
             refusals.append(Refusal(_name_of(node.name), "not-gelu", reason, [node_label(node)]))
-    _make_unique([m for m in matches])
+    _make_unique(matches, _names_in(model.graph))
     return matches, refusals
 
 
@@ -151,6 +151,8 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto]) 
             output = users[0].output[0]
     # Shapes.
     d, h = w1.shape
+    if min(d, h, w2.shape[1]) == 0:
+        raise _Refuse("shape", f"W1 is {w1.shape} and W2 is {w2.shape}: an empty FFN has nothing to fold")
     b1 = _sum_biases(b1_parts, h)
     if w2.shape[0] != h:
         raise _Refuse("shape", f"W1 is {w1.shape} but W2 is {w2.shape}: hidden sizes differ")
@@ -325,10 +327,50 @@ def _name_of(raw: str) -> str:
     return name or "ffn"
 
 
-def _make_unique(matches: list[FfnMatch]) -> None:
-    seen: dict[str, int] = {}
+# The rewrite names everything it adds ``tardis/<ffn>/<part>`` (schema.EMITTED_PREFIX); the parts
+# ``Fallback`` and ``Predictor`` are how readers find the FFN in such a name.
+_EMITTED = "tardis/"
+_RESERVED_SEGMENTS = {"Fallback", "Predictor", "Probe"}
+
+
+def _names_in(graph: onnx.GraphProto) -> set[str]:
+    """Every node, value and initializer name of ``graph`` and its subgraphs."""
+    names = {v.name for v in (*graph.input, *graph.output, *graph.value_info)}
+    names |= {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names |= _names_in(sub)
+    names.discard("")
+    return names
+
+
+def _make_unique(matches: list[FfnMatch], taken: set[str]) -> None:
+    """Rename FFNs so that every name the rewrite adds (``tardis/<ffn>/...``) is new: no two FFNs share a
+    name or nest (``a`` and ``a/b``), and no existing node, value or initializer starts with ``tardis/<ffn>/``."""
+    occupied: set[str] = set()  # every "tardis/..." prefix of an existing name
+    for name in taken:
+        if name.startswith(_EMITTED):
+            parts = name.split("/")
+            occupied.update("/".join(parts[:i]) for i in range(2, len(parts) + 1))
+    chosen: list[str] = []
+
+    def free(name: str) -> bool:
+        prefix = _EMITTED + name
+        if prefix in occupied:
+            return False
+        return not any(
+            other == name or other.startswith(name + "/") or name.startswith(other + "/") for other in chosen
+        )
+
     for match in matches:
-        count = seen.get(match.name, 0)
-        seen[match.name] = count + 1
-        if count:
-            match.name = f"{match.name}_{count}"
+        first, *rest = [s + "_" if s in _RESERVED_SEGMENTS else s for s in match.name.split("/")]
+        name, count = "/".join([first, *rest]), 0
+        while not free(name):  # a suffix on the first segment also undoes a nesting (a, a/b → a, a_1/b)
+            count += 1
+            name = "/".join([f"{first}_{count}", *rest])
+        match.name = name
+        chosen.append(name)

@@ -14,8 +14,13 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m tardis_onnx {{{','.join(COMMANDS)}}} ..."
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m tardis_onnx {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        unknown = f"unknown command '{argv[0]}'; " if argv else ""
+        print(f"error: {unknown}{usage}", file=sys.stderr)
         return 2
     import importlib
 

@@ -24,7 +24,7 @@ from tardis_onnx.config import TardisConfig
 from tardis_onnx.errors import TardisError
 from tardis_onnx.feeds import Feeds
 from tardis_onnx.passes.ffn import FfnMatch
-from tardis_onnx.session import create_session
+from tardis_onnx.session import create_session, run_session
 
 # The refit's ridge, in pseudo-tokens per input dimension: the grid the held-out tokens choose from,
 # and the value used when there are none.
@@ -220,7 +220,11 @@ def capture_ffn_inputs(
             raise TardisError(
                 f"calibration batch {stats.batches}: expected a dict of input arrays, got {type(batch).__name__}"
             )
-        values = dict(zip(names, run_session(session, names, batch), strict=True)) if names else {}
+        values = (
+            dict(zip(names, run_session(session, names, batch, "the model on the calibration data"), strict=True))
+            if names
+            else {}
+        )
         keep = _real_tokens(batch)
         rows_per_ffn = []
         finite = None
@@ -246,17 +250,6 @@ def capture_ffn_inputs(
             why = "all non-finite" if stats.skipped_tokens else "all padding?"
             raise TardisError(f"no calibration token reached FFN {ffn.name} ({why})")
     return [FfnSamples(f.name, r.rows, r.seen) for f, r in zip(ffns, reservoirs, strict=True)]
-
-
-def run_session(session, names: list[str], feeds: Feeds) -> list[np.ndarray]:
-    """``session.run`` with ONNX Runtime's failures (wrong input names, shapes, dtypes) as one-line errors."""
-    try:
-        return session.run(names, feeds)
-    except Exception as exc:  # onnxruntime raises its own pybind classes (Fail, InvalidArgument, ...)
-        if type(exc).__module__.startswith("onnxruntime") or isinstance(exc, (ValueError, TypeError, RuntimeError)):
-            first = " ".join(str(exc).split())
-            raise TardisError(f"ONNX Runtime could not run the model on the calibration data: {first}") from None
-        raise
 
 
 def fallback_budgets(ffns: list[FfnMatch], config: TardisConfig) -> list[float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import onnx
 
-from tardis_onnx.errors import TardisError, report_error
+from tardis_onnx.errors import TardisError, parse_arguments, report_error
+from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
 from tardis_onnx.graph import node_label
 from tardis_onnx.inspect_model import ffn_of, human_bytes, op_name, tensor_bytes
 from tardis_onnx.io import load_model
@@ -317,16 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_arguments(build_parser(), argv)
+        check_targets([args.html, args.json], [*model_files(args.original), *model_files(args.rewritten)])
         result = compare(args.original, args.rewritten)
-        for path, text in ((args.html, lambda: format_html(result)), (args.json, lambda: json.dumps(result.to_dict()))):
-            if path is None:
-                continue
-            try:
-                path.write_text(text() + "\n")
-            except OSError as exc:
-                raise TardisError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        with StagedWrites() as staged:
+            if args.html is not None:
+                staged.write_text(args.html, format_html(result) + "\n")
+            if args.json is not None:
+                staged.write_text(args.json, strict_json(result.to_dict()) + "\n")
     except TardisError as exc:
         return report_error(exc)
     print(format_text(result, args.nodes))

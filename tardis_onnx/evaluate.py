@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import math
 import os
 import resource
 import sys
@@ -26,23 +26,37 @@ import onnx
 from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import TardisConfig
-from tardis_onnx.errors import TardisError, run_command
-from tardis_onnx.io import make_output_folders
+from tardis_onnx.errors import (
+    TardisError,
+    finite_float,
+    fraction,
+    int_at_least,
+    non_negative_float,
+    one_line,
+    positive_int,
+    run_command,
+)
+from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
+from tardis_onnx.io import check_output_folders, load_model, make_output_folders
 from tardis_onnx.optimize import optimize_model
 from tardis_onnx.passes import find_ffns
-from tardis_onnx.session import create_session
+from tardis_onnx.predictor import PREDICTORS
+from tardis_onnx.session import create_session, run_session
 
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = "wikitext-2-raw/wiki.test.raw"
 STSB = "stsbenchmark/sts-dev.csv"
 
 # The ideas of DESIGN §7, switched on one after another (names are the table's rows).
+# The ablation: each idea spelled out in full (the config's defaults are the whole accurate recipe), with
+# the exact predictor and no held-out check, so each row measures that idea alone.
+_ABLATION = {"window": "narrowest", "allocation": "uniform", "refit": False, "predictor": "exact", "holdout": 0.0}
 IDEAS = {
-    "plain": {},
-    "least-error": {"window": "least-error"},
-    "least-error+layer": {"window": "least-error", "allocation": "layer"},
-    "least-error+layer+refit": {"window": "least-error", "allocation": "layer", "refit": True},
-    "least-error+global+refit": {"window": "least-error", "allocation": "global", "refit": True},
+    "plain": _ABLATION,
+    "least-error": {**_ABLATION, "window": "least-error"},
+    "least-error+layer": {**_ABLATION, "window": "least-error", "allocation": "layer"},
+    "least-error+layer+refit": {**_ABLATION, "window": "least-error", "allocation": "layer", "refit": True},
+    "least-error+global+refit": {**_ABLATION, "window": "least-error", "allocation": "global", "refit": True},
 }
 BEST = "least-error+layer+refit"
 
@@ -54,13 +68,25 @@ def default_data_dir() -> Path:
 def read_stsb(path: Path, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """STS-B pairs: tab-separated, no quoting, score and sentences in fields 5–7 (extra fields ignored)."""
     first, second, scores = [], [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TardisError(f"STS-B file '{path}' cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    for number, line in enumerate(lines, 1):
         fields = line.split("\t")
         if len(fields) < 7:
             continue
-        scores.append(float(fields[4]))
+        try:
+            score = float(fields[4])
+        except ValueError:
+            raise TardisError(f"STS-B file '{path}' line {number}: score {fields[4]!r} is not a number") from None
+        if not math.isfinite(score):
+            raise TardisError(f"STS-B file '{path}' line {number}: score {fields[4]!r} is not finite")
+        scores.append(score)
         first.append(fields[5])
         second.append(fields[6])
+    if len(scores) < 2:
+        raise TardisError(f"STS-B file '{path}' holds fewer than 2 scored pairs")
     if limit:
         first, second, scores = first[:limit], second[:limit], scores[:limit]
     return first, second, np.array(scores)
@@ -88,7 +114,7 @@ class StsEvaluator:
         output = model.graph.output[0].name
         embeddings, outside = [], dict.fromkeys(probes, 0.0)
         for feeds in self.feeds:
-            values = session.run([output, *probes], feeds)
+            values = run_session(session, [output, *probes], feeds)
             mask = feeds["attention_mask"].astype(np.float64)
             pooled = (values[0] * mask[..., None]).sum(axis=1) / np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
             embeddings.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
@@ -242,20 +268,65 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """``fig.savefig(path)`` (format from the suffix), then close it; a one-line error when it cannot be."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.savefig(path, dpi=dpi)
+    except (OSError, ValueError) as exc:
+        raise TardisError(f"{path}: cannot save the plot ({one_line(exc, 150)})") from None
+    finally:
+        plt.close(fig)
+
+
+def check_plot_path(path: Path) -> None:
+    """Refuse, before any work, a plot path whose suffix matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise TardisError(
+            f"{path}: matplotlib cannot write '.{suffix}' plots (use one of {', '.join(sorted(formats))})"
+        )
 
 
 def parse_predictor(spec: str) -> dict:
     """``int4``, ``int4:0``, ``lowrank-128``, ``lowrank-128:2`` → TardisConfig predictor fields."""
     kind, _, uncertainty = spec.partition(":")
     kind, _, rank = kind.partition("-")
+    if kind not in PREDICTORS or (rank and kind != "lowrank"):
+        raise TardisError(f"predictor {spec!r}: expected KIND[-RANK][:UNCERTAINTY], KIND one of {PREDICTORS}")
     fields: dict = {"predictor": kind}
-    if rank:
-        fields["predictor_rank"] = int(rank)
-    if uncertainty:
-        fields["predictor_uncertainty"] = float(uncertainty)
+    try:
+        if rank:
+            fields["predictor_rank"] = positive_int(rank)
+        if uncertainty:
+            fields["predictor_uncertainty"] = non_negative_float(uncertainty)
+    except argparse.ArgumentTypeError as exc:
+        raise TardisError(f"predictor {spec!r}: {exc}") from None
     return fields
+
+
+def predictor_spec(text: str) -> str:
+    """argparse type: a predictor spec :func:`parse_predictor` accepts."""
+    try:
+        parse_predictor(text)
+    except TardisError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def reduction(text: str) -> float:
+    """argparse type: a target reduction, finite and in [0, 1)."""
+    value = finite_float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,17 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="MiniLM ONNX export with its tokenizer beside it (default: export)")
     p.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
     p.add_argument("--calib", help="calibration text file or 'builtin' (default: WikiText-2 raw test)")
-    p.add_argument("--calib-samples", type=int, default=512)
-    p.add_argument("--calib-seq-len", type=int, default=128)
-    p.add_argument("--max-samples", type=int, default=65536, help="calibration tokens kept per FFN")
-    p.add_argument("--reductions", type=float, nargs="+", default=[0.5, 0.7, 0.8])
-    p.add_argument("--sparsities", type=float, nargs="*", default=[0.5, 0.8], help="pruning baselines (none: skip)")
-    p.add_argument("--pairs", type=int, default=None, help="STS-B pairs used (default: all 1500)")
+    p.add_argument("--calib-samples", type=positive_int, default=512)
+    p.add_argument("--calib-seq-len", type=int_at_least(2), default=128)
+    p.add_argument("--max-samples", type=positive_int, default=65536, help="calibration tokens kept per FFN")
+    p.add_argument("--reductions", type=reduction, nargs="+", default=[0.5, 0.7, 0.8])
+    p.add_argument("--sparsities", type=fraction, nargs="*", default=[0.5, 0.8], help="pruning baselines (none: skip)")
+    p.add_argument("--pairs", type=positive_int, default=None, help="STS-B pairs used (default: all 1500)")
     p.add_argument("--quick", action="store_true", help="a small run (fewer sentences and tokens) for tests")
     p.add_argument("--ideas", nargs="+", choices=list(IDEAS), help="TARDIS variants to run (default: all)")
     p.add_argument(
         "--predictors",
         nargs="*",
+        type=predictor_spec,
         default=["int4:0", "int4", "lowrank-128", "lowrank-128:2"],
         help="predictors evaluated on the best TARDIS setting at the top reduction: KIND[-RANK][:UNCERTAINTY]",
     )
@@ -283,16 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    make_output_folders(args.out)
+    results_path, plot_path = args.out / "results.json", args.out / "accuracy_vs_bytes.png"
+    check_output_folders(args.out)
     data = args.data or default_data_dir()
     if args.quick:
         args.calib_samples, args.calib_seq_len = min(args.calib_samples, 48), min(args.calib_seq_len, 64)
         args.pairs = args.pairs or 300
         args.reductions, args.sparsities = [0.8], [0.8]
-    model_path = args.model or import_recipe("minilm").export_minilm()
-    model = onnx.load(model_path)
-    tokenizer = text.load_tokenizer(model_path.parent)
     stsb_path = data / STSB
+    calib_input = Path(args.calib) if args.calib and args.calib != text.BUILTIN else None
+    inputs = [*(model_files(args.model) if args.model else []), calib_input, stsb_path]
+    check_targets([results_path, plot_path], inputs, folders_may_be_missing=True)
+    model_path = args.model or import_recipe("minilm").export_minilm()
+    model = load_model(model_path)
+    tokenizer = text.load_tokenizer(model_path.parent)
     if not stsb_path.is_file():
         raise TardisError(f"STS-B dev not found at {stsb_path} (set --data or $TARDIS_DATA)")
     calib = args.calib or str(data / WIKITEXT)
@@ -328,7 +404,7 @@ def run(args: argparse.Namespace) -> dict:
             config = TardisConfig(fallback="portable", target_reduction=r, **idea)
             log(tardis_row(f"{name}@{r:g}", model, ffns, samples, evaluator, config))
     for spec in args.predictors if not args.quick else args.predictors[:1]:
-        config = TardisConfig(fallback="portable", target_reduction=top, **IDEAS[BEST], **parse_predictor(spec))
+        config = TardisConfig(fallback="portable", target_reduction=top, **{**IDEAS[BEST], **parse_predictor(spec)})
         log(tardis_row(f"{BEST}+{spec}@{top:g}", model, ffns, samples, evaluator, config))
     for method in baselines.METHODS:
         for s in args.sparsities:
@@ -360,8 +436,10 @@ def run(args: argparse.Namespace) -> dict:
         "dense": dense,
         "rows": rows,
     }
-    save_results(args.out, result, started)
-    plot(rows, dense, args.out / "accuracy_vs_bytes.png")
+    make_output_folders(args.out)
+    with StagedWrites() as staged:
+        save_results(args.out, result, started, staged)
+        plot(rows, dense, staged.path(plot_path))
     print(
         f"dense {dense:.2f}; calibration {samples[0].seen} tokens; peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB;"
         f" {result['seconds']:.0f} s; wrote {args.out / 'results.json'} and accuracy_vs_bytes.png"
@@ -369,11 +447,16 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def save_results(out: Path, result: dict, started: float) -> None:
-    """Add the peak RSS and the seconds since ``started`` to ``result``; write it to ``out/results.json``."""
+def save_results(out: Path, result: dict, started: float, staged: StagedWrites | None = None) -> None:
+    """Add the peak RSS and the seconds since ``started`` to ``result``; write it to ``out/results.json``
+    (strict JSON: non-finite numbers as null), through ``staged`` when given."""
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["seconds"] = time.perf_counter() - started
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if staged is None:
+        with StagedWrites() as own:
+            own.write_text(out / "results.json", strict_json(result, indent=2) + "\n")
+    else:
+        staged.write_text(out / "results.json", strict_json(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

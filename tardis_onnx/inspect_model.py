@@ -19,7 +19,8 @@ from pathlib import Path
 import onnx
 
 from tardis_onnx.emit import DOMAIN, FALLBACK_OP
-from tardis_onnx.errors import TardisError, report_error
+from tardis_onnx.errors import TardisError, parse_arguments, report_error
+from tardis_onnx.files import strict_json
 from tardis_onnx.graph import GraphIndex, node_label
 from tardis_onnx.io import load_model
 from tardis_onnx.optimize import METADATA_CONFIG, METADATA_VERSION
@@ -293,13 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_arguments(build_parser(), argv)
         report = inspect(load_model(args.model))
     except TardisError as exc:
         return report_error(exc)
     if args.json:
-        print(json.dumps({"model": str(args.model), **report}, indent=2))
+        print(strict_json({"model": str(args.model), **report}, indent=2))
     else:
         print_inspection(args.model, report, args.why)
     return 0

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx.external_data_helper import set_external_data, write_external_data_tensors
 
 from tardis_onnx.errors import TardisError
+from tardis_onnx.files import StagedWrites
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with headroom
 
@@ -41,49 +42,68 @@ def load_model(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
     return model
 
 
-def check_writable(output: Path, source: Path) -> None:
-    """Refuse to overwrite the input or to write where we cannot, before doing any work."""
-    if output.resolve() == source.resolve():
-        raise TardisError(f"{output}: refusing to overwrite the input model")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise TardisError(f"{output}: output folder '{folder}' does not exist")
-    if not os.access(folder, os.W_OK):
-        raise TardisError(f"{output}: output folder '{folder}' is not writable")
+def check_output_folders(*folders: Path) -> None:
+    """Refuse, before any work, output folders that cannot be created (or written to); create nothing."""
+    for folder in folders:
+        existing = Path(folder).absolute()
+        while not existing.exists() and not existing.is_symlink():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise TardisError(f"output folder '{folder}' cannot be created: '{existing}' is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise TardisError(f"output folder '{folder}' cannot be created: '{existing}' is not writable")
 
 
 def make_output_folders(*folders: Path) -> None:
     """Create the folders a long run will write to, having checked first that each can be (so a bad
     one fails before any work, and leaves nothing behind)."""
+    check_output_folders(*folders)
     for folder in folders:
-        existing = folder.absolute()
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise TardisError(f"output folder '{folder}' cannot be created: '{existing}' is not a folder")
-        if not os.access(existing, os.W_OK):
-            raise TardisError(f"output folder '{folder}' cannot be created: '{existing}' is not writable")
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TardisError(f"output folder '{folder}' cannot be created ({exc.strerror or exc})") from None
 
 
-def save_model(model: onnx.ModelProto, output: Path) -> list[Path]:
-    """Write ``model`` to ``output`` atomically (external data ``<name>.data`` when over 2 GiB); return the files."""
+def save_model(model: onnx.ModelProto, output: Path, staged: StagedWrites | None = None) -> list[Path]:
+    """Write ``model`` to ``output`` (external data ``<name>.data`` beside it when over 2 GiB); return the
+    files. Through ``staged`` the files are only renamed in place when its ``with`` block succeeds;
+    without it they are staged and renamed here."""
+    if staged is None:
+        with StagedWrites() as own:
+            return save_model(model, output, own)
     output = Path(output)
     large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD if _small_enough_to_measure(model) else True
-    data_name = output.name + ".data"
+    data = data_path(output)
     try:
-        with tempfile.TemporaryDirectory(prefix=".tardis-", dir=output.parent) as staging:
-            staged = Path(staging) / output.name
-            if large:
-                onnx.save_model(model, str(staged), save_as_external_data=True, location=data_name)
-                os.replace(Path(staging) / data_name, output.parent / data_name)
-            else:
-                onnx.save_model(model, str(staged))
-            os.replace(staged, output)
-    except OSError as exc:
-        raise TardisError(f"{output}: cannot write the model ({exc.strerror or exc})") from None
-    return [output, output.parent / data_name] if large else [output]
+        staged_model = staged.path(output)
+        if large:
+            staged.path(data).unlink(missing_ok=True)
+            # onnx.save_model(save_as_external_data=True) refuses when `location` exists relative to the
+            # *current* folder; mark the tensors and write their data beside the staged model instead.
+            for tensor in _initializers(model.graph):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    set_external_data(tensor, data.name)
+            write_external_data_tensors(model, str(staged_model.parent))
+        onnx.save_model(model, str(staged_model))
+    except (OSError, ValueError) as exc:
+        raise TardisError(f"{output}: cannot write the model ({getattr(exc, 'strerror', None) or exc})") from None
+    return [output, data] if large else [output]
+
+
+def data_path(output: str | Path) -> Path:
+    """Where :func:`save_model` puts a large model's external data: ``<name>.data`` beside the model file
+    (beside the file a symlinked output points to)."""
+    output = Path(output)
+    return Path(os.path.realpath(os.path.abspath(output))).parent / (output.name + ".data")
+
+
+def _initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                yield from _initializers(sub)
 
 
 def _small_enough_to_measure(model: onnx.ModelProto) -> bool:

@@ -39,13 +39,12 @@ from tardis_onnx.emit import DOMAIN, MIN_OPSET, emit_ffn, replace_nodes
 from tardis_onnx.errors import (
     TardisError,
     check_environment,
-    external_error,
     finite_float,
-    is_onnxruntime_error,
     non_negative_int,
     parse_arguments,
     positive_int,
     report_error,
+    translate_error,
 )
 from tardis_onnx.feeds import load_feeds, random_feeds
 from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
@@ -404,21 +403,24 @@ def main(argv: list[str] | None = None) -> int:
         check_targets([output], [])  # a name to derive the report's from ("" or "." is a folder)
         report_path = args.report or output.with_name(output.name.removesuffix(".onnx") + ".json")
         calib = Path(args.calib) if args.calib and args.calib != text.BUILTIN else None
+        tokenizer = text.tokenizer_files(args.tokenizer or args.model.parent)
         # Before any work: no output may be an input (the model, its external data, the calibration
-        # file) or another output; the model, its external data and the report are committed together.
-        check_targets([output, data_path(output), report_path], [*model_files(args.model), calib])
+        # file, the tokenizer's files) or another output; the model, its external data and the report
+        # are committed together.
+        check_targets([output, data_path(output), report_path], [*model_files(args.model), calib, *tokenizer])
         model = load_model(args.model)
         calibration = _calibration_feeds(args, model)
-        result = optimize_model(model, config, calibration)
+        result = optimize_model(model, config, calibration, progress=not args.quiet)
         with StagedWrites() as staged:
             save_model(result.model, output, staged)
             staged.write_text(report_path, strict_json(result.to_dict(), indent=2) + "\n")
     except TardisError as exc:
         return report_error(exc)
     except Exception as exc:
-        if is_onnxruntime_error(exc):
-            return report_error(external_error(exc, "ONNX Runtime failed"))
-        raise
+        translated = translate_error(exc)
+        if translated is None:
+            raise
+        return report_error(translated)
     if not args.quiet:
         print_report(result, output, report_path)
     return 0

@@ -33,19 +33,31 @@ from onnx import TensorProto, helper
 from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import PRESETS, TardisConfig
-from tardis_onnx.errors import TardisError, run_command
+from tardis_onnx.errors import (
+    TardisError,
+    fraction,
+    int_at_least,
+    non_negative_float,
+    positive_int,
+    run_command,
+)
 from tardis_onnx.evaluate import (
     baseline_row,
+    check_plot_path,
     default_data_dir,
     import_recipe,
     parse_predictor,
+    predictor_spec,
+    reduction,
+    save_figure,
     save_results,
     tardis_row,
 )
 from tardis_onnx.feeds import Feeds, random_feeds
-from tardis_onnx.io import load_model, make_output_folders
+from tardis_onnx.files import StagedWrites, check_targets, model_files
+from tardis_onnx.io import check_output_folders, load_model, make_output_folders
 from tardis_onnx.passes import find_ffns
-from tardis_onnx.session import create_session
+from tardis_onnx.session import create_session, run_session
 
 REPO = Path(__file__).resolve().parents[1]
 LOGPROB = "tardis_eval/token_logprob"
@@ -121,7 +133,7 @@ class PerplexityEvaluator:
         session = create_session(scored)
         nll, outside = 0.0, dict.fromkeys(probes, 0.0)
         for feeds in self.feeds:
-            values = session.run([LOGPROB, *probes], feeds)
+            values = run_session(session, [LOGPROB, *probes], feeds)
             nll -= float(values[0].astype(np.float64).sum())
             for name, inside in zip(probes, values[1:], strict=True):
                 outside[name] += float((~inside).sum())
@@ -130,6 +142,8 @@ class PerplexityEvaluator:
 
 def train_windows(ids: np.ndarray, context: int, count: int) -> np.ndarray:
     """``count`` windows spread evenly over the training tokens (calibration)."""
+    if len(ids) < context:
+        raise TardisError(f"the calibration text has {len(ids)} tokens, fewer than one window of {context}")
     starts = np.linspace(0, len(ids) - context, num=min(count, max(1, len(ids) // context))).astype(np.int64)
     return np.stack([ids[s : s + context] for s in starts])
 
@@ -139,6 +153,8 @@ def _read(path: Path) -> str:
         return Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise TardisError(f"'{path}' cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise TardisError(f"'{path}' is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def plot(rows: list[dict], dense: float, title: str, path: Path) -> None:
@@ -179,8 +195,7 @@ def plot(rows: list[dict], dense: float, title: str, path: Path) -> None:
     ax.legend(fontsize=6, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,17 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, help="causal-LM ONNX export, tokenizer beside it (default: the self-trained GPT)"
     )
     p.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
-    p.add_argument("--minutes", type=float, default=20.0, help="training budget of the default self-trained GPT")
+    p.add_argument(
+        "--minutes", type=non_negative_float, default=20.0, help="training budget of the default self-trained GPT"
+    )
     p.add_argument("--heldout", type=Path, help="held-out text (default: DATA/wikitext-2/test.txt)")
     p.add_argument("--calib", type=Path, nargs="+", help="calibration text files (default: the training text)")
-    p.add_argument("--context", type=int, default=None, help="window length (default: positions in config.json)")
-    p.add_argument("--calib-windows", type=int, default=128, help="calibration windows of the context length")
-    p.add_argument("--max-windows", type=int, default=None, help="held-out windows scored (default: all)")
-    p.add_argument("--max-samples", type=int, default=65536, help="calibration tokens kept per FFN")
-    p.add_argument("--reductions", type=float, nargs="+", default=[0.5, 0.7, 0.8], help="accurate preset targets")
-    p.add_argument("--coverages", type=float, nargs="*", default=[0.8, 0.9, 0.95], help="plain recipe coverages")
-    p.add_argument("--sparsities", type=float, nargs="*", default=None, help="pruning (default: the reductions)")
-    p.add_argument("--predictors", nargs="*", default=["int4"], help="on accurate at the top reduction")
+    p.add_argument(
+        "--context", type=int_at_least(2), default=None, help="window length (default: positions in config.json)"
+    )
+    p.add_argument("--calib-windows", type=positive_int, default=128, help="calibration windows of the context length")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="held-out windows scored (default: all)")
+    p.add_argument("--max-samples", type=positive_int, default=65536, help="calibration tokens kept per FFN")
+    p.add_argument("--reductions", type=reduction, nargs="+", default=[0.5, 0.7, 0.8], help="accurate preset targets")
+    p.add_argument("--coverages", type=fraction, nargs="*", default=[0.8, 0.9, 0.95], help="plain recipe coverages")
+    p.add_argument("--sparsities", type=fraction, nargs="*", default=None, help="pruning (default: the reductions)")
+    p.add_argument(
+        "--predictors", type=predictor_spec, nargs="*", default=["int4"], help="on accurate at the top reduction"
+    )
     p.add_argument("--out", type=Path, default=REPO / "out" / "perplexity")
     p.add_argument("--plot", type=Path, default=None, help="where the plot goes (default: perplexity.png in --out)")
     return p
@@ -208,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     plot_path = args.plot or args.out / "perplexity.png"
-    make_output_folders(args.out, plot_path.parent)
+    check_output_folders(args.out, plot_path.parent)
+    inputs = [*(model_files(args.model) if args.model else []), *(args.calib or []), args.heldout]
+    check_targets([args.out / "results.json", plot_path], inputs, folders_may_be_missing=True)
+    check_plot_path(plot_path)
     data = args.data or default_data_dir()
     if args.model is None:
         recipe = import_recipe("gpt_selftrained")
@@ -257,6 +281,8 @@ def run(args: argparse.Namespace) -> dict:
         )
 
     def tardis(name: str, **fields) -> None:
+        # Each row measures its recipe as named: the exact predictor unless one is named, no held-out check.
+        fields = {"predictor": "exact", "holdout": 0.0, **fields}
         config = TardisConfig(fallback="portable", max_samples=args.max_samples, **fields)
         log(tardis_row(name, model, ffns, samples, evaluator, config, metric="perplexity"))
 
@@ -289,10 +315,12 @@ def run(args: argparse.Namespace) -> dict:
         "dense": dense,
         "rows": rows,
     }
-    save_results(args.out, result, started)
+    make_output_folders(args.out, plot_path.parent)
     entry = Path(model_path).parent.parent.name.split("__")
     name = f"self-trained GPT-2 {entry[1]}" if entry[0] == "gpt-selftrained" else Path(model_path).stem
-    plot(rows, dense, f"{name}: held-out perplexity, ONNX Runtime", plot_path)
+    with StagedWrites() as staged:
+        save_results(args.out, result, started, staged)
+        plot(rows, dense, f"{name}: held-out perplexity, ONNX Runtime", staged.path(plot_path))
     print(f"dense {dense:.3f}; {result['seconds']:.0f} s; wrote {args.out / 'results.json'} and {plot_path}")
     return result
 

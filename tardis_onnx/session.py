@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
 import onnx
 
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, external_error, is_onnxruntime_error
+from tardis_onnx.io import save_model
 
 # Protobuf cannot serialise a model over 2 GiB; such models go through a file with external data.
 _PROTO_LIMIT = 2**31 - 2**24
@@ -23,18 +25,50 @@ def create_session(model: onnx.ModelProto | str | Path, optimization: str = "dis
 
     from tardis_onnx import runtime
 
-    options = runtime.session_options(threads or None, optimization, custom_ops=runtime.library_available())
-    if isinstance(model, onnx.ModelProto) and _uses_tardis_ops(model) and not runtime.library_available():
-        raise TardisError("the model uses ai.tardis custom ops but the library is not built (run `make lib`)")
+    label = "the model" if isinstance(model, onnx.ModelProto) else f"{model}"
+    proto = model if isinstance(model, onnx.ModelProto) else _graph_only(Path(model))
+    if proto is not None and _uses_tardis_ops(proto) and not runtime.library_available():
+        raise TardisError(f"{label} uses ai.tardis custom ops but their library is not built (run `make lib`)")
+    try:
+        options = runtime.session_options(threads or None, optimization, custom_ops=runtime.library_available())
+    except (OSError, ValueError) as exc:
+        raise TardisError(f"cannot set up ONNX Runtime ({exc})") from None
     providers = ["CPUExecutionProvider"]
-    if not isinstance(model, onnx.ModelProto):
-        return ort.InferenceSession(str(model), options, providers=providers)
-    if _weight_bytes(model) < _PROTO_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="tardis-") as folder:
-        path = Path(folder) / "model.onnx"
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(path), options, providers=providers)
+    try:
+        if not isinstance(model, onnx.ModelProto):
+            # An absolute path: ONNX Runtime finds external data beside the model file, whatever the cwd.
+            return ort.InferenceSession(os.path.abspath(model), options, providers=providers)
+        if _weight_bytes(model) < _PROTO_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="tardis-") as folder:
+            path = Path(folder) / "model.onnx"
+            save_model(model, path)  # with external data (onnx.save_model's would look for it in the cwd)
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except TardisError:
+        raise
+    except Exception as exc:
+        if is_onnxruntime_error(exc) or isinstance(exc, RuntimeError | ValueError):
+            raise external_error(exc, f"ONNX Runtime cannot load {label}") from None
+        raise
+
+
+def run_session(session, names: list[str] | None, feeds: dict, label: str = "the model") -> list:
+    """``session.run(names, feeds)``; ONNX Runtime's failures (wrong feeds, out-of-range indices, ...) as a
+    one-line :class:`TardisError`."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:
+        if is_onnxruntime_error(exc) or isinstance(exc, RuntimeError | ValueError | TypeError):
+            raise external_error(exc, f"ONNX Runtime cannot run {label}") from None
+        raise
+
+
+def _graph_only(path: Path) -> onnx.ModelProto | None:
+    """The model at ``path`` without its weights, or None when it cannot be read (ONNX Runtime says why)."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
 
 
 def _uses_tardis_ops(model: onnx.ModelProto) -> bool:

@@ -64,6 +64,12 @@ def paragraphs(source: str | Path) -> list[str]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "encoder.json", "spiece.model")
 
 
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The tokenizer files in ``directory`` (inputs no output may overwrite)."""
+    names = (*TOKENIZER_FILES, "special_tokens_map.json", "merges.txt", "vocab.bpe", "added_tokens.json")
+    return [Path(directory) / n for n in names if (Path(directory) / n).is_file()]
+
+
 def has_tokenizer(directory: str | Path) -> bool:
     """Whether ``directory`` holds a tokenizer's files (what the default calibration looks for)."""
     directory = Path(directory)
@@ -152,11 +158,11 @@ def text_feeds(
     return feeds
 
 
-def embedding_rows(model: onnx.ModelProto) -> int | None:
-    """Rows of the token embedding that ``input_ids`` indexes (a ``Gather`` of an initializer, maybe
+def embedding_rows(model: onnx.ModelProto, input_name: str = "input_ids") -> int | None:
+    """Rows of the table that the input ``input_name`` indexes (a ``Gather`` of an initializer, maybe
     behind a Reshape as in GPT-2's export), if found."""
     shapes = {t.name: t.dims for t in model.graph.initializer}
-    ids = {"input_ids"}
+    ids = {input_name}
     for node in model.graph.node:
         if node.op_type in ("Reshape", "Cast", "Identity", "Flatten", "Squeeze", "Unsqueeze") and node.input[0] in ids:
             ids.update(node.output)

@@ -7,18 +7,27 @@ error; a mismatch beyond ``--atol``/``--rtol`` exits 1.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tardis_onnx.errors import TardisError, report_error
+from tardis_onnx.errors import (
+    TardisError,
+    check_environment,
+    non_negative_float,
+    non_negative_int,
+    parse_arguments,
+    positive_int,
+    report_error,
+    translate_error,
+)
 from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
+from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
 from tardis_onnx.io import load_model
 from tardis_onnx.runtime import OPTIMIZATION_LEVELS
-from tardis_onnx.session import create_session
+from tardis_onnx.session import create_session, run_session
 
 ERROR_STATS = ("elemwise", "max", "mean", "median")
 
@@ -45,24 +54,34 @@ def compare_outputs(
         got = actual[name]
         if got.shape != want.shape:
             raise TardisError(f"output '{name}' has shape {got.shape}, expected {want.shape}")
-        want64, got64 = want.astype(np.float64), got.astype(np.float64)
-        diff = np.abs(got64 - want64)
-        rel = diff / np.maximum(np.abs(want64), np.finfo(np.float64).tiny)
-        finite = np.isfinite(want64) | np.isfinite(got64)
-        same_nonfinite = np.array_equal(np.isnan(want64), np.isnan(got64))
-        if diff.size == 0:
-            passed = True
-            stats = (0.0, 0.0, 0.0, 0.0, 0.0)
-        else:
-            if stat == "elemwise":
-                passed = bool(np.all(diff[finite] <= atol + rtol * np.abs(want64[finite])))
-            else:
-                reduce = {"max": np.max, "mean": np.mean, "median": np.median}[stat]
-                passed = bool(reduce(diff) <= atol or reduce(rel) <= rtol)
-            passed = passed and same_nonfinite
-            stats = (diff.max(), diff.mean(), rel.max(), rel.mean(), np.abs(want64).max())
-        results.append(OutputComparison(name, *map(float, stats), passed))
+        try:
+            want64, got64 = want.astype(np.float64), got.astype(np.float64)
+        except (TypeError, ValueError):
+            raise TardisError(f"output '{name}' is {want.dtype}: not numbers, cannot compare") from None
+        with np.errstate(all="ignore"):  # inf − inf and friends: NaN, reported, not warned about
+            stats_passed = _compare(want64, got64, atol, rtol, stat)
+        results.append(OutputComparison(name, *stats_passed))
     return results
+
+
+def _compare(want64: np.ndarray, got64: np.ndarray, atol: float, rtol: float, stat: str) -> tuple:
+    """(max abs, mean abs, max rel, mean rel, max |expected|, passed) of one output."""
+    diff = np.abs(got64 - want64)
+    rel = diff / np.maximum(np.abs(want64), np.finfo(np.float64).tiny)
+    finite = np.isfinite(want64) | np.isfinite(got64)
+    same_nonfinite = np.array_equal(np.isnan(want64), np.isnan(got64))
+    if diff.size == 0:
+        passed = True
+        stats = (0.0, 0.0, 0.0, 0.0, 0.0)
+    else:
+        if stat == "elemwise":
+            passed = bool(np.all(diff[finite] <= atol + rtol * np.abs(want64[finite])))
+        else:
+            reduce = {"max": np.max, "mean": np.mean, "median": np.median}[stat]
+            passed = bool(reduce(diff) <= atol or reduce(rel) <= rtol)
+        passed = passed and same_nonfinite
+        stats = (diff.max(), diff.mean(), rel.max(), rel.mean(), np.abs(want64).max())
+    return (*map(float, stats), passed)
 
 
 def run_models(original: Path, rewritten: Path, feeds: Feeds, optimization: str) -> tuple[dict, dict]:
@@ -71,7 +90,7 @@ def run_models(original: Path, rewritten: Path, feeds: Feeds, optimization: str)
     for path in (original, rewritten):
         session = create_session(path, optimization)
         names = [o.name for o in session.get_outputs()]
-        outputs.append(dict(zip(names, session.run(names, feeds), strict=True)))
+        outputs.append(dict(zip(names, run_session(session, names, feeds, str(path)), strict=True)))
     return outputs[0], outputs[1]
 
 
@@ -82,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("original", type=Path)
     parser.add_argument("rewritten", type=Path)
-    parser.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default 1e-3)")
+    parser.add_argument("--atol", type=non_negative_float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    parser.add_argument("--rtol", type=non_negative_float, default=1e-3, help="relative tolerance (default 1e-3)")
     parser.add_argument(
         "--check-error-stat",
         choices=ERROR_STATS,
@@ -91,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare every element, or the max/mean/median error against the tolerances",
     )
     parser.add_argument("--feeds", type=Path, help="inputs (.npz); default: random inputs from the signature")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--sequence", type=int, default=16)
-    parser.add_argument("--past", type=int, default=4, help="past length for models with a KV cache")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    parser.add_argument("--sequence", type=positive_int, default=16)
+    parser.add_argument("--past", type=non_negative_int, default=4, help="past length for models with a KV cache")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument(
         "--ort-optimization",
         choices=OPTIMIZATION_LEVELS,
@@ -106,21 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_arguments(build_parser(), argv)
+        check_environment()
+        inputs = [*model_files(args.original), *model_files(args.rewritten), args.feeds]
+        check_targets([args.json], inputs)
         original = load_model(args.original, load_weights=False)
         load_model(args.rewritten, load_weights=False)
         if args.feeds:
-            feeds = load_feeds(args.feeds, original)[0]
+            feeds = load_feeds(args.feeds, original, label="feeds")[0]
         else:
             feeds = random_feeds(original, args.batch, args.sequence, args.past, args.seed)
         expected, actual = run_models(args.original, args.rewritten, feeds, args.ort_optimization)
         results = compare_outputs(expected, actual, args.atol, args.rtol, args.check_error_stat)
+        tolerance = f"atol={args.atol:g} rtol={args.rtol:g} ({args.check_error_stat})"
+        if args.json:
+            with StagedWrites() as staged:
+                document = {"tolerance": tolerance, "outputs": [asdict(r) for r in results]}
+                staged.write_text(args.json, strict_json(document, indent=2))
     except TardisError as exc:
         return report_error(exc)
+    except Exception as exc:
+        translated = translate_error(exc)
+        if translated is None:
+            raise
+        return report_error(translated)
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
     print(f"inputs: {shapes}")
-    width = max(len(r.name) for r in results)
+    width = max([len("output")] + [len(r.name) for r in results])
     print(f"{'output'.ljust(width)}  {'max abs':>10}  {'mean abs':>10}  {'max rel':>10}  {'mean rel':>10}  result")
     for r in results:
         verdict = "PASS" if r.passed else "FAIL"
@@ -129,9 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{verdict}"
         )
     failed = [r.name for r in results if not r.passed]
-    tolerance = f"atol={args.atol:g} rtol={args.rtol:g} ({args.check_error_stat})"
-    if args.json:
-        args.json.write_text(json.dumps({"tolerance": tolerance, "outputs": [asdict(r) for r in results]}, indent=2))
     if failed:
         print(f"FAILED: {len(failed)} of {len(results)} outputs differ beyond {tolerance}")
         return 1
