@@ -23,6 +23,25 @@ from tardis_onnx.predictor import (
 from tardis_onnx.session import create_session
 
 
+def _matmulnbits(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, **attributes) -> np.ndarray:
+    """``x`` times the 4-bit matrix, as ONNX Runtime's ``MatMulNBits`` computes it."""
+    (n, d), h = x.shape, packed.shape[0]
+    node = helper.make_node(
+        "MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=d, N=h, bits=4, block_size=32, **attributes
+    )
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, h])],
+        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.astype(np.float32), "S")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    return create_session(model).run(None, {"x": x})[0]
+
+
 @pytest.mark.parametrize("d", [64, 72])  # 72: a partial last block
 def test_int4_layout_matches_matmulnbits_in_onnxruntime(d):
     rng = np.random.default_rng(0)
@@ -30,20 +49,7 @@ def test_int4_layout_matches_matmulnbits_in_onnxruntime(d):
     w = rng.normal(size=(d, h)).astype(np.float32)
     packed, scales = quantize_int4(w)
     x = rng.normal(size=(3, d)).astype(np.float32)
-    node = helper.make_node(
-        "MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=d, N=h, bits=4, block_size=32
-    )
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, d])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, h])],
-        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.astype(np.float32), "S")],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    got = create_session(model).run(None, {"x": x})[0]
+    got = _matmulnbits(x, packed, scales)
     want = x.astype(np.float64) @ dequantize_int4(packed, scales.astype(np.float32), d)
     np.testing.assert_allclose(got, want, atol=1e-4)
     # 4 bits: within half a quantisation step of the original weights.
@@ -59,21 +65,7 @@ def test_the_int4_reference_models_matmulnbits_int8_activations_as_emitted():
     w = (rng.standard_normal((d, h)) * 0.05).astype(np.float32)
     x = rng.standard_normal((64, d)).astype(np.float32)
     packed, scales = quantize_int4(w)
-    node = helper.make_node(
-        "MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=d, N=h, bits=4, block_size=32,
-        accuracy_level=INT4_ACCURACY_LEVEL,
-    )  # fmt: skip
-    graph = helper.make_graph(
-        [node],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, d])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, h])],
-        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales.astype(np.float32), "S")],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    got = create_session(model).run(None, {"x": x})[0]
+    got = _matmulnbits(x, packed, scales, accuracy_level=INT4_ACCURACY_LEVEL)
     w4 = dequantize_int4(packed, scales.astype(np.float32), d)
     emulated = np.abs(got - quantize_activations_int8(x) @ w4).max()
     assert emulated < 0.3 * np.abs(got - x.astype(np.float64) @ w4).max()
