@@ -11,7 +11,6 @@ number of calibration tokens every token is kept and the statistics equal the ex
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import onnx
 
 from tardis_onnx import budget, reference
 from tardis_onnx.config import TardisConfig
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, env_int
 from tardis_onnx.feeds import Feeds
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.session import create_session, run_session
@@ -337,21 +336,9 @@ def _uniform_lines(ffn: FfnMatch, sample: FfnSamples, outlier_budget: float, win
     return lines, coverage
 
 
-def thread_count() -> int:
-    """``TARDIS_THREADS`` (default 2): threads for the per-FFN fitting."""
-    value = os.environ.get("TARDIS_THREADS", "2")
-    try:
-        threads = int(value)
-    except ValueError:
-        raise TardisError(f"TARDIS_THREADS must be a whole number, got {value!r}") from None
-    if threads < 1:
-        raise TardisError(f"TARDIS_THREADS must be >= 1, got {threads}")
-    return threads
-
-
 def _map(function, items: list) -> list:
     """``[function(i) for i in items]`` on ``TARDIS_THREADS`` threads (default 2): numpy releases the GIL."""
-    threads = thread_count()
+    threads = env_int("TARDIS_THREADS", 2)
     if threads <= 1 or len(items) <= 1:
         return [function(i) for i in items]
     with ThreadPoolExecutor(threads) as pool:
