@@ -2,7 +2,9 @@
 the accurate recipe at an 80% target, checked on held-out tokens, the predictor chosen per FFN; and
 calibration from any source the ecosystem uses (lists, generators, ``CalibrationDataReader``)."""
 
+import io
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -197,3 +199,18 @@ def test_a_small_calibration_file_no_longer_collapses_a_real_model(tmp_path, dat
             cosines.append((a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
         cosine[name] = np.concatenate(cosines).mean()
     assert cosine["unchecked"] < 0.8 < 0.95 < cosine["checked"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_show_on_a_terminal_only(monkeypatch, terminal):
+    stream = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    optimize_model(ffn_model("erf_div"), TardisConfig(fallback="portable", calib_batches=3), progress=True)
+    shown = stream.getvalue()
+    assert ("calibrating" in shown and "/3 [" in shown and "fitting" in shown) == terminal
+    assert shown == "" or terminal
