@@ -10,13 +10,26 @@ COMMANDS = {
     "inspect": "tardis_onnx.inspect_model",
     "diff": "tardis_onnx.diff",
 }
+SUMMARIES = {
+    "optimize": "fold every GELU FFN into one MatMul plus an outlier fallback (the defaults are the best recipe)",
+    "verify": "run two models on the same inputs and compare their outputs (exit 1 on a mismatch)",
+    "inspect": "list a model's FFN candidates, whether each folds and why not; a rewritten model's FFNs",
+    "diff": "per-FFN node and byte differences between a model and its rewrite (text, HTML, JSON)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = f"usage: python -m tardis_onnx {{{','.join(COMMANDS)}}} ..."
+    usage = f"usage: python -m tardis_onnx {{{','.join(COMMANDS)}}} ... (or tardis-onnx COMMAND ...)"
     if argv and argv[0] in ("-h", "--help"):
-        print(usage)
+        print(usage + "\n\ncommands (each takes --help):")
+        for command, summary in SUMMARIES.items():
+            print(f"  {command:<9} {summary}")
+        return 0
+    if argv and argv[0] == "--version":
+        from tardis_onnx import __version__
+
+        print(f"tardis-onnx {__version__}")
         return 0
     if not argv or argv[0] not in COMMANDS:
         unknown = f"unknown command '{argv[0]}'; " if argv else ""
