@@ -10,7 +10,7 @@ decodes); tokens/s is the median over repeats of decoded tokens / summed step ti
 
 Beside each speedup: the fallback fraction ``f`` measured on the decoded tokens (the neurons the
 predictor flags, mean over layers) and the predictor's recall of the true outliers there, and two
-bytes-read bounds (DESIGN.md §2): the FFN one and the whole model's (all weights a token reads:
+bytes-read bounds (docs/design.md §2): the FFN one and the whole model's (all weights a token reads:
 attention, FFN, one embedding row, the LM head, plus the KV cache), the physical limit on a
 memory-bound decode. Fidelity to the original (top-1 agreement of next-token predictions, median
 relative logit error) is printed too, but random weights say little about accuracy: a random

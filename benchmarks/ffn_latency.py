@@ -2,7 +2,7 @@
 
 For each width d (h = 4d), token count and outlier fraction: the dense FFN and its rewrite (custom-op
 fallback, the chosen predictor) run alternately on the same inputs after a warm-up; medians are
-compared, and the FFN weight bytes-read ratio (DESIGN.md §2) is printed beside the measured one.
+compared, and the FFN weight bytes-read ratio (docs/design.md §2) is printed beside the measured one.
 Each model holds enough copies of the FFN (its own weights each, all fed the same x) that one run
 streams ``--stack-mib`` of rewritten weights, four times the last-level cache by default: the weights
 come from memory, as a model's layers do, and a time is a run's over the number of copies.

@@ -1,6 +1,6 @@
 """A small GELU GPT-2, self-trained here on real text, exported to ONNX with Optimum, cached outside git.
 
-No pretrained GELU causal LM is reachable from these machines (DESIGN.md §5), so this recipe trains
+No pretrained GELU causal LM is reachable from these machines (no model hub), so this recipe trains
 one: ``GPT2LMHeadModel`` with ``activation_function="gelu_new"`` (tanh GELU), tied embeddings.
 
 - Training text: ``tinyshakespeare/input.txt`` + ``wikitext-2/valid.txt`` (the only WikiText-2 split

@@ -1,4 +1,4 @@
-"""One-shot pruning baselines on the same FFN weights and calibration data (DESIGN.md §6).
+"""One-shot pruning baselines on the same FFN weights and calibration data (docs/design.md §5).
 
 Scores (ONNX layout ``W: [inputs, outputs]``, ``X`` the layer's input activations, ``‖X_j‖₂`` the
 norm of input ``j`` over calibration tokens):

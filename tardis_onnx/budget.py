@@ -1,4 +1,4 @@
-"""Budgets and better lines (DESIGN.md §7), in numpy float64 on calibration samples.
+"""Budgets and better lines (docs/design.md §1), in numpy float64 on calibration samples.
 
 Three switchable ideas on top of the plain recipe (narrowest window, one coverage for all):
 
@@ -140,7 +140,7 @@ def _window_fit(prefix, start, k, s, shift_z, shift_g, form):
 
 
 def fallback_budget(target_reduction: float, d: int, h: int, d_out: int) -> float:
-    """Outlier fraction ``f`` giving fallback reduction ``target`` for one FFN (DESIGN §2)."""
+    """Outlier fraction ``f`` giving fallback reduction ``target`` for one FFN (docs/design.md §2)."""
     dense = d * h + h * d_out
     f = 1.0 - target_reduction - d * d_out / dense
     if f < 0:

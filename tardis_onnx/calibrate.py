@@ -252,7 +252,7 @@ def capture_ffn_inputs(
 
 
 def fallback_budgets(ffns: list[FfnMatch], config: TardisConfig) -> list[float]:
-    """Allowed outlier fraction per FFN: from ``target_reduction`` (DESIGN §2) or ``1 − coverage``.
+    """Allowed outlier fraction per FFN: from ``target_reduction`` (docs/design.md §2) or ``1 − coverage``.
 
     The default target (none given) gives an FFN too narrow for it the budget it gives an ``h = 4d`` FFN.
     """

@@ -6,7 +6,7 @@ several fallback reductions with each idea switched on in turn (plain recipe, le
 per-neuron Lagrangian coverage, refit), all with the exact outlier set (portable fallback, which
 recomputes z); magnitude / Wanda / RIA pruning at the same FFN reduction. Reports the measured
 outlier fraction per layer on the evaluation tokens and FFN weights read per token, both figures of
-DESIGN.md §2. Writes ``results.json`` and ``accuracy_vs_bytes.png`` to ``--out`` (default ``out/eval``).
+docs/design.md §2. Writes ``results.json`` and ``accuracy_vs_bytes.png`` to ``--out`` (default ``out/eval``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = "wikitext-2-raw/wiki.test.raw"
 STSB = "stsbenchmark/sts-dev.csv"
 
-# The ideas of DESIGN §7, switched on one after another (names are the table's rows).
+# The ideas of docs/design.md §1, switched on one after another (names are the table's rows).
 # The ablation: each idea spelled out in full (the config's defaults are the whole accurate recipe), with
 # the exact predictor and no held-out check, so each row measures that idea alone.
 _ABLATION = {"window": "narrowest", "allocation": "uniform", "refit": False, "predictor": "exact", "holdout": 0.0}
@@ -140,7 +140,7 @@ def import_recipe(name: str):
 def tardis_row(name, model, ffns, samples, evaluator, config, metric: str = "stsb") -> dict:
     """Rewrite ``model`` with ``config`` on the captured ``samples`` and score it: ``evaluator.score(model,
     probes) -> (value, {probe: False count})`` over ``evaluator.tokens`` tokens; the row keeps the value as
-    ``metric``, the measured outlier fraction per layer and both bytes-read figures (DESIGN §2)."""
+    ``metric``, the measured outlier fraction per layer and both bytes-read figures (docs/design.md §2)."""
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     t0 = time.perf_counter()

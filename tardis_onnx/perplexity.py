@@ -12,7 +12,7 @@ the training text (never the test split), then score the dense export; TARDIS wi
 preset at several fallback reductions, the plain recipe at several coverages, and the accurate one
 with an int4 predictor; magnitude / Wanda / RIA pruning at the same FFN reductions. Each TARDIS row
 reports the outlier fraction ``f`` measured per layer on the held-out tokens and both bytes-read
-figures of DESIGN.md §2 (fallback reduction; total read with the predictor). Writes
+figures of docs/design.md §2 (fallback reduction; total read with the predictor). Writes
 ``results.json`` and ``perplexity.png`` to ``--out`` (default ``out/perplexity``), the plot elsewhere with
 ``--plot`` (the README's figure: ``--plot docs/gpt_selftrained_perplexity.png``).
 """

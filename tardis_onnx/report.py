@@ -1,4 +1,4 @@
-"""Honest accounting of what the pass did: per-FFN rows, totals, the printed table (DESIGN.md §2)."""
+"""Honest accounting of what the pass did: per-FFN rows, totals, the printed table (docs/design.md §2)."""
 
 from __future__ import annotations
 

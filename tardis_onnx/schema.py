@@ -29,7 +29,7 @@ FALLBACK_INPUTS = (
     ("w1t", "T", "first projection, transposed [h, d]"),
     ("b1", "T", "first bias [h]"),
     ("w2", "T", "second projection [h, d]"),
-    ("lines", "tensor(float)", "per neuron lo, hi, slope, intercept [4, h] (float32)"),
+    ("lines", "tensor(float)", "rows slope, intercept, lo, hi per neuron [4, h] (float32; windows shifted by -b1)"),
     ("predictor_v", "T", "low-rank predictor's second factor [rank, h]: z_hat = code·V, computed in the op (optional)"),
 )
 _OPTIONAL = {"z_hat", "predictor_v"}

@@ -1,4 +1,4 @@
-"""Tiny FFN graphs built in code: one per GELU spelling seen in real exports (DESIGN.md §4),
+"""Tiny FFN graphs built in code: one per GELU spelling seen in real exports (docs/design.md §4),
 and the negative cases the pass must leave unchanged."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every GELU spelling of DESIGN.md §4 is recognised; every refusal is reported and leaves the model unchanged."""
+"""Every GELU spelling of docs/design.md §4 is recognised; every refusal is reported and leaves the model unchanged."""
 
 import onnx
 import pytest
