@@ -1,4 +1,4 @@
-"""``python -m tardis_onnx {optimize,verify,inspect,diff} ...``"""
+"""``python -m tardis_onnx {optimize,verify,inspect,diff,triton} ...`` (also the ``tardis-onnx`` command)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ COMMANDS = {
     "verify": "tardis_onnx.verify",
     "inspect": "tardis_onnx.inspect_model",
     "diff": "tardis_onnx.diff",
+    "triton": "tardis_onnx.triton",
 }
 SUMMARIES = {
     "optimize": "fold every GELU FFN into one MatMul plus an outlier fallback (the defaults are the best recipe)",
     "verify": "run two models on the same inputs and compare their outputs (exit 1 on a mismatch)",
     "inspect": "list a model's FFN candidates, whether each folds and why not; a rewritten model's FFNs",
     "diff": "per-FFN node and byte differences between a model and its rewrite (text, HTML, JSON)",
+    "triton": "write a Triton Inference Server model repository entry (op library copied in and registered)",
 }
 
 
