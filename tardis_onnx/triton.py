@@ -31,22 +31,24 @@ from tardis_onnx.errors import TardisError, non_negative_int, parse_arguments, p
 from tardis_onnx.files import model_files
 from tardis_onnx.io import load_model
 from tardis_onnx.runtime import CPU_LIBRARY, CUDA_LIBRARY, library_path
+from tardis_onnx.session import create_session
 
+# ONNX Runtime's type strings → Triton's data types.
 TRITON_TYPES = {
-    onnx.TensorProto.FLOAT: "TYPE_FP32",
-    onnx.TensorProto.FLOAT16: "TYPE_FP16",
-    onnx.TensorProto.BFLOAT16: "TYPE_BF16",
-    onnx.TensorProto.DOUBLE: "TYPE_FP64",
-    onnx.TensorProto.INT8: "TYPE_INT8",
-    onnx.TensorProto.INT16: "TYPE_INT16",
-    onnx.TensorProto.INT32: "TYPE_INT32",
-    onnx.TensorProto.INT64: "TYPE_INT64",
-    onnx.TensorProto.UINT8: "TYPE_UINT8",
-    onnx.TensorProto.UINT16: "TYPE_UINT16",
-    onnx.TensorProto.UINT32: "TYPE_UINT32",
-    onnx.TensorProto.UINT64: "TYPE_UINT64",
-    onnx.TensorProto.BOOL: "TYPE_BOOL",
-    onnx.TensorProto.STRING: "TYPE_STRING",
+    "tensor(float)": "TYPE_FP32",
+    "tensor(float16)": "TYPE_FP16",
+    "tensor(bfloat16)": "TYPE_BF16",
+    "tensor(double)": "TYPE_FP64",
+    "tensor(int8)": "TYPE_INT8",
+    "tensor(int16)": "TYPE_INT16",
+    "tensor(int32)": "TYPE_INT32",
+    "tensor(int64)": "TYPE_INT64",
+    "tensor(uint8)": "TYPE_UINT8",
+    "tensor(uint16)": "TYPE_UINT16",
+    "tensor(uint32)": "TYPE_UINT32",
+    "tensor(uint64)": "TYPE_UINT64",
+    "tensor(bool)": "TYPE_BOOL",
+    "tensor(string)": "TYPE_STRING",
 }
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
@@ -55,40 +57,33 @@ def uses_tardis_ops(model: onnx.ModelProto) -> bool:
     return any(node.domain == DOMAIN for node in model.graph.node)
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int]:
-    """Triton dims of a tensor: fixed sizes as they are, symbolic or unknown ones as -1."""
-    shape = value.type.tensor_type.shape
-    return [d.dim_value if d.HasField("dim_value") else -1 for d in shape.dim]
+Tensor = tuple[str, str, list[int]]  # name, ONNX Runtime type, dims (-1: free)
 
 
-def _batchable(model: onnx.ModelProto) -> bool:
-    """Whether every input and output has a free (symbolic) first dimension that Triton may batch."""
-    tensors = [*_signature_inputs(model), *model.graph.output]
-    return bool(tensors) and all(
-        v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value") for v in tensors
-    )
+def signature(model: onnx.ModelProto | Path) -> tuple[list[Tensor], list[Tensor]]:
+    """Inputs and outputs as ONNX Runtime sees them (after its shape inference, the op library
+    registered): what Triton's backend checks the config against."""
+    session = create_session(model)
+
+    def tensors(values) -> list[Tensor]:
+        return [(v.name, v.type, [d if isinstance(d, int) and d >= 0 else -1 for d in v.shape]) for v in values]
+
+    return tensors(session.get_inputs()), tensors(session.get_outputs())
 
 
-def _signature_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in initializers]
-
-
-def _tensor_entries(values: list[onnx.ValueInfoProto], batched: bool) -> str:
+def _tensor_entries(tensors: list[Tensor], batched: bool) -> str:
     entries = []
-    for value in values:
-        elem = value.type.tensor_type.elem_type
-        if elem not in TRITON_TYPES:
-            raise TardisError(f"tensor '{value.name}' has ONNX type {elem}, which Triton cannot carry")
-        dims = _dims(value)[1:] if batched else _dims(value)
-        shape = ", ".join(map(str, dims))
-        fields = (f'name: "{value.name}"', f"data_type: {TRITON_TYPES[elem]}", f"dims: [ {shape} ]")
+    for name, kind, dims in tensors:
+        if kind not in TRITON_TYPES:
+            raise TardisError(f"tensor '{name}' has type {kind}, which Triton cannot carry")
+        shape = ", ".join(map(str, dims[1:] if batched else dims))
+        fields = (f'name: "{name}"', f"data_type: {TRITON_TYPES[kind]}", f"dims: [ {shape} ]")
         entries.append("  {\n" + "".join(f"    {field}\n" for field in fields) + "  }")
     return ",\n".join(entries)
 
 
 def model_config(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | Path,
     name: str,
     max_batch: int = 8,
     instances: int = 1,
@@ -102,13 +97,15 @@ def model_config(
     """
     if kind not in KINDS:
         raise TardisError(f"instance kind must be one of {sorted(KINDS)}, got {kind!r}")
-    batched = max_batch > 0 and _batchable(model)
+    inputs, outputs = signature(model)
+    # Batchable when every input and output has a free first dimension.
+    batched = max_batch > 0 and all(dims and dims[0] == -1 for _, _, dims in inputs + outputs)
     lines = [
         f'name: "{name}"',
         'backend: "onnxruntime"',
         f"max_batch_size: {max_batch if batched else 0}",
-        f"input [\n{_tensor_entries(_signature_inputs(model), batched)}\n]",
-        f"output [\n{_tensor_entries(list(model.graph.output), batched)}\n]",
+        f"input [\n{_tensor_entries(inputs, batched)}\n]",
+        f"output [\n{_tensor_entries(outputs, batched)}\n]",
         f"instance_group [ {{ count: {instances} kind: {KINDS[kind]} }} ]",
     ]
     if batched:
@@ -161,7 +158,7 @@ def write_repository(
             copied = CUDA_LIBRARY if kind == "gpu" else CPU_LIBRARY
             shutil.copyfile(library, staging / copied)
             op_library = target.resolve() / copied
-        config = model_config(model, name, max_batch, instances, kind, op_library)
+        config = model_config(model_path, name, max_batch, instances, kind, op_library)
         (staging / "config.pbtxt").write_text(config, encoding="utf-8")
         os.rename(staging, target)
     except OSError as exc:
