@@ -39,7 +39,8 @@ lint: $(STAMP)
 triton: $(STAMP)
 	@if [ -f "$(TRITON_SOURCES)" ]; then \
 	  test -f $(TRITON_STAMP) || { \
-	    (dpkg -s rapidjson-dev patchelf cmake >/dev/null 2>&1 || apt-get install -y -q rapidjson-dev patchelf cmake) && \
+	    (dpkg -s rapidjson-dev patchelf cmake >/dev/null 2>&1 || apt-get install -y -q rapidjson-dev patchelf cmake \
+	      || { apt-get update -q && apt-get install -y -q rapidjson-dev patchelf cmake; }) && \
 	    $(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0 tritonclient==2.51.0 && \
 	    $(BIN)/python -m pip install -q 'grpcio>=1.64.3' python-rapidjson 'geventhttpclient<=2.0.2,>=1.4.4' && \
 	    touch $(TRITON_STAMP); } && \
