@@ -38,8 +38,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {unknown}{usage}", file=sys.stderr)
         return 2
     import importlib
+    from pathlib import Path
 
-    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    from tardis_onnx import errors
+
+    console = Path(sys.argv[0]).name == "tardis-onnx"
+    errors.invoked_as = f"{'tardis-onnx' if console else 'python -m tardis_onnx'} {argv[0]}"
+    try:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    finally:
+        errors.invoked_as = None
 
 
 if __name__ == "__main__":

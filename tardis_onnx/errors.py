@@ -61,14 +61,31 @@ def translate_error(exc: BaseException) -> TardisError | None:
     return None
 
 
+# How the running command was invoked ("tardis-onnx optimize", "python -m tardis_onnx verify"), set by the
+# dispatcher in ``__main__`` so that usage and --help name it; None: the module's own ``prog``.
+invoked_as: str | None = None
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every default that has a value (not the ``None``/``False`` of unset options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``parser.parse_args(argv)``, a usage error raised as a one-line :class:`TardisError` (argparse would
-    print the usage too)."""
+    print the usage too); --help with the defaults, under the name the command was invoked by."""
 
     def error(message: str):
         raise TardisError(message)
 
     parser.error = error  # type: ignore[method-assign]
+    parser.formatter_class = HelpFormatter
+    if invoked_as is not None:
+        parser.prog = invoked_as
     return parser.parse_args(argv)
 
 

@@ -285,7 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fold every GELU FFN of an ONNX model into one MatMul plus an outlier fallback (TARDIS). "
         "The defaults are the best recipe measured: calibration on real text, 80%% fallback reduction, "
         "the accurate preset checked on held-out tokens, the cheapest predictor that recalls 95%% of outliers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", type=Path, help="the ONNX model (an Optimum or torch.onnx export)")
     parser.add_argument("-o", "--output", type=Path, help="where to write (default: MODEL with .tardis.onnx)")

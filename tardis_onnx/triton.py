@@ -173,7 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tardis_onnx triton",
         description="Write a Triton Inference Server model repository entry for an ONNX model (ONNX Runtime "
         "backend; the ai.tardis op library copied in and registered when the model uses it).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model", type=Path, help="the (rewritten) ONNX model")
     parser.add_argument("--out", type=Path, required=True, help="the model repository folder (created if missing)")

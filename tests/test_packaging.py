@@ -34,3 +34,13 @@ def test_help_and_version_exit_zero(capsys):
     assert all(command in out for command in ("optimize", "verify", "inspect", "diff"))
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"tardis-onnx {tardis_onnx.__version__}"
+
+
+def test_subcommand_help_names_the_command_and_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["optimize", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m tardis_onnx optimize ")
+    assert "(default: 0.2)" in out and "(default: accurate)" in out and "(default: auto)" in out
+    assert "(default: None)" not in out
