@@ -13,7 +13,9 @@ Runtime on the CPU (``ORT_ENABLE_ALL``, 2 intra-op threads), as these variants:
 For each: STS-B dev Spearman × 100 (mean pooling, cosine), the weight bytes stored, and latency at the
 shapes an encoder serves: one sentence of 12 and of 33 tokens (batch-1 latency) and 32 sentences of
 17 tokens (batch throughput), on real STS-B sentences cut to that length. Sessions take turns after a
-warm-up (the median of each input's runs, averaged over 8 inputs), all in one process. JSON and a plot.
+warm-up (the median of each input's runs, averaged over 8 inputs), all in one process, each with its own
+pool of workers that sleep between runs (no session's spinning workers steal the next one's cores). JSON
+and a plot.
 
     python benchmarks/real_models.py --data ../shared/data --out out/real_models --plot docs/real_models.png
 """
@@ -88,7 +90,11 @@ def shape_feeds(tokenizer, sentences: list[str], model: onnx.ModelProto, batch: 
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
+    """A session with its own pool whose workers sleep between runs: with ONNX Runtime's default
+    (spinning) the workers of the session that ran last keep spinning and take the cores from the next
+    one, which inflates every time (a MiniLM run at 1 x 12 took 13 ms for 3.3 ms of kernel time)."""
     options = runtime.session_options(threads, "all", custom_ops=runtime.library_available())
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -132,6 +138,7 @@ def main() -> int:
         "stsb": str(data / STSB),
         "onnxruntime": ort.__version__,
         "threads": args.threads,
+        "intra_op_spinning": False,
         "machine": platform.processor() or platform.machine(),
         "shapes": [f"{b}x{t}" for b, t in SHAPES],
     }
