@@ -53,8 +53,9 @@ def test_cli_calibrates_on_builtin_text(tmp_path):
     assert main([*args, "--fallback", "portable", "--target-reduction", "0.7", "--allocation", "layer", "-q"]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     assert len(report["ffns"]) == 6 and report["calibration"]["source"] == "builtin corpus (CPython docs)"
-    for row in report["ffns"]:  # the budget is met on the fit tokens; the report's reads are on held-out ones
-        assert 1 - (row["fold_bytes"] + row["outlier_fraction"] * row["dense_bytes"]) / row["dense_bytes"] >= 0.7 - 1e-9
+    for row in report["ffns"]:  # the budget is met, not overshot, on the fit tokens; reads are on held-out ones
+        fit_reduction = 1 - (row["fold_bytes"] + row["outlier_fraction"] * row["dense_bytes"]) / row["dense_bytes"]
+        assert 0.7 - 1e-9 <= fit_reduction <= 0.7 + 0.02
     assert report["totals"]["fallback_reduction"] >= 0.6
 
 
