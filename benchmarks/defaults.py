@@ -31,7 +31,6 @@ from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, text  # noqa: E402
 from tardis_onnx.evaluate import STSB, StsEvaluator, default_data_dir  # noqa: E402
 from tardis_onnx.feeds import random_feeds  # noqa: E402
-from tardis_onnx.session import create_session  # noqa: E402
 
 WIKITEXT = Path("wikitext-2-raw/wiki.test.raw")
 SMALL_PARAGRAPHS, SMALL_SEQ_LEN = 30, 20  # about 570 tokens: the case that once collapsed the refit
@@ -59,17 +58,6 @@ def variants(folder: Path, data: Path, model: onnx.ModelProto) -> dict[str, list
     }
 
 
-def embeddings(model: onnx.ModelProto, feeds: list[dict]) -> np.ndarray:
-    """Unit-norm mean-pooled sentence embeddings."""
-    session = create_session(model)
-    out = []
-    for batch in feeds:
-        mask = batch["attention_mask"][..., None].astype(np.float64)
-        pooled = (session.run(None, batch)[0] * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
-        out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
-    return np.concatenate(out)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
@@ -81,8 +69,8 @@ def main() -> int:
     source = export_minilm()
     original = onnx.load(source)
     evaluator = StsEvaluator(text.load_tokenizer(source.parent), original, data / STSB, args.limit)
-    dense, _ = evaluator.score(original)
-    reference = embeddings(original, evaluator.feeds)
+    reference, _ = evaluator.embed(original)
+    dense = evaluator.spearman(reference)
     rows = [{"variant": "dense", "stsb": dense, "cosine": 1.0}]
     print(f"dense: STS-B dev {dense:.2f} ({len(evaluator.gold)} pairs, {evaluator.tokens} tokens)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -99,9 +87,9 @@ def main() -> int:
                 print(f"{label}: optimize failed ({status})")
                 continue
             report = json.loads(output.with_suffix(".json").read_text())
-            rewritten = onnx.load(output)
-            stsb, _ = evaluator.score(rewritten)
-            cosine = float((embeddings(rewritten, evaluator.feeds) * reference).sum(axis=1).mean())
+            embedded, _ = evaluator.embed(onnx.load(output))
+            stsb = evaluator.spearman(embedded)
+            cosine = float((embedded * reference).sum(axis=1).mean())
             totals = report["totals"]
             row = {
                 "variant": label,

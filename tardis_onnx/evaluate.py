@@ -104,8 +104,12 @@ class StsEvaluator:
 
     def score(self, model: onnx.ModelProto, probes: list[str] = ()) -> tuple[float, dict[str, float]]:
         """Spearman × 100, and for each boolean ``probe`` output the fraction of False over real tokens."""
-        from scipy.stats import spearmanr
+        embeddings, outside = self.embed(model, probes)
+        return self.spearman(embeddings), outside
 
+    def embed(self, model: onnx.ModelProto, probes: list[str] = ()) -> tuple[np.ndarray, dict[str, float]]:
+        """Unit-norm mean-pooled embeddings of the sentences (in ``self.index`` order), and for each boolean
+        ``probe`` output the count of False over real tokens."""
         probe_model = onnx.ModelProto()
         probe_model.CopyFrom(model)
         for name in probes:
@@ -121,11 +125,15 @@ class StsEvaluator:
             real = mask.astype(bool)
             for name, inside in zip(probes, values[1:], strict=True):
                 outside[name] += float((~inside[real]).sum())
-        emb = np.concatenate(embeddings)
-        a = emb[[self.index[s] for s in self.first]]
-        b = emb[[self.index[s] for s in self.second]]
-        rho = spearmanr((a * b).sum(axis=1), self.gold).statistic
-        return 100.0 * float(rho), outside
+        return np.concatenate(embeddings), outside
+
+    def spearman(self, embeddings: np.ndarray) -> float:
+        """Spearman × 100 of the pairs' cosines (from :meth:`embed`) against the gold scores."""
+        from scipy.stats import spearmanr
+
+        a = embeddings[[self.index[s] for s in self.first]]
+        b = embeddings[[self.index[s] for s in self.second]]
+        return 100.0 * float(spearmanr((a * b).sum(axis=1), self.gold).statistic)
 
 
 def import_recipe(name: str):

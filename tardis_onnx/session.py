@@ -27,7 +27,7 @@ def create_session(model: onnx.ModelProto | str | Path, optimization: str = "dis
 
     label = "the model" if isinstance(model, onnx.ModelProto) else f"{model}"
     proto = model if isinstance(model, onnx.ModelProto) else _graph_only(Path(model))
-    if proto is not None and _uses_tardis_ops(proto) and not runtime.library_available():
+    if proto is not None and uses_tardis_ops(proto) and not runtime.library_available():
         raise TardisError(f"{label} uses ai.tardis custom ops but their library is not built (run `make lib`)")
     try:
         options = runtime.session_options(threads or None, optimization, custom_ops=runtime.library_available())
@@ -71,7 +71,8 @@ def _graph_only(path: Path) -> onnx.ModelProto | None:
         return None
 
 
-def _uses_tardis_ops(model: onnx.ModelProto) -> bool:
+def uses_tardis_ops(model: onnx.ModelProto) -> bool:
+    """Whether the graph has ``ai.tardis`` nodes (it needs the op library to load)."""
     return any(node.domain == "ai.tardis" for node in model.graph.node)
 
 

@@ -26,12 +26,11 @@ from pathlib import Path
 
 import onnx
 
-from tardis_onnx.emit import DOMAIN
 from tardis_onnx.errors import TardisError, non_negative_int, parse_arguments, positive_int, report_error
 from tardis_onnx.files import model_files
 from tardis_onnx.io import load_model
 from tardis_onnx.runtime import CPU_LIBRARY, CUDA_LIBRARY, library_path
-from tardis_onnx.session import create_session
+from tardis_onnx.session import create_session, uses_tardis_ops
 
 # ONNX Runtime's type strings → Triton's data types.
 TRITON_TYPES = {
@@ -51,10 +50,6 @@ TRITON_TYPES = {
     "tensor(string)": "TYPE_STRING",
 }
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-
-
-def uses_tardis_ops(model: onnx.ModelProto) -> bool:
-    return any(node.domain == DOMAIN for node in model.graph.node)
 
 
 Tensor = tuple[str, str, list[int]]  # name, ONNX Runtime type, dims (-1: free)
