@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 from tardis_onnx.predictor import PREDICTORS
@@ -18,6 +19,18 @@ DEFAULT_TARGET_REDUCTION = 0.8
 PREDICTOR_CHOICES = ("auto", *PREDICTORS)
 # Named bundles of settings. "accurate" (the default) is what the MiniLM evaluation found best:
 # least-error windows, per-neuron coverage under each layer's budget, and the least-squares refit.
+# The never-slower check (tardis_onnx/speed.py) is on unless this variable is "0" (reproducible output,
+# independent of the machine's timings; the test suite sets it).
+SPEED_CHECK_VARIABLE = "TARDIS_SPEED_CHECK"
+# The shapes a model is timed at when none are named: one token (decode), one 32-token sentence or
+# prompt, a batch of 32 sequences of 128 tokens.
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = ((1, 1), (1, 32), (32, 128))
+
+
+def _speed_check_default() -> bool:
+    return os.environ.get(SPEED_CHECK_VARIABLE, "1").strip() != "0"
+
+
 PRESETS = {
     "plain": {"window": "narrowest", "allocation": "uniform", "refit": False},
     "accurate": {"window": "least-error", "allocation": "layer", "refit": True},
@@ -63,6 +76,10 @@ class TardisConfig:
     min_recall: the ``auto`` predictor's least recall of true outliers on the held-out tokens.
     max_samples: calibration tokens kept per FFN (a uniform reservoir beyond that; memory
         ``max_samples · (4·d + 8)`` bytes per FFN).
+    speed_check: time every FFN's rewrite against the original in ONNX Runtime on this machine at
+        each of ``shapes`` (``(batch, sequence)`` pairs) on calibration inputs, and keep the original
+        FFN wherever the rewrite is slower at any of them (``tardis_onnx.speed``). Default: on, unless
+        the environment variable ``TARDIS_SPEED_CHECK`` is ``0``.
     calib_batch, calib_sequence, calib_batches: shape of the random calibration feeds used when no
         calibration data is given.
     seed: seed of random feeds and subsampling.
@@ -83,6 +100,8 @@ class TardisConfig:
     holdout: float = 0.2
     min_recall: float = 0.95
     max_samples: int = 16384
+    speed_check: bool = field(default_factory=_speed_check_default)
+    shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES
     calib_batch: int = 2
     calib_sequence: int = 32
     calib_batches: int = 4
@@ -127,6 +146,9 @@ class TardisConfig:
             raise ValueError(f"min recall must be in [0, 1], got {self.min_recall}")
         if self.max_samples < 1:
             raise ValueError(f"max samples must be >= 1, got {self.max_samples}")
+        self.shapes = tuple((int(b), int(s)) for b, s in self.shapes)
+        if any(min(shape) < 1 for shape in self.shapes):
+            raise ValueError(f"serving shapes must have batch and sequence >= 1, got {self.shapes}")
         if min(self.calib_batch, self.calib_sequence, self.calib_batches) < 1 or self.seed < 0:
             raise ValueError("calibration batch, sequence and batches must be >= 1 and the seed >= 0")
 

@@ -28,10 +28,12 @@ from tardis_onnx.calibrate import (
 )
 from tardis_onnx.config import (
     ALLOCATIONS,
+    DEFAULT_SHAPES,
     DEFAULT_TARGET_REDUCTION,
     FALLBACKS,
     PREDICTOR_CHOICES,
     PRESETS,
+    SPEED_CHECK_VARIABLE,
     WINDOWS,
     TardisConfig,
 )
@@ -53,6 +55,7 @@ from tardis_onnx.passes import Refusal, find_ffns
 from tardis_onnx.predictor import Predictor, choose_predictor
 from tardis_onnx.report import FfnReport, print_report
 from tardis_onnx.schema import annotate_shapes
+from tardis_onnx.speed import SpeedCheck, check_ffn, parse_shapes, shape_name
 
 METADATA_VERSION = "tardis_onnx.version"
 METADATA_CONFIG = "tardis_onnx.config"
@@ -154,6 +157,7 @@ def optimize_model(
     with _progress(progress, "fitting", len(ffns), "FFN") as bar:
         calibrations = calibrate_ffns(ffns, samples, config, bar.update)
     kinds = _predictor_kinds(config.predictor, fallback)
+    timing = config.speed_check and bool(config.shapes)
     replacements, rows, windows, predictors, flag_lines = [], [], [], [], []
     for ffn, result, kept in zip(ffns, calibrations, samples, strict=True):
         fit, heldout = kept.split(config.holdout, config.seed)
@@ -172,16 +176,29 @@ def optimize_model(
         nodes, initializers = emit_ffn(
             ffn, choice.flags, fallback, opset, config.margin, result.coverage, choice.predictor, fold=result.fold
         )
-        replacements.append((ffn.nodes, nodes, initializers))
-        for reader in ffn.shape_readers:
-            reader.input[0] = ffn.shape_source
+        row = FfnReport.of(ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall)
+        if timing:
+            check = _check_speed(ffn, nodes, initializers, kept.x, config, warnings)
+            if check is not None:
+                row.speedups = check.speedups
+                if not check.pays:
+                    row = row.kept()
+        if not row.kept_original:
+            replacements.append((ffn.nodes, nodes, initializers))
+            for reader in ffn.shape_readers:
+                reader.input[0] = ffn.shape_source
         windows.append(result.lines)
         predictors.append(choice.predictor)
         flag_lines.append(choice.flags)
-        rows.append(FfnReport.of(ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall))
+        rows.append(row)
     replace_nodes(model, replacements)
-    needs_contrib = any(p.kind == "int4" for p in predictors) and fallback == "custom"
-    for domain, needed in {DOMAIN: fallback == "custom", "com.microsoft": needs_contrib}.items():
+    kept = [r for r in rows if r.kept_original]
+    if kept:
+        warnings.append(_kept_warning(kept, len(rows), config.shapes))
+    folded_predictors = [p for p, r in zip(predictors, rows, strict=True) if not r.kept_original]
+    needs_contrib = any(p.kind == "int4" for p in folded_predictors) and fallback == "custom"
+    any_custom = fallback == "custom" and len(kept) < len(rows)
+    for domain, needed in {DOMAIN: any_custom, "com.microsoft": needs_contrib}.items():
         if needed and not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     _set_metadata(model, config, fallback)
@@ -200,6 +217,28 @@ def optimize_model(
     result.elapsed_s = time.perf_counter() - started
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: list[str]) -> SpeedCheck | None:
+    """The FFN timed against its rewrite (None, with a warning, where ONNX Runtime cannot run one of them)."""
+    try:
+        return check_ffn(ffn, nodes, initializers, x, config.shapes)
+    except TardisError:
+        raise
+    except Exception as exc:  # ONNX Runtime refusing a timing model (e.g. a dtype without a CPU kernel)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.append(f"{ffn.name}: not timed, rewrite kept ({first[:160]})")
+        return None
+
+
+def _kept_warning(kept: list[FfnReport], total: int, shapes) -> str:
+    slowest = "; ".join(f"{r.name} {speed:.2f}× at {shape}" for r in kept[:3] for shape, speed in [r.slowest()])
+    more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+    return (
+        f"kept {len(kept)} of {total} FFN(s) as they were: their rewrite ran slower here at a serving shape "
+        f"({slowest}{more}); shapes timed: {', '.join(shape_name(s) for s in shapes)} (--shapes names yours, "
+        "--no-speed-check folds them anyway)"
+    )
 
 
 def _predictor_kinds(choice: str, fallback: str) -> tuple[str, ...]:
@@ -364,6 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="seed of random calibration feeds and subsampling"
     )
+    parser.add_argument(
+        "--shapes",
+        type=parse_shapes,
+        default=DEFAULT_SHAPES,
+        help="serving shapes BATCHxSEQUENCE, comma-separated, each FFN's rewrite is timed at against the "
+        "original (in ONNX Runtime, on this machine); an FFN whose rewrite is slower at any of them stays "
+        "as it was (default: " + ",".join(shape_name(s) for s in DEFAULT_SHAPES) + "; none: no timing)",
+    )
+    parser.add_argument(
+        "--speed-check",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the original FFN wherever its rewrite is slower at a serving shape; --no-speed-check folds "
+        f"every FFN (reproducible output; also ${SPEED_CHECK_VARIABLE}=0) (default: on)",
+    )
     parser.add_argument("--report", type=Path, help="JSON report path (default: beside the output)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     return parser
@@ -388,6 +442,8 @@ def config_from_args(args: argparse.Namespace) -> TardisConfig:
             min_recall=args.min_recall,
             max_samples=args.max_samples,
             seed=args.seed,
+            shapes=args.shapes,
+            **({} if args.speed_check is None else {"speed_check": args.speed_check}),
         )
     except ValueError as exc:
         raise TardisError(str(exc)) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,10 @@ class FfnReport:
     calibration_error, heldout_error: ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN (exact outlier set)
         on the fit tokens and on the held-out calibration tokens (None without held-out tokens).
     recipe: what the held-out check kept ("plain", "least-error/layer+refit", ...).
+    speedups: per serving shape ("1x32"), the original FFN's time over the rewrite's in ONNX Runtime
+        on this machine (empty when not timed).
+    kept_original: the rewrite ran slower at some shape, so the original FFN stays in the model (its
+        bytes are then counted as dense, its predictor as nothing).
     Flag rate and recall are measured on the held-out tokens when there are any.
     """
 
@@ -54,6 +58,23 @@ class FfnReport:
     calibration_error: float | None = None
     heldout_error: float | None = None
     recipe: str = "plain"
+    speedups: dict[str, float] = field(default_factory=dict)
+    kept_original: bool = False
+
+    def kept(self) -> FfnReport:
+        """This row for an FFN left as it was: it reads and stores the dense weights."""
+        return replace(
+            self,
+            kept_original=True,
+            fold_bytes=0,
+            fallback_read_bytes=self.dense_bytes,
+            predictor_bytes=0,
+            storage_bytes=self.dense_bytes,
+        )
+
+    def slowest(self) -> tuple[str, float]:
+        """The serving shape where the rewrite gains least, and its speedup (("-", nan) untimed)."""
+        return min(self.speedups.items(), key=lambda item: item[1]) if self.speedups else ("-", float("nan"))
 
     @classmethod
     def of(
@@ -100,7 +121,8 @@ class FfnReport:
         predictor = sum(r.predictor_bytes for r in rows)
         storage = sum(r.storage_bytes for r in rows)
         return {
-            "ffns": len(rows),
+            "ffns": sum(not r.kept_original for r in rows),
+            "kept_original": sum(r.kept_original for r in rows),
             "dense_bytes": dense,
             "fallback_read_bytes": fallback,
             "total_read_bytes": fallback + predictor,
@@ -112,6 +134,14 @@ class FfnReport:
 
 def _mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
+
+
+def _speed(row: FfnReport) -> str:
+    """The least speedup over the serving shapes, and "kept" where the original stays."""
+    if not row.speedups:
+        return "-"
+    shape, speedup = row.slowest()
+    return f"{speedup:.2f}× @{shape}" + (" kept" if row.kept_original else "")
 
 
 def print_report(result, output: Path, report_path: Path) -> None:
@@ -133,6 +163,7 @@ def print_report(result, output: Path, report_path: Path) -> None:
         "read MiB",
         "+predictor",
         "stored MiB",
+        "speed",
     )
     rows = [
         (
@@ -150,6 +181,7 @@ def print_report(result, output: Path, report_path: Path) -> None:
             _mib(r.fallback_read_bytes),
             _mib(r.fallback_read_bytes + r.predictor_bytes),
             _mib(r.storage_bytes),
+            _speed(r),
         )
         for r in result.ffns
     ]
@@ -159,7 +191,7 @@ def print_report(result, output: Path, report_path: Path) -> None:
     for refusal in result.refusals:
         print(f"unchanged: {refusal.name}: {refusal.reason} [{refusal.rule}]")
     t = FfnReport.totals(result.ffns)
-    kinds = Counter(r.predictor for r in result.ffns)
+    kinds = Counter(r.predictor for r in result.ffns if not r.kept_original)
     predictors = ", ".join(f"{kind} ×{count}" for kind, count in kinds.most_common())
     c = result.calibration
     if c:
@@ -168,8 +200,9 @@ def print_report(result, output: Path, report_path: Path) -> None:
             f"{c['heldout_tokens_per_ffn']} held out per FFN"
             + (f", {c['skipped_tokens']} skipped (not finite)" if c.get("skipped_tokens") else "")
         )
+    kept = f" (kept {t['kept_original']} as they were: slower rewritten)" if t["kept_original"] else ""
     print(
-        f"folded {t['ffns']} FFN(s), fallback '{result.fallback}': FFN weights read per token "
+        f"folded {t['ffns']} FFN(s){kept}, fallback '{result.fallback}': FFN weights read per token "
         f"{1 - t['fallback_reduction']:.1%} of dense without the predictor "
         f"(reduction {t['fallback_reduction']:.1%}), {1 - t['total_read_reduction']:.1%} with the "
         f"predictors ({predictors}; reduction {t['total_read_reduction']:.1%}); "

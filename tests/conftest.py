@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))  # models/ recipes
+
+# The never-slower check times rewrites on this machine, so what it keeps varies from run to run:
+# the suite turns it off (subprocesses inherit this) and tests/test_speed.py turns it back on.
+os.environ["TARDIS_SPEED_CHECK"] = "0"
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__import__("os").environ.get("TARDIS_DATA", REPO.parent / "shared" / "data"))

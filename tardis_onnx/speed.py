@@ -1,0 +1,177 @@
+"""Never slower: time each FFN's rewrite against the original FFN in ONNX Runtime at the serving shapes.
+
+A rewrite pays only where ONNX Runtime runs it faster than the FFN it replaces, and that depends on
+the machine, the shapes served and how many neurons the calibration inputs flag. So, per FFN, two
+one-FFN models (the original ``GELU(x·W1 + b1)·W2 + b2`` and the emitted replacement, with the same
+weights) are run in turn on real calibration inputs laid out as each serving shape ``batch×sequence``
+(warm-up first, sessions alternated, medians; worker threads sleep between runs so that neither
+session's spinning workers take the other's cores). The pass keeps the original FFN wherever the
+rewrite is slower at any shape, and the report says so.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from tardis_onnx import runtime
+from tardis_onnx.errors import TardisError
+from tardis_onnx.passes.ffn import FfnMatch
+
+# Timing per (FFN, shape): at least MIN_RUNS runs of each model, more while under BUDGET_S seconds in all.
+WARMUP_RUNS = 2
+MIN_RUNS = 5
+MAX_RUNS = 40
+BUDGET_S = 0.6
+# Distinct inputs per shape, rotated so that the flagged neurons change from run to run.
+INPUTS_PER_SHAPE = 4
+OPSET = 20  # the timing models' standard opset (Gelu is an op from 20)
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """``"1x1,1x32,32x128"`` → ``((1, 1), (1, 32), (32, 128))``; ``"none"`` → ``()`` (no check)."""
+    if text.strip().lower() == "none":
+        return ()
+    shapes = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", part)
+        if not match or min(int(match[1]), int(match[2])) < 1:
+            raise TardisError(f"serving shape '{part.strip()}' is not BATCHxSEQUENCE with both >= 1 (e.g. 1x32)")
+        shapes.append((int(match[1]), int(match[2])))
+    return tuple(dict.fromkeys(shapes))
+
+
+def shape_name(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+@dataclass
+class SpeedCheck:
+    """One FFN's timings: per serving shape, the original's and the rewrite's median seconds."""
+
+    dense_s: dict[str, float]
+    rewritten_s: dict[str, float]
+
+    @property
+    def speedups(self) -> dict[str, float]:
+        return {k: self.dense_s[k] / self.rewritten_s[k] for k in self.dense_s}
+
+    @property
+    def pays(self) -> bool:
+        """True when the rewrite is at least as fast as the original at every shape."""
+        return all(s >= 1.0 for s in self.speedups.values())
+
+    @property
+    def slowest(self) -> tuple[str, float]:
+        """The shape where the rewrite gains least, and its speedup."""
+        return min(self.speedups.items(), key=lambda item: item[1])
+
+
+def _io(name: str, dtype: np.dtype, d: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), ["batch", "seq", d])
+
+
+def _model(nodes, initializers, ffn: FfnMatch, d_out: int, domains: dict[str, int]) -> bytes:
+    inputs, outputs = [_io(ffn.x, ffn.dtype, ffn.w1.shape[0])], [_io(ffn.output, ffn.dtype, d_out)]
+    graph = helper.make_graph(nodes, ffn.name, inputs, outputs, initializers)
+    opsets = [helper.make_opsetid(domain, version) for domain, version in {"": OPSET, **domains}.items()]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def dense_ffn_model(ffn: FfnMatch) -> bytes:
+    """The original FFN alone, as ONNX Runtime runs it: MatMul, bias, Gelu, MatMul, bias."""
+    cast = np.dtype(ffn.dtype)
+
+    def const(name: str, value: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value).astype(cast), f"{ffn.name}/{name}")
+
+    h, d_out = ffn.w2.shape
+    b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
+    b2 = ffn.b2 if ffn.b2 is not None else np.zeros(d_out)
+    inits = [const("w1", ffn.w1), const("b1", b1), const("w2", ffn.w2), const("b2", b2)]
+    p = ffn.name
+    approximate = "tanh" if ffn.gelu.form == "tanh" else "none"
+    nodes = [
+        helper.make_node("MatMul", [ffn.x, f"{p}/w1"], [f"{p}/z0"]),
+        helper.make_node("Add", [f"{p}/z0", f"{p}/b1"], [f"{p}/z"]),
+        helper.make_node("Gelu", [f"{p}/z"], [f"{p}/g"], approximate=approximate),
+        helper.make_node("MatMul", [f"{p}/g", f"{p}/w2"], [f"{p}/y0"]),
+        helper.make_node("Add", [f"{p}/y0", f"{p}/b2"], [ffn.output]),
+    ]
+    return _model(nodes, inits, ffn, d_out, {})
+
+
+def rewritten_ffn_model(ffn: FfnMatch, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]) -> bytes:
+    """The emitted replacement of ``ffn`` alone (it reads only ``ffn.x`` and its own initializers)."""
+    domains = {n.domain: 1 for n in nodes if n.domain not in ("", "ai.onnx")}
+    return _model(nodes, initializers, ffn, ffn.w2.shape[1], domains)
+
+
+def serving_inputs(x: np.ndarray, shape: tuple[int, int], dtype: np.dtype, seed: int = 0) -> list[np.ndarray]:
+    """``INPUTS_PER_SHAPE`` inputs ``[batch, sequence, d]`` made of calibration rows ``x`` (drawn at random,
+    repeated when there are fewer rows than tokens)."""
+    rng = np.random.default_rng(seed)
+    tokens = shape[0] * shape[1]
+    out = []
+    for _ in range(INPUTS_PER_SHAPE):
+        rows = rng.integers(0, x.shape[0], tokens)
+        out.append(np.ascontiguousarray(x[rows].reshape(shape[0], shape[1], x.shape[1]), dtype=dtype))
+    return out
+
+
+def _session(model: bytes):
+    import onnxruntime as ort
+
+    options = runtime.session_options(custom_ops=runtime.library_available())
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def measure_pair(dense: bytes, rewritten: bytes, inputs: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Median seconds per run of the two one-FFN models on ``inputs`` (rotated), runs alternated."""
+    sessions = [_session(dense), _session(rewritten)]
+    names = [s.get_inputs()[0].name for s in sessions]
+    for _ in range(WARMUP_RUNS):
+        for session, name in zip(sessions, names, strict=True):
+            session.run(None, {name: inputs[0]})
+    times: list[list[float]] = [[], []]
+    started = time.perf_counter()
+    for r in range(MAX_RUNS):
+        if r >= MIN_RUNS and time.perf_counter() - started > BUDGET_S:
+            break
+        x = inputs[r % len(inputs)]
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for k in order:
+            t0 = time.perf_counter()
+            sessions[k].run(None, {names[k]: x})
+            times[k].append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def check_ffn(
+    ffn: FfnMatch,
+    nodes: list[onnx.NodeProto],
+    initializers: list[onnx.TensorProto],
+    x: np.ndarray,
+    shapes: Sequence[tuple[int, int]],
+    measure: Callable[[bytes, bytes, Sequence[np.ndarray]], tuple[float, float]] | None = None,
+) -> SpeedCheck:
+    """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape, on calibration rows ``x``."""
+    measure = measure or measure_pair
+    dense, rewritten = dense_ffn_model(ffn), rewritten_ffn_model(ffn, nodes, initializers)
+    check = SpeedCheck({}, {})
+    for shape in shapes:
+        dense_s, rewritten_s = measure(dense, rewritten, serving_inputs(x, shape, ffn.dtype))
+        if not (math.isfinite(dense_s) and math.isfinite(rewritten_s) and min(dense_s, rewritten_s) > 0):
+            raise TardisError(f"timing {ffn.name} at {shape_name(shape)} gave no usable time")
+        check.dense_s[shape_name(shape)] = dense_s
+        check.rewritten_s[shape_name(shape)] = rewritten_s
+    return check

@@ -1,0 +1,153 @@
+"""The never-slower check: faithful timing models, real timings, and the decision they drive."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from ffn_graphs import SPELLINGS, D, GraphBuilder, ffn_model
+
+from tardis_onnx import reference, runtime, speed
+from tardis_onnx.config import TardisConfig
+from tardis_onnx.emit import emit_ffn
+from tardis_onnx.errors import TardisError
+from tardis_onnx.feeds import random_feeds
+from tardis_onnx.optimize import main, optimize_model
+from tardis_onnx.passes import find_ffns
+from tardis_onnx.session import create_session
+
+
+def two_ffn_model() -> onnx.ModelProto:
+    """Two erf FFNs in a row, each with its residual Add."""
+    b = GraphBuilder()
+    x = "x"
+    for layer in range(2):
+        p = f"/layer.{layer}/mlp"
+        h = b.op("Add", b.weight(64), b.op("MatMul", x, b.weight(D, 64), name=f"{p}/fc1/MatMul"), name=f"{p}/fc1/Add")
+        y = b.op("MatMul", SPELLINGS["erf_div"][0](b, h), b.weight(64, D), name=f"{p}/fc2/MatMul")
+        x = b.op("Add", b.op("Add", y, b.weight(D), name=f"{p}/fc2/Add"), x)
+    return b.model("x", x)
+
+
+def test_parse_shapes():
+    assert speed.parse_shapes("1x1, 1X32,32×128,1x1") == ((1, 1), (1, 32), (32, 128))
+    assert speed.parse_shapes("none") == ()
+    for bad in ("1x0", "32", "ax2", "1x2x3", ""):
+        with pytest.raises(TardisError, match="BATCHxSEQUENCE"):
+            speed.parse_shapes(bad)
+
+
+@pytest.mark.parametrize("spelling", ["erf_div", "tanh_pow"])
+def test_the_timing_models_compute_the_ffn_and_its_rewrite(spelling):
+    model = ffn_model(spelling)
+    (ffn,), _ = find_ffns(model)
+    x = np.random.default_rng(0).standard_normal((2, 5, D)).astype(np.float32)
+    dense = ort.InferenceSession(speed.dense_ffn_model(ffn)).run(None, {ffn.x: x})[0]
+    z = x.astype(np.float64) @ ffn.w1 + ffn.b1
+    want = reference.gelu(z, ffn.gelu.form) @ ffn.w2 + ffn.b2
+    assert np.abs(dense - want).max() <= 1e-5 * np.abs(want).max()
+    lines = reference.NeuronLines(*(np.zeros(ffn.hidden) for _ in range(2)), np.zeros(ffn.hidden), np.zeros(ffn.hidden))
+    # Windows of width zero: every neuron falls back, so the rewrite is the FFN itself.
+    nodes, inits = emit_ffn(ffn, lines, "custom", 17, 0.0, 0.0)
+    rewritten = runtime.make_session(speed.rewritten_ffn_model(ffn, nodes, inits)).run(None, {ffn.x: x})[0]
+    assert np.abs(rewritten - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_real_timings_are_medians_of_alternated_runs():
+    model = ffn_model("erf_div")
+    (ffn,), _ = find_ffns(model)
+    nodes, inits = emit_ffn(ffn, reference.NeuronLines(*(np.zeros(ffn.hidden),) * 4), "custom", 17, 0.0, 0.0)
+    x = np.random.default_rng(0).standard_normal((100, D)).astype(np.float32)
+    check = speed.check_ffn(ffn, nodes, inits, x, [(1, 1), (4, 8)])
+    assert set(check.speedups) == {"1x1", "4x8"}
+    assert all(0 < t < 1 for t in [*check.dense_s.values(), *check.rewritten_s.values()])
+    assert check.pays == all(s >= 1 for s in check.speedups.values())
+
+
+def _fake_timings(monkeypatch, slower: set[str]) -> list[str]:
+    """Timings where the FFNs whose name is in ``slower`` run 20% slower rewritten at 1x32 (else 2x faster)."""
+    timed = []
+
+    def check_ffn(ffn, nodes, initializers, x, shapes, measure=None):
+        timed.append(ffn.name)
+        names = [speed.shape_name(s) for s in shapes]
+        rewritten = {n: (1.2 if ffn.name in slower and n == "1x32" else 0.5) for n in names}
+        return speed.SpeedCheck(dict.fromkeys(names, 1.0), rewritten)
+
+    monkeypatch.setattr("tardis_onnx.optimize.check_ffn", check_ffn)
+    return timed
+
+
+def test_an_ffn_slower_rewritten_stays_as_it_was(monkeypatch):
+    timed = _fake_timings(monkeypatch, slower={"layer.0/mlp"})
+    original = two_ffn_model()
+    feeds = random_feeds(original, seed=3)
+    rewritten = two_ffn_model()
+    result = optimize_model(rewritten, TardisConfig(coverage=0.9, speed_check=True, shapes=((1, 1), (1, 32))))
+    assert timed == ["layer.0/mlp", "layer.1/mlp"]
+    kept, folded = result.ffns
+    assert kept.kept_original and not folded.kept_original
+    assert kept.speedups == {"1x1": 2.0, "1x32": pytest.approx(1 / 1.2)} and kept.slowest()[0] == "1x32"
+    assert kept.fallback_read_bytes == kept.dense_bytes and kept.predictor_bytes == 0
+    # The first FFN's nodes are the original ones; only the second was replaced.
+    names = [n.name for n in rewritten.graph.node]
+    assert "/layer.0/mlp/fc1/MatMul" in names and "/layer.1/mlp/fc1/MatMul" not in names
+    assert any(n.startswith("tardis/layer.1/") for n in names) and not any(
+        n.startswith("tardis/layer.0/") for n in names
+    )
+    totals = result.to_dict()["totals"]
+    assert totals["ffns"] == 1 and totals["kept_original"] == 1
+    assert any("kept 1 of 2 FFN(s)" in w and "layer.0/mlp 0.83× at 1x32" in w for w in result.warnings)
+    # The model still computes what the original does (the second FFN within its fold's error).
+    want = create_session(original).run(None, feeds)[0]
+    got = create_session(rewritten).run(None, feeds)[0]
+    assert np.abs(got - want).max() <= 0.2 * np.abs(want).max()
+
+
+def test_when_every_rewrite_is_slower_the_model_computes_as_before(monkeypatch, tmp_path, capsys):
+    _fake_timings(monkeypatch, slower={"layer.0/mlp", "layer.1/mlp"})
+    path = tmp_path / "m.onnx"
+    onnx.save(two_ffn_model(), path)
+    monkeypatch.delenv("TARDIS_SPEED_CHECK")
+    assert main([str(path), "--shapes", "1x32", "-q"]) == 0
+    out = onnx.load(tmp_path / "m.tardis.onnx")
+    assert not any(n.domain == "ai.tardis" for n in out.graph.node)
+    feeds = random_feeds(out, seed=1)
+    want = create_session(two_ffn_model()).run(None, feeds)[0]
+    assert np.array_equal(create_session(out).run(None, feeds)[0], want)
+    report = json.loads((tmp_path / "m.tardis.json").read_text())
+    assert report["config"]["speed_check"] is True and report["config"]["shapes"] == [[1, 32]]
+    assert [r["kept_original"] for r in report["ffns"]] == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "timed"),
+    [
+        ([], "1", True),
+        (["--no-speed-check"], "1", False),
+        ([], "0", False),
+        (["--speed-check"], "0", True),
+        (["--shapes", "none"], "1", False),
+    ],
+)
+def test_the_check_is_on_by_default_and_can_be_turned_off(monkeypatch, tmp_path, flags, env, timed):
+    calls = _fake_timings(monkeypatch, slower=set())
+    monkeypatch.setenv("TARDIS_SPEED_CHECK", env)
+    path = tmp_path / "m.onnx"
+    onnx.save(ffn_model("erf_div"), path)
+    assert main([str(path), "-q", *flags]) == 0
+    assert bool(calls) == timed
+    (row,) = json.loads((tmp_path / "m.tardis.json").read_text())["ffns"]
+    assert bool(row["speedups"]) == timed and not row["kept_original"]
+
+
+def test_a_bad_shape_is_one_error_line(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(ffn_model("erf_div"), path)
+    assert main([str(path), "--shapes", "1x0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "1x0" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
