@@ -3,6 +3,8 @@
 // For every token (row of the flattened leading dims):
 //   y = y_folded + sum over flagged neurons i of residual_i(z_i) * w2[i, :]
 //   z_i = dot(x, w1t[i]) + b1[i]           (recomputed exactly, float accumulation)
+// or, without w1t (null: the predictor is accurate enough to stand for the pre-activation, e.g. an
+// int8 copy of W1), z_i = z_hat[i] + b1[i]: no W1 row is read.
 // where neuron i is flagged when z_hat[i] lies outside [lo_i - margin, hi_i + margin] (or is NaN).
 // z_hat comes either as a tensor or, with the low-rank predictor fused in (`v` set), from the code
 // c = x·U that the folded MatMul appends to each y_folded row: z_hat[i] = sum over r of c[r] * v[r, i]
@@ -20,7 +22,8 @@ struct FallbackArgs {
   const T* x;            // [tokens, d]
   const T* y_folded;     // [tokens, folded_stride]: the folded output in the first d columns
   const T* z_hat;        // [tokens, h]; unused (may be null) when v is set
-  const T* w1t;          // [h, d]  (W1 transposed: neuron i's input weights contiguous)
+  const T* w1t;          // [h, d]  (W1 transposed: neuron i's input weights contiguous), or null:
+                         //         z from z_hat (then z_hat is given, v is null)
   const T* b1;           // [h]
   const T* w2;           // [h, d]
   const float* lines;    // [4, h]  slope, intercept, lo, hi

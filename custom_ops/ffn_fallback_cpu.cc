@@ -536,6 +536,20 @@ struct Fallback {
     const float* slope = a.lines + kSlope * h;
     const float* intercept = a.lines + kIntercept * h;
     const auto n_entries = static_cast<int64_t>(ch.neuron.size());
+    if (a.w1t == nullptr) {  // z from the prediction: no W1 row read
+      for (int64_t e = 0; e < n_entries; ++e) {
+        const int64_t i = ch.neuron[e];
+        const float b = to_float(a.b1[i]);
+        const auto global = static_cast<int32_t>(ch.entry_base + e);
+        for (int32_t p0 = ch.first[e]; p0 < ch.first[e + 1]; ++p0) {
+          const int32_t t = ch.token[p0];
+          const int64_t p = cursor[t]++;
+          ws.pair_entry[p] = global;
+          ws.pair_r[p] = residual(to_float(a.z_hat[(t0 + t) * h + i]) + b, slope[i], intercept[i], a.approximate);
+        }
+      }
+      return;
+    }
     const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
     for (int64_t e = 1; e < std::min(kRowsAhead, n_entries); ++e) prefetch_bytes(a.w1t + ch.neuron[e] * d, row_bytes);
     for (int64_t e = 0; e < n_entries; ++e) {
@@ -675,7 +689,7 @@ struct Fallback {
           bits &= ~(uint64_t{0xff} << (8 * byte));
           const int64_t i = k0 + k8 + byte;
           const int64_t bytes = n < e + ahead ? row_bytes : touch_bytes;
-          prefetch_bytes(a.w1t + i * d, bytes);
+          if (a.w1t != nullptr) prefetch_bytes(a.w1t + i * d, bytes);
           prefetch_bytes(a.w2 + i * d, bytes);
           prefetch(a.lines + kSlope * h + i);
           prefetch(a.lines + kIntercept * h + i);
@@ -697,6 +711,10 @@ struct Fallback {
   void process(const int32_t* neuron, const uint8_t* mask, int64_t n, int64_t e, int64_t ahead, float* partial) {
     const int64_t d = a.d, h = a.h;
     const int64_t i = neuron[e];
+    if (a.w1t == nullptr) {  // z from the prediction: only the W2 row is read
+      process_predicted(neuron, mask, n, e, ahead, partial);
+      return;
+    }
     const T* next1 = e + ahead < n ? a.w1t + neuron[e + ahead] * d : nullptr;
     const T* next2 = e + ahead < n ? a.w2 + neuron[e + ahead] * d : nullptr;
     const float* x_rows[kFewTokens];
@@ -734,6 +752,35 @@ struct Fallback {
     for (int k = 0; k < m; ++k) {
       const float rk = residual(r[k] + b, slope, intercept, a.approximate);
       axpy_row(partial + tok[k] * d, rk, w2, d, k == 0 ? next_w2 : nullptr);
+    }
+  }
+
+  // process() without W1: r from z_hat + b1; the W2 row of neuron[e + ahead] streams in during the axpy.
+  void process_predicted(const int32_t* neuron, const uint8_t* mask, int64_t n, int64_t e, int64_t ahead,
+                         float* partial) {
+    const int64_t d = a.d, h = a.h;
+    const int64_t i = neuron[e];
+    const T* next = e + ahead < n ? a.w2 + neuron[e + ahead] * d : nullptr;
+    const float* w2;
+    const float* next_w2 = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      w2 = a.w2 + i * d;
+      next_w2 = next;
+    } else {
+      if (next != nullptr) prefetch_bytes(next, d * static_cast<int64_t>(sizeof(T)));
+      TaskScratch& scratch = task_scratch();
+      scratch.w2_row.resize(static_cast<size_t>(d));
+      half_to_float_row(a.w2 + i * d, scratch.w2_row.data(), d);
+      w2 = scratch.w2_row.data();
+    }
+    const float b = to_float(a.b1[i]);
+    const float slope = a.lines[kSlope * h + i], intercept = a.lines[kIntercept * h + i];
+    bool first = true;
+    for (int64_t t = 0; t < nb; ++t) {
+      if (!(mask[e] >> t & 1u)) continue;
+      const float rk = residual(to_float(a.z_hat[(t0 + t) * h + i]) + b, slope, intercept, a.approximate);
+      axpy_row(partial + t * d, rk, w2, d, first ? next_w2 : nullptr);
+      first = false;
     }
   }
 

@@ -4,7 +4,7 @@
 // latency-bound: few blocks, so the work per thread must be short and its loads independent):
 //  1. residual_kernel, one block per (token, chunk of 128 neurons): tests the chunk's flags,
 //     compacts the flagged neurons in index order, and gives each to a warp, which recomputes
-//     z = x . w1t[i] + b1[i] and stores (i, residual) in a scratch list.
+//     z = x . w1t[i] + b1[i] (without w1t: z_hat[i] + b1[i]) and stores (i, residual) in a scratch list.
 //  2. accumulate_kernel, one block per (token, 32 output columns): warp w walks the lists of
 //     chunks w, w+16, ..., each lane owning one column, and the block sums
 //     y = y_folded + sum_w partial_w in a fixed order.
@@ -103,13 +103,15 @@ __global__ void residual_kernel(FallbackArgs<T> a, Lists s, int chunks) {
   const T* x = a.x + t * a.d;
   for (int k = warp; k < total; k += kChunkWarps) {
     const int32_t n = list[k];
-    const T* w = a.w1t + static_cast<int64_t>(n) * a.d;
     float acc = 0.0f;
+    if (a.w1t != nullptr) {  // uniform over the block: every lane takes the same branch
+      const T* w = a.w1t + static_cast<int64_t>(n) * a.d;
 #pragma unroll 4
-    for (int64_t j = lane; j < a.d; j += kWarp) acc += load(x + j) * load(w + j);
-    for (int width = kWarp / 2; width > 0; width /= 2) acc += __shfl_xor_sync(kFullMask, acc, width);
+      for (int64_t j = lane; j < a.d; j += kWarp) acc += load(x + j) * load(w + j);
+      for (int width = kWarp / 2; width > 0; width /= 2) acc += __shfl_xor_sync(kFullMask, acc, width);
+    }
     if (lane == 0) {
-      const float z = acc + load(a.b1 + n);
+      const float z = (a.w1t != nullptr ? acc : load(a.z_hat + t * a.h + n)) + load(a.b1 + n);
       s.neuron[base + k] = n;
       s.r[base + k] = residual(z, a.lines[kSlope * a.h + n], a.lines[kIntercept * a.h + n], a.approximate);
     }
@@ -202,13 +204,15 @@ __global__ void chunk_kernel(FallbackArgs<T> a, float* partial, int chunks) {
   const T* x = a.x + t * a.d;
   for (int k = warp; k < total; k += kChunkWarps) {
     const int32_t n = list[k];
-    const T* w = a.w1t + static_cast<int64_t>(n) * a.d;
     float acc = 0.0f;
+    if (a.w1t != nullptr) {  // uniform over the block: every lane takes the same branch
+      const T* w = a.w1t + static_cast<int64_t>(n) * a.d;
 #pragma unroll 4
-    for (int64_t j = lane; j < a.d; j += kWarp) acc += load(x + j) * load(w + j);
-    for (int width = kWarp / 2; width > 0; width /= 2) acc += __shfl_xor_sync(kFullMask, acc, width);
+      for (int64_t j = lane; j < a.d; j += kWarp) acc += load(x + j) * load(w + j);
+      for (int width = kWarp / 2; width > 0; width /= 2) acc += __shfl_xor_sync(kFullMask, acc, width);
+    }
     if (lane == 0) {
-      const float z = acc + load(a.b1 + n);
+      const float z = (a.w1t != nullptr ? acc : load(a.z_hat + t * a.h + n)) + load(a.b1 + n);
       r[k] = residual(z, a.lines[kSlope * a.h + n], a.lines[kIntercept * a.h + n], a.approximate);
     }
   }

@@ -1,7 +1,7 @@
 // ONNX Runtime registration of the ai.tardis custom-op domain.
 //
 // Exported symbol: RegisterCustomOps(OrtSessionOptions*, const OrtApiBase*). Registers
-// ai.tardis::FfnFallback (version 1; inputs x, y_folded, z_hat?, w1t, b1, w2, lines, predictor_v?)
+// ai.tardis::FfnFallback (version 1; inputs x, y_folded, z_hat?, w1t?, b1, w2, lines, predictor_v?)
 // for float and float16 on the CPU execution provider and,
 // when built with USE_CUDA, on the CUDA execution provider. The kernels themselves live in
 // ffn_fallback_cpu.cc and ffn_fallback_cuda.cu; this file only reads attributes, checks shapes
@@ -88,7 +88,8 @@ OrtStatusPtr read_attributes(const OrtApi& api, const OrtKernelInfo* info, Attri
   return nullptr;
 }
 
-// Inputs; z_hat (2) and predictor_v (7) are optional and exactly one of them is given.
+// Inputs; z_hat (2) and predictor_v (7) are optional and exactly one of them is given; w1t (3) is
+// optional with z_hat (absent: the residual is computed from z = z_hat + b1, no W1 row is read).
 constexpr size_t kInputs = 8;
 constexpr size_t kZHat = 2, kW1t = 3, kW2 = 5, kLines = 6, kPredictorV = 7;
 
@@ -99,6 +100,7 @@ std::string check_shapes(const std::vector<std::vector<int64_t>>& s, const std::
   const auto& x = s[0];
   if (x.empty()) return "x must have at least one dimension, got a scalar";
   if (given[kZHat] == given[kPredictorV]) return "give exactly one of z_hat and predictor_v";
+  if (!given[kW1t] && !given[kZHat]) return "w1t may be left out only with z_hat (the residual is then taken from it)";
   *d = x.back();
   if (given[kZHat]) {
     const auto& z_hat = s[kZHat];
@@ -123,7 +125,7 @@ std::string check_shapes(const std::vector<std::vector<int64_t>>& s, const std::
   *tokens = 1;
   for (size_t k = 0; k + 1 < x.size(); ++k) *tokens *= x[k];
   const std::vector<int64_t> hd{*h, *d}, hh{*h}, lines{4, *h};
-  if (s[3] != hd) return "w1t shape " + shape_string(s[3]) + " must be [h, d] = " + shape_string(hd);
+  if (given[kW1t] && s[3] != hd) return "w1t shape " + shape_string(s[3]) + " must be [h, d] = " + shape_string(hd);
   if (s[4] != hh) return "b1 shape " + shape_string(s[4]) + " must be [h] = " + shape_string(hh);
   if (s[5] != hd) return "w2 shape " + shape_string(s[5]) + " must be [h, d] = " + shape_string(hd);
   if (s[kLines] != lines) return "lines shape " + shape_string(s[kLines]) + " must be [4, h] = " + shape_string(lines);
@@ -243,7 +245,7 @@ struct FfnFallbackOp : Ort::CustomOpBase<FfnFallbackOp<T, kDevice>, FfnFallbackK
     return index == kLines ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : Element<T>::kType;  // `lines` is float32
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == kZHat || index == kPredictorV ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return index == kZHat || index == kW1t || index == kPredictorV ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return Element<T>::kType; }

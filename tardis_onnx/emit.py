@@ -10,7 +10,14 @@ from onnx import helper, numpy_helper
 
 from tardis_onnx import reference
 from tardis_onnx.passes.ffn import FfnMatch
-from tardis_onnx.predictor import INT4_ACCURACY_LEVEL, INT4_BLOCK, Predictor, dequantize_int4, quantize_int4
+from tardis_onnx.predictor import (
+    INT4_ACCURACY_LEVEL,
+    INT4_BLOCK,
+    Predictor,
+    dequantize_int4,
+    quantize_int4,
+    quantize_int8,
+)
 
 DOMAIN = "ai.tardis"
 FALLBACK_OP = "FfnFallback"
@@ -93,7 +100,8 @@ def emit_ffn(
             z_hat, fused_v = _predictor(b, ffn, predictor, standard_only=False), []
         shifted = reference.NeuronLines(lines.slope, lines.intercept, lines.lo - b1, lines.hi - b1)
         packed = b.constant("lines", reference.pack_lines(shifted), np.float32)
-        w1t = b.constant("w1t", np.ascontiguousarray(ffn.w1.T))
+        # An accurate predictor stands for the pre-activation: no W1ᵀ, the residual is taken from z_hat.
+        w1t = "" if predictor.residual_from_prediction else b.constant("w1t", np.ascontiguousarray(ffn.w1.T))
         inputs = [ffn.x, folded, z_hat, w1t, b.constant("b1", b1), w2, packed, *fused_v]
         approximate = "tanh" if ffn.gelu.form == "tanh" else "none"
         fallback_doc = "outlier fallback: adds GELU(z)-(a z+c) times W2 rows for neurons outside [lo, hi]"
@@ -142,14 +150,23 @@ def emit_ffn(
 
 
 def _predictor(b: _Builder, ffn: FfnMatch, predictor: Predictor, standard_only: bool) -> str:
-    """``z_hat − b1``: exact, from a 4-bit copy of W1 (``MatMulNBits``; in the portable form the same
-    dequantized matrix as a standard MatMul), or from the low-rank factors ``(x·U)·V``."""
+    """``z_hat − b1``: exact, from a 4-bit copy of W1 (``MatMulNBits``) or an int8 one
+    (``DynamicQuantizeMatMul``) — in the portable form the same dequantized matrix as a standard MatMul —
+    or from the low-rank factors ``(x·U)·V``."""
     d, h = ffn.w1.shape
     if predictor.kind == "exact":
         z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Predictor/MatMul")
     elif predictor.kind == "lowrank":
         t = b.op("MatMul", [ffn.x, b.constant("predictor_u", predictor.u)], "Predictor/LowRankDown")
         z = b.op("MatMul", [t, b.constant("predictor_v", predictor.v)], "Predictor/LowRankUp")
+    elif predictor.kind == "int8":
+        weights, scales = quantize_int8(ffn.w1)
+        if standard_only:
+            w1q = b.constant("w1_int8_dequantized", weights * scales)
+            z = b.op("MatMul", [ffn.x, w1q], "Predictor/MatMul")
+        else:
+            inputs = [ffn.x, b.constant("w1_int8", weights, np.int8), b.constant("w1_int8_scales", scales)]
+            z = b.op("DynamicQuantizeMatMul", inputs, "Predictor/DynamicQuantizeMatMul", domain="com.microsoft")
     else:
         packed, scales = quantize_int4(ffn.w1)
         if standard_only:

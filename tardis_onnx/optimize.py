@@ -52,7 +52,7 @@ from tardis_onnx.feeds import load_feeds, random_feeds
 from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
 from tardis_onnx.io import data_path, load_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
-from tardis_onnx.predictor import Predictor, choose_predictor
+from tardis_onnx.predictor import Predictor, rank_predictors
 from tardis_onnx.report import FfnReport, print_report
 from tardis_onnx.schema import annotate_shapes
 from tardis_onnx.speed import SpeedCheck, check_ffn, parse_shapes, shape_name
@@ -162,7 +162,7 @@ def optimize_model(
     for ffn, result, kept in zip(ffns, calibrations, samples, strict=True):
         fit, heldout = kept.split(config.holdout, config.seed)
         check = fit if heldout is None else heldout
-        choice = choose_predictor(
+        candidates = rank_predictors(
             kinds,
             ffn,
             fit.x,
@@ -173,16 +173,13 @@ def optimize_model(
             margin=config.margin,
             min_recall=config.min_recall,
         )
-        nodes, initializers = emit_ffn(
-            ffn, choice.flags, fallback, opset, config.margin, result.coverage, choice.predictor, fold=result.fold
+
+        def emit(c, ffn=ffn, fit=result):
+            return emit_ffn(ffn, c.flags, fallback, opset, config.margin, fit.coverage, c.predictor, fold=fit.fold)
+
+        choice, nodes, initializers, row = _fold_fastest(
+            ffn, result, candidates, kept.x, timing, emit, config, warnings
         )
-        row = FfnReport.of(ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall)
-        if timing:
-            check = _check_speed(ffn, nodes, initializers, kept.x, config, warnings)
-            if check is not None:
-                row.speedups = check.speedups
-                if not check.pays:
-                    row = row.kept()
         if not row.kept_original:
             replacements.append((ffn.nodes, nodes, initializers))
             for reader in ffn.shape_readers:
@@ -196,7 +193,7 @@ def optimize_model(
     if kept:
         warnings.append(_kept_warning(kept, len(rows), config.shapes))
     folded_predictors = [p for p, r in zip(predictors, rows, strict=True) if not r.kept_original]
-    needs_contrib = any(p.kind == "int4" for p in folded_predictors) and fallback == "custom"
+    needs_contrib = any(p.kind in ("int4", "int8") for p in folded_predictors) and fallback == "custom"
     any_custom = fallback == "custom" and len(kept) < len(rows)
     for domain, needed in {DOMAIN: any_custom, "com.microsoft": needs_contrib}.items():
         if needed and not any(o.domain == domain for o in model.opset_import):
@@ -217,6 +214,25 @@ def optimize_model(
     result.elapsed_s = time.perf_counter() - started
     result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: TardisConfig, warnings: list[str]):
+    """The first predictor choice (cheapest first) whose rewrite is not slower than the original at any
+    serving shape, with its nodes, initializers and report row. Untimed: the cheapest. Where none pays:
+    the one closest to paying, its row marked kept (the original FFN stays)."""
+    tried = []
+    for choice in candidates:
+        nodes, initializers = emit(choice)
+        row = FfnReport.of(ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall)
+        check = _check_speed(ffn, nodes, initializers, x, config, warnings) if timing else None
+        if check is None:
+            return choice, nodes, initializers, row
+        row.speedups = check.speedups
+        if check.pays:
+            return choice, nodes, initializers, row
+        tried.append((choice, nodes, initializers, row))
+    choice, nodes, initializers, row = max(tried, key=lambda t: t[3].slowest()[1])
+    return choice, nodes, initializers, row.kept()
 
 
 def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: list[str]) -> SpeedCheck | None:
@@ -246,7 +262,7 @@ def _predictor_kinds(choice: str, fallback: str) -> tuple[str, ...]:
     portable form multiplies by the dequantized fp32 copy: no cheaper than the exact predictor)."""
     if choice != "auto":
         return (choice,)
-    return ("lowrank", "int4", "exact") if fallback == "custom" else ("lowrank", "exact")
+    return ("lowrank", "int4", "int8", "exact") if fallback == "custom" else ("lowrank", "exact")
 
 
 def _refit_warnings(config: TardisConfig, ffns, samples: list[FfnSamples]) -> list[str]:

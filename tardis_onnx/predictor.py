@@ -3,6 +3,10 @@
 exact: ``x·W1 + b1`` itself (reads all of W1: the oracle outlier set).
 int4:  ONNX Runtime's ``com.microsoft::MatMulNBits`` on a 4-bit, block-32 copy of W1
        (1/8 of W1's fp32 bytes plus one scale per block).
+int8:  ONNX Runtime's ``com.microsoft::DynamicQuantizeMatMul`` on an int8 copy of W1 (one scale per
+       neuron; the activations rounded to uint8 per tensor at run time, as ``quantize_dynamic`` does):
+       1/4 of W1's fp32 bytes, and accurate enough (pre-activation error ~2-8% of each neuron's spread
+       on MiniLM) that the fallback takes the flagged neurons' residuals from it and reads no W1 row.
 lowrank: ``(x·U)·V`` with ``U [d, r]``, ``V [r, h]`` fitted on calibration inputs: the rank-r map
        closest to W1 on the data, each neuron's error measured in units of its pre-activation spread
        (``r·(d + h)`` weights: rank 64 of a 1024→4096 FFN reads 8% of W1).
@@ -16,7 +20,7 @@ import numpy as np
 
 from tardis_onnx.reference import NeuronLines, outside_window
 
-PREDICTORS = ("exact", "int4", "lowrank")
+PREDICTORS = ("exact", "int4", "int8", "lowrank")
 INT4_BLOCK = 32
 # MatMulNBits computes with int8 activations (VNNI/AVX2 on CPU): ~3x faster than its fp32 dequantizing path
 # at one token, d = 1024, h = 4096; the predictor only flags, so the rounding costs nothing exact.
@@ -38,6 +42,11 @@ class Predictor:
             raise ValueError("a lowrank predictor needs its fitted factors u and v")
 
     @property
+    def residual_from_prediction(self) -> bool:
+        """Whether the fallback computes a flagged neuron's residual from ``z_hat`` (no W1 row read)."""
+        return self.kind == "int8"
+
+    @property
     def rank(self) -> int:
         return 0 if self.u is None else int(self.u.shape[1])
 
@@ -55,6 +64,9 @@ class Predictor:
         elif self.kind == "int4":
             packed, scales = quantize_int4(w1)
             z = quantize_activations_int8(x) @ dequantize_int4(packed, scales, w1.shape[0])
+        elif self.kind == "int8":
+            weights, scales = quantize_int8(w1)
+            z = quantize_activations_uint8(x) @ (weights * scales)
         else:
             z = (x @ self.u) @ self.v
         return z if b1 is None else z + b1
@@ -99,6 +111,26 @@ def quantize_activations_int8(x: np.ndarray, block: int = INT4_BLOCK) -> np.ndar
     return (np.rint(grouped / scale) * scale).reshape(padded.shape)[..., :d]
 
 
+def quantize_int8(w1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w1 [d, h]`` as int8 with one scale per column (neuron): ``q = round(w / s)``, ``s = max|w| / 127``."""
+    w1 = np.asarray(w1, dtype=np.float64)
+    scale = np.abs(w1).max(axis=0) / 127.0
+    scale[scale == 0] = 1.0
+    return np.clip(np.rint(w1 / scale), -127, 127).astype(np.int8), scale
+
+
+def quantize_activations_uint8(x: np.ndarray) -> np.ndarray:
+    """``x`` as ``DynamicQuantizeMatMul`` sees it: rounded to uint8 over the whole tensor
+    (``DynamicQuantizeLinear``: the range ``[min(x, 0), max(x, 0)]`` in 255 steps, zero point rounded).
+    The rewritten model rounds each input batch as one tensor; the reference rounds all the tokens it
+    is given as one, so its error is that of the widest batch."""
+    x = np.asarray(x, dtype=np.float64)
+    low, high = min(float(x.min(initial=0.0)), 0.0), max(float(x.max(initial=0.0)), 0.0)
+    scale = (high - low) / 255.0 or 1.0
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
+
+
 def dequantize_int4(packed: np.ndarray, scales: np.ndarray, d: int) -> np.ndarray:
     """The ``[d, h]`` float64 matrix ``MatMulNBits`` multiplies by (the reference for tests)."""
     h, blocks, half = packed.shape
@@ -140,6 +172,8 @@ def predictor_bytes(kind: str, d: int, h: int, itemsize: int, rank: int = 0) -> 
     if kind == "int4":
         blocks = -(-d // INT4_BLOCK)
         return h * blocks * (INT4_BLOCK // 2) + h * blocks * itemsize
+    if kind == "int8":
+        return d * h + h * itemsize
     if kind == "lowrank":
         return rank * (d + h) * itemsize
     raise ValueError(f"unknown predictor {kind!r}; expected one of {PREDICTORS}")
@@ -172,7 +206,7 @@ class PredictorChoice:
     flags: NeuronLines
     flagged_fraction: float
     recall: float
-    read_bytes: float  # per token: the predictor plus the flagged neurons' W1 and W2 rows
+    read_bytes: float  # per token: the predictor plus the flagged neurons' W1 (unless not read) and W2 rows
 
 
 def choose_predictor(
@@ -190,18 +224,38 @@ def choose_predictor(
     """Of the predictor ``kinds``, fitted on ``fit_x``, the one reading the fewest bytes per token
     (predictor + flagged rows) whose recall on ``check_x`` is at least ``min_recall``; the cheapest
     of the best-recalling ones when none reaches it. One kind: that one, measured."""
+    return rank_predictors(
+        kinds, ffn, fit_x, check_x, lines, rank=rank, uncertainty=uncertainty, margin=margin, min_recall=min_recall
+    )[0]
+
+
+def rank_predictors(
+    kinds: tuple[str, ...],
+    ffn,
+    fit_x: np.ndarray,
+    check_x: np.ndarray,
+    lines: NeuronLines,
+    *,
+    rank: int = 64,
+    uncertainty: float = 1.0,
+    margin: float = 0.0,
+    min_recall: float = 0.95,
+) -> list[PredictorChoice]:
+    """The predictor ``kinds`` fitted on ``fit_x`` and measured on ``check_x``, best first: those with
+    recall ≥ ``min_recall`` (or, when none has it, those with the best recall) by bytes read per token;
+    :func:`choose_predictor` takes the first, the never-slower check the first that runs faster."""
     d, h = ffn.w1.shape
     item = np.dtype(ffn.dtype).itemsize
-    row_bytes = (ffn.w1.size + ffn.w2.size) * item
     choices = []
     for kind in kinds:
         predictor = Predictor("lowrank", *fit_lowrank(fit_x, ffn.w1, rank)) if kind == "lowrank" else Predictor(kind)
         flags = flag_windows(lines, predictor.error_scale(fit_x[:8192], ffn.w1), uncertainty)
         flagged, recall = predictor_quality(predictor, ffn, check_x, lines, flags, margin)
-        cost = predictor_bytes(kind, d, h, item, predictor.rank) + flagged * row_bytes
+        rows = ffn.w2.size if predictor.residual_from_prediction else ffn.w1.size + ffn.w2.size
+        cost = predictor_bytes(kind, d, h, item, predictor.rank) + flagged * rows * item
         choices.append(PredictorChoice(predictor, flags, flagged, recall, cost))
     good = [c for c in choices if c.recall >= min_recall - 1e-12]
     if not good:
         best_recall = max(c.recall for c in choices)
         good = [c for c in choices if c.recall >= best_recall - 1e-12]
-    return min(good, key=lambda c: c.read_bytes)
+    return sorted(good, key=lambda c: c.read_bytes)

@@ -240,7 +240,7 @@ def fallback_op(
     x: np.ndarray,
     y_folded: np.ndarray,
     z_hat: np.ndarray | None,
-    w1t: np.ndarray,
+    w1t: np.ndarray | None,
     b1: np.ndarray,
     w2: np.ndarray,
     lines: np.ndarray,
@@ -255,10 +255,13 @@ def fallback_op(
     for flagged neurons the exact ``z_i = x · w1t[i] + b1[i]`` is recomputed and
     ``r_i(z_i) · w2[i, :]`` is added to ``y_folded``. With the low-rank predictor fused in,
     ``z_hat`` is None and ``y_folded`` carries the code ``c = x·U`` in its last ``rank`` columns:
-    ``z_hat = c · predictor_v`` (``predictor_v``: ``[rank, h]``).
+    ``z_hat = c · predictor_v`` (``predictor_v``: ``[rank, h]``). Without ``w1t`` (an accurate predictor,
+    z_hat given) the residual is taken from the prediction: ``z_i = z_hat_i + b1_i``.
     """
     if (z_hat is None) == (predictor_v is None):
         raise ValueError("give exactly one of z_hat and predictor_v")
+    if w1t is None and z_hat is None:
+        raise ValueError("w1t may be left out only with z_hat")
     if predictor_v is not None:
         d = np.shape(x)[-1]
         code = np.asarray(y_folded, dtype=np.float64)[..., d:]
@@ -266,6 +269,9 @@ def fallback_op(
         z_hat = code @ np.asarray(predictor_v, dtype=np.float64)
     unpacked = unpack_lines(lines)
     flagged = outside_window(z_hat, unpacked, margin)
-    z = np.asarray(x, dtype=np.float64) @ np.asarray(w1t, dtype=np.float64).T + np.asarray(b1, dtype=np.float64)
+    if w1t is None:
+        z = np.asarray(z_hat, dtype=np.float64) + np.asarray(b1, dtype=np.float64)
+    else:
+        z = np.asarray(x, dtype=np.float64) @ np.asarray(w1t, dtype=np.float64).T + np.asarray(b1, dtype=np.float64)
     r = np.where(flagged, residual(z, unpacked, form), 0.0)
     return np.asarray(y_folded, dtype=np.float64) + r @ np.asarray(w2, dtype=np.float64)

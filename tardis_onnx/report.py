@@ -27,7 +27,8 @@ class FfnReport:
     outlier_fraction: true outliers (pre-activation outside the window) on the calibration tokens.
     predictor, flagged_fraction, recall: the predictor, the fraction of neurons it flags (what the
         fallback reads rows for) and the share of true outliers among them, on the calibration tokens.
-    fallback_read_bytes: fold + flagged fraction × (W1 + W2): reads without the predictor.
+    fallback_read_bytes: fold + flagged fraction × (W1 + W2), or × W2 alone where the residual is taken
+        from the prediction (int8): reads without the predictor.
     predictor_bytes: what predicting the outliers reads (the exact predictor reads all of W1).
     storage_bytes: every initializer the rewritten FFN stores.
     calibration_error, heldout_error: ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN (exact outlier set)
@@ -90,6 +91,7 @@ class FfnReport:
         d, h = ffn.w1.shape
         dense = (ffn.w1.size + ffn.w2.size) * item
         fold = d * ffn.w2.shape[1] * item
+        rows = ffn.w2.size * item if predictor.residual_from_prediction else dense  # flagged neurons' rows read
         return cls(
             name=ffn.name,
             gelu=ffn.gelu.spelling,
@@ -100,7 +102,7 @@ class FfnReport:
             calibration_tokens=result.tokens,
             dense_bytes=dense,
             fold_bytes=fold,
-            fallback_read_bytes=int(fold + flagged_fraction * dense),
+            fallback_read_bytes=int(fold + flagged_fraction * rows),
             predictor_bytes=predictor_bytes(predictor.kind, d, h, item, predictor.rank),
             predictor=predictor.kind + (f"-{predictor.rank}" if predictor.rank else ""),
             flagged_fraction=flagged_fraction,

@@ -21,18 +21,18 @@ EMITTED_PREFIX = "tardis/"
 _SMALL_INITIALIZER = 1024  # elements: kept for shape inference's data propagation (Reshape targets)
 
 # (name, type, description) of FfnFallback's inputs, in order; `lines` is float32 whatever T is.
-# z_hat and predictor_v are optional: exactly one is given.
+# z_hat and predictor_v are optional: exactly one is given; w1t is optional with z_hat.
 FALLBACK_INPUTS = (
     ("x", "T", "FFN input [..., d]"),
     ("folded", "T", "folded map x·Wf + bf [..., d]; with predictor_v, followed by the code x·U [..., d + rank]"),
     ("z_hat", "T", "predicted pre-activations [..., h]: a neuron falls back when outside its window (optional)"),
-    ("w1t", "T", "first projection, transposed [h, d]"),
+    ("w1t", "T", "first projection, transposed [h, d] (optional with z_hat: absent, z = z_hat + b1)"),
     ("b1", "T", "first bias [h]"),
     ("w2", "T", "second projection [h, d]"),
     ("lines", "tensor(float)", "rows slope, intercept, lo, hi per neuron [4, h] (float32; windows shifted by -b1)"),
     ("predictor_v", "T", "low-rank predictor's second factor [rank, h]: z_hat = code·V, computed in the op (optional)"),
 )
-_OPTIONAL = {"z_hat", "predictor_v"}
+_OPTIONAL = {"z_hat", "w1t", "predictor_v"}
 
 
 def _infer_fallback(ctx) -> None:
@@ -56,7 +56,8 @@ def fallback_schema() -> defs.OpSchema:
         DOMAIN,
         1,
         "TARDIS outlier fallback: folded + sum over flagged neurons i of (GELU(z_i) - (a_i z_i + c_i)) * W2[i, :], "
-        "z = x·W1 + b1; neuron i is flagged when z_hat_i is outside [lo_i - margin, hi_i + margin] (or NaN).",
+        "z = x·W1 + b1 (without w1t: z = z_hat + b1); "
+        "neuron i is flagged when z_hat_i is outside [lo_i - margin, hi_i + margin] (or NaN).",
         inputs=[param(name, kind, doc, param_option=_option(name)) for name, kind, doc in FALLBACK_INPUTS],
         outputs=[param("y", "T", "folded plus the outliers' exact residuals [..., d]")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "compute type of the FFN")],

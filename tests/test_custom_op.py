@@ -38,9 +38,11 @@ def needs_library(cuda: bool = False) -> None:
         pytest.skip(f"{what} not built: run `{runtime.BUILD_COMMAND}`")
 
 
-def fallback_model(dtype, margin: float | None = None, approximate: str | None = None, fused: bool = False) -> bytes:
+def fallback_model(
+    dtype, margin: float | None = None, approximate: str | None = None, fused: bool = False, w1t: bool = True
+) -> bytes:
     elem = ELEM[dtype]
-    names = FUSED_INPUTS if fused else INPUTS
+    names = [n if n != "w1t" or w1t else "" for n in (FUSED_INPUTS if fused else INPUTS)]
     inputs = [
         helper.make_tensor_value_info(name, TensorProto.FLOAT if name == "lines" else elem, None)
         for name in names
@@ -114,7 +116,7 @@ def oracle(case: dict, margin: float = 0.0, approximate: str = "none") -> np.nda
 def run_op(case: dict, margin=None, approximate=None, threads: int = 1, cuda_library: bool = False) -> np.ndarray:
     dtype = case["x"].dtype.type
     so = runtime.session_options(threads=threads, optimization="disable", cuda=cuda_library)
-    model = fallback_model(dtype, margin, approximate, fused="predictor_v" in case)
+    model = fallback_model(dtype, margin, approximate, fused="predictor_v" in case, w1t="w1t" in case)
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     return session.run(None, case)[0]
 
@@ -300,6 +302,21 @@ FUSED_SHAPES = [(1,), (2,), (1, 1), (3,), (3, 40), (2, 70), (0,)]  # 1-2 tokens:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("flagged", ["some", "all"])
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("lead", [(1,), (2,), (4, 9), (600,)], ids=["1", "2", "4x9", "600"])
+def test_without_w1t_the_residual_comes_from_z_hat(cpu_library, lead, threads, flagged, dtype):
+    """An accurate predictor (int8) stands for the pre-activation: no W1ᵀ input, z = z_hat + b1."""
+    case = make_case(np.random.default_rng(21), lead, d=40, h=300, dtype=dtype, flagged=flagged)
+    del case["w1t"]
+    want = oracle(case, 0.05, "tanh")
+    assert_matches(run_op(case, 0.05, "tanh", threads=threads), want, dtype)
+    # It differs from the recomputed residual (z_hat is noisy): the op really read z_hat.
+    recomputed = oracle({**case, "w1t": np.ones((300, 40), dtype)}, 0.05, "tanh")
+    assert np.abs(want - recomputed).max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("lead", FUSED_SHAPES, ids=[str(s) for s in FUSED_SHAPES])
 def test_fused_lowrank_matches_reference(cpu_library, lead, threads, dtype):
@@ -358,6 +375,7 @@ def test_concurrent_runs_of_one_session(cpu_library):
         ("add_z_hat", "give exactly one of z_hat and predictor_v"),
         ("no_code", r"y_folded shape \[2, 16\] must be x's shape plus rank columns \(the code x·U\) = \[2, 24\]"),
         ("v_rank_1d", r"predictor_v shape \[64\] must be \[rank, h\]"),
+        ("drop_w1t", r"w1t may be left out only with z_hat"),
     ],
 )
 def test_fused_lowrank_bad_inputs(cpu_library, change, message):
@@ -371,6 +389,9 @@ def test_fused_lowrank_bad_inputs(cpu_library, change, message):
         case["z_hat"] = np.zeros((2, 64), np.float32)
     elif change == "no_code":
         case["y_folded"] = case["y_folded"][:, :16].copy()
+    elif change == "drop_w1t":
+        names[3] = ""
+        del case["w1t"]
     else:
         case["predictor_v"] = case["predictor_v"][0].copy()
     node = helper.make_node("FfnFallback", names, ["y"], domain="ai.tardis")
@@ -644,7 +665,7 @@ def run_cuda(case: dict, margin: float, approximate: str = "none") -> np.ndarray
     device = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in case.items()}
     y = torch.empty_like(device["x"])
     fn, error_string = cuda_entry(case["x"].dtype.type)
-    d, h = case["w1t"].shape[1], case["w1t"].shape[0]
+    d, h = case["x"].shape[-1], case["w2"].shape[0]
     rank = case["predictor_v"].shape[0] if "predictor_v" in case else 0
     tokens = int(np.prod(case["x"].shape[:-1]))
     stream = torch.cuda.current_stream().cuda_stream
@@ -688,6 +709,16 @@ def test_cuda_kernel_fused_lowrank(lead, dtype, request):
     d, h = (1024, 4096) if "big" in request.node.callspec.id else (200, 300)
     case = make_fused_case(np.random.default_rng(16), lead, d=d, h=h, rank=64, dtype=dtype)
     assert_matches(run_cuda(case, 0.05), oracle(case, 0.05), dtype)
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 4), (300,)], ids=["1", "2x4", "300"])
+def test_cuda_kernel_without_w1t(lead):
+    """No W1ᵀ: the residual from z_hat + b1, on the decode and the chunk paths."""
+    needs_library(cuda=True)
+    torch_cuda()
+    case = make_case(np.random.default_rng(17), lead, d=200, h=300, dtype=np.float32)
+    del case["w1t"]
+    assert_matches(run_cuda(case, 0.05), oracle(case, 0.05), np.float32)
 
 
 def test_cuda_kernel_token_slices():

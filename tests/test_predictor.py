@@ -11,6 +11,7 @@ from tardis_onnx import reference, runtime
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.feeds import random_feeds
 from tardis_onnx.optimize import optimize_model
+from tardis_onnx.passes import find_ffns
 from tardis_onnx.predictor import (
     INT4_ACCURACY_LEVEL,
     Predictor,
@@ -18,7 +19,9 @@ from tardis_onnx.predictor import (
     fit_lowrank,
     flag_windows,
     quantize_activations_int8,
+    quantize_activations_uint8,
     quantize_int4,
+    quantize_int8,
 )
 from tardis_onnx.session import create_session
 
@@ -72,6 +75,54 @@ def test_the_int4_reference_models_matmulnbits_int8_activations_as_emitted():
     np.testing.assert_allclose(Predictor("int4").predict(x, w, None), quantize_activations_int8(x) @ w4, atol=1e-5)
 
 
+def test_the_int8_reference_is_dynamic_quantize_matmul_in_onnxruntime():
+    """int8 W1 (a scale per neuron) times the activations rounded to uint8 over the whole input tensor."""
+    d, h = 96, 40
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((d, h)) * np.linspace(0.01, 0.3, h)).astype(np.float32)
+    x = (rng.standard_normal((2, 7, d)) + 0.3).astype(np.float32)
+    weights, scales = quantize_int8(w)
+    assert weights.dtype == np.int8 and np.abs(weights * scales - w).max() <= scales.max() / 2 + 1e-7
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "B", "S"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, h])],
+        [numpy_helper.from_array(weights, "B"), numpy_helper.from_array(scales.astype(np.float32), "S")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    got = create_session(helper.make_model(graph, opset_imports=opsets)).run(None, {"x": x})[0]
+    want = Predictor("int8").predict(x.reshape(-1, d), w, None).reshape(2, 7, h)
+    exact = x.astype(np.float64) @ w
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+    assert np.abs(got - exact).max() > 100 * np.abs(got - want).max()  # the rounding is modelled, not ignored
+    assert np.abs(quantize_activations_uint8(x) - x).max() <= (x.max() - min(x.min(), 0)) / 255
+
+
+@pytest.mark.skipif(not runtime.library_available(), reason="the ai.tardis library is not built (make lib)")
+def test_with_int8_every_flagged_residual_comes_from_the_prediction():
+    """At coverage 0 every neuron falls back, with its residual from the int8 pre-activation
+    ``ẑ``: the rewritten FFN is the fold plus ``(GELU(ẑ) − a ẑ − c)·W2``, and no W1ᵀ is stored."""
+    model = ffn_model("erf_div")
+    (ffn,) = find_ffns(ffn_model("erf_div"))[0]
+    result = optimize_model(model, TardisConfig(coverage=0.0, fallback="custom", predictor="int8"))
+    arrays = {t.name.rsplit("/", 1)[-1]: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    assert "w1t" not in arrays and "w1_int8" in arrays
+    row = result.ffns[0]
+    assert row.predictor == "int8" and row.fallback_read_bytes == row.fold_bytes + ffn.w2.size * 4
+    feeds = random_feeds(model, seed=5)
+    x = feeds["x"].astype(np.float64)
+    z_hat = Predictor("int8").predict(x.reshape(-1, x.shape[-1]), ffn.w1, ffn.b1).reshape(*x.shape[:-1], -1)
+    folded = x @ arrays["folded_weight"] + arrays["folded_bias"]
+    want = folded + reference.residual(z_hat, result.lines[0]) @ ffn.w2 + x  # the model adds its input back
+    got = create_session(model).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
+    # The exact residual would differ: the op really took it from the prediction.
+    z = x @ ffn.w1 + ffn.b1
+    assert np.abs(reference.residual(z, result.lines[0]) - reference.residual(z_hat, result.lines[0])).max() > 1e-2
+
+
 def test_lowrank_is_exact_at_full_rank_and_beats_a_plain_svd():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2000, 32)) * np.linspace(4, 0.05, 32)  # anisotropic inputs
@@ -94,7 +145,7 @@ def test_flag_windows_narrow_by_the_error_scale_and_catch_more_outliers():
     assert reference.outside_window(z_hat, lines).tolist() == [[False, False]]
 
 
-@pytest.mark.parametrize("kind", ["int4", "lowrank"])
+@pytest.mark.parametrize("kind", ["int4", "int8", "lowrank"])
 def test_every_neuron_falling_back_stays_exact_with_any_predictor(kind):
     original = ffn_model("erf_div")
     feeds = random_feeds(original, seed=21)
@@ -108,7 +159,7 @@ def test_every_neuron_falling_back_stays_exact_with_any_predictor(kind):
 
 
 @pytest.mark.skipif(not runtime.library_available(), reason="the ai.tardis library is not built (make lib)")
-@pytest.mark.parametrize("kind", ["exact", "int4", "lowrank"])
+@pytest.mark.parametrize("kind", ["exact", "int4", "int8", "lowrank"])
 def test_custom_and_portable_forms_agree(kind):
     feeds = random_feeds(ffn_model("tanh_pow"), seed=33)
     outputs, reports = [], []
@@ -118,9 +169,10 @@ def test_custom_and_portable_forms_agree(kind):
         onnx.checker.check_model(model)
         outputs.append(create_session(model).run(None, feeds)[0])
         reports.append(result.ffns[0])
-    if kind == "int4":
-        # The kernel rounds activations to int8 (accuracy_level 4), the portable fp32 MatMul does not, so a
-        # few near-edge neurons flag differently: both stay as close to the original FFN.
+    if kind in ("int4", "int8"):
+        # The kernel rounds activations to int8 (int4: accuracy_level 4; int8: per tensor), the portable fp32
+        # MatMul does not, so a few near-edge neurons flag differently, and the int8 kernel takes the flagged
+        # residuals from its prediction: both stay as close to the original FFN.
         want = create_session(ffn_model("tanh_pow")).run(None, feeds)[0]
         errors = [np.abs(out - want).mean() for out in outputs]
         assert errors[0] <= 1.5 * errors[1] + 1e-4

@@ -67,14 +67,16 @@ def test_real_timings_are_medians_of_alternated_runs():
     assert check.pays == all(s >= 1 for s in check.speedups.values())
 
 
-def _fake_timings(monkeypatch, slower: set[str]) -> list[str]:
-    """Timings where the FFNs whose name is in ``slower`` run 20% slower rewritten at 1x32 (else 2x faster)."""
+def _fake_timings(monkeypatch, slower: set[str], slow_ops: tuple[str, ...] = ()) -> list[str]:
+    """Timings where the rewrite runs 20% slower at 1x32 (else 2x faster) for the FFNs named in ``slower``
+    and for any rewrite using one of ``slow_ops``; returns the names of the FFNs timed, once per try."""
     timed = []
 
     def check_ffn(ffn, nodes, initializers, x, shapes, measure=None):
         timed.append(ffn.name)
+        slow = ffn.name in slower or any(n.op_type in slow_ops for n in nodes)
         names = [speed.shape_name(s) for s in shapes]
-        rewritten = {n: (1.2 if ffn.name in slower and n == "1x32" else 0.5) for n in names}
+        rewritten = {n: (1.2 if slow and n == "1x32" else 0.5) for n in names}
         return speed.SpeedCheck(dict.fromkeys(names, 1.0), rewritten)
 
     monkeypatch.setattr("tardis_onnx.optimize.check_ffn", check_ffn)
@@ -87,7 +89,8 @@ def test_an_ffn_slower_rewritten_stays_as_it_was(monkeypatch):
     feeds = random_feeds(original, seed=3)
     rewritten = two_ffn_model()
     result = optimize_model(rewritten, TardisConfig(coverage=0.9, speed_check=True, shapes=((1, 1), (1, 32))))
-    assert timed == ["layer.0/mlp", "layer.1/mlp"]
+    # Every predictor with enough recall was tried for the first FFN; the second paid at once.
+    assert timed[-1] == "layer.1/mlp" and set(timed[:-1]) == {"layer.0/mlp"} and len(timed) >= 3
     kept, folded = result.ffns
     assert kept.kept_original and not folded.kept_original
     assert kept.speedups == {"1x1": 2.0, "1x32": pytest.approx(1 / 1.2)} and kept.slowest()[0] == "1x32"
@@ -121,6 +124,17 @@ def test_when_every_rewrite_is_slower_the_model_computes_as_before(monkeypatch, 
     report = json.loads((tmp_path / "m.tardis.json").read_text())
     assert report["config"]["speed_check"] is True and report["config"]["shapes"] == [[1, 32]]
     assert [r["kept_original"] for r in report["ffns"]] == [True, True]
+
+
+def test_the_check_tries_the_next_predictor_when_the_cheapest_is_slower(monkeypatch):
+    untimed = optimize_model(ffn_model("erf_div"), TardisConfig(coverage=0.9, speed_check=False))
+    cheapest = untimed.ffns[0].predictor
+    op = {"int4": "MatMulNBits", "int8": "DynamicQuantizeMatMul"}[cheapest]
+    _fake_timings(monkeypatch, slower=set(), slow_ops=(op,))
+    model = ffn_model("erf_div")
+    (row,) = optimize_model(model, TardisConfig(coverage=0.9, speed_check=True)).ffns
+    assert row.predictor != cheapest and not row.kept_original and row.slowest()[1] == 1.0 / 0.5
+    assert not any(n.op_type == op for n in model.graph.node)
 
 
 @pytest.mark.parametrize(
