@@ -52,11 +52,12 @@ class TardisConfig:
         "auto" (custom when the library is built).
     margin: widen each window by this much when flagging outliers.
     predictor: what computes the pre-activations the outlier test reads: "exact" (x·W1: the exact
-        outlier set, reads all of W1), "int4" (a 4-bit copy of W1, ``MatMulNBits``), "lowrank"
+        outlier set, reads all of W1), "int4" (a 4-bit copy of W1, ``MatMulNBits``), "int8" (an int8
+        copy of W1, ``DynamicQuantizeMatMul``; the fallback takes flagged residuals from it), "lowrank"
         (``(x·U)·V`` of rank ``predictor_rank`` fitted on the calibration inputs) or "auto" (per FFN,
         the one reading the fewest bytes, rows of flagged neurons included, whose recall of the true
-        outliers on the held-out tokens is at least ``min_recall``; int4 only with the custom fallback,
-        where it is a 4-bit kernel).
+        outliers on the held-out tokens is at least ``min_recall`` and, with ``speed_check``, whose
+        rewrite runs no slower than the original; int4 and int8 only with the custom fallback).
     predictor_uncertainty: flag a neuron when its prediction is within this many of the predictor's
         per-neuron error standard deviations (measured on the calibration tokens) of a window edge.
     window: "narrowest" (the narrowest window holding the coverage) or "least-error" (among those

@@ -400,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--predictor",
         choices=PREDICTOR_CHOICES,
         default=TardisConfig.predictor,
-        help="what predicts the outliers: exact (x·W1), int4 (MatMulNBits copy of W1), lowrank, or auto "
-        "(per FFN, the fewest bytes read with recall >= --min-recall on held-out tokens)",
+        help="what predicts the outliers: exact (x·W1), int8 (DynamicQuantizeMatMul copy of W1; flagged "
+        "residuals taken from it), int4 (MatMulNBits copy of W1), lowrank, or auto (per FFN, the fewest bytes "
+        "read with recall >= --min-recall on held-out tokens, and no slower than the original)",
     )
     parser.add_argument(
         "--min-recall", type=finite_float, default=TardisConfig.min_recall, help="auto predictor: least recall"
