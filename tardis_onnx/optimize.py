@@ -172,6 +172,7 @@ def optimize_model(
             uncertainty=config.predictor_uncertainty,
             margin=config.margin,
             min_recall=config.min_recall,
+            fold=result.fold,
         )
 
         def emit(c, ffn=ffn, fit=result):

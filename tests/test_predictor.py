@@ -18,10 +18,12 @@ from tardis_onnx.predictor import (
     dequantize_int4,
     fit_lowrank,
     flag_windows,
+    predicted_residual_errors,
     quantize_activations_int8,
     quantize_activations_uint8,
     quantize_int4,
     quantize_int8,
+    rank_predictors,
 )
 from tardis_onnx.session import create_session
 
@@ -196,3 +198,24 @@ def test_lowrank_predict_and_unknown_kinds():
     np.testing.assert_allclose(z, x_cal[:2] @ predictor.u @ predictor.v + 1)
     with pytest.raises(ValueError, match="unknown predictor"):
         Predictor("oracle")
+
+
+def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
+    """At coverage 0 the exact residuals make the rewrite exact: residuals from an int8 prediction would
+    not, so the auto choice passes over int8 there (asked for alone, it is taken as it is)."""
+    model = ffn_model("erf_div")
+    (ffn,) = find_ffns(model)[0]
+    x = np.random.default_rng(2).standard_normal((500, ffn.w1.shape[0]))
+    lines = reference.NeuronLines(
+        np.zeros(ffn.hidden), np.zeros(ffn.hidden), np.full(ffn.hidden, np.inf), np.zeros(ffn.hidden)
+    )
+    exact, predicted = predicted_residual_errors(Predictor("int8"), ffn, x, lines, lines)
+    assert exact < 1e-20 < 1e-6 < predicted
+    kinds = [c.predictor.kind for c in rank_predictors(("int8", "exact"), ffn, x, x, lines)]
+    assert kinds == ["exact"]
+    assert [c.predictor.kind for c in rank_predictors(("int8",), ffn, x, x, lines)] == ["int8"]
+    feeds = random_feeds(model, seed=8)
+    want = create_session(ffn_model("erf_div")).run(None, feeds)[0]
+    result = optimize_model(model, TardisConfig(coverage=0.0, fallback="custom"))
+    assert result.ffns[0].predictor != "int8"
+    np.testing.assert_allclose(create_session(model).run(None, feeds)[0], want, atol=1e-5 * np.abs(want).max())
