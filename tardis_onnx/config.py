@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from tardis_onnx.predictor import PREDICTORS
+from tardis_onnx.quantize import QUANTIZE_CHOICES
 
 FALLBACKS = ("auto", "portable", "custom")
 WINDOWS = ("narrowest", "least-error")
@@ -77,6 +78,9 @@ class TardisConfig:
     min_recall: the ``auto`` predictor's least recall of true outliers on the held-out tokens.
     max_samples: calibration tokens kept per FFN (a uniform reservoir beyond that; memory
         ``max_samples · (4·d + 8)`` bytes per FFN).
+    quantize: "none", or "int8": after folding, the model's MatMuls (the folded one included) run in
+        int8 as ``onnxruntime.quantization.quantize_dynamic`` makes them (``tardis_onnx.quantize``); the
+        speed check then compares each rewrite with the original FFN quantized the same way.
     speed_check: time every FFN's rewrite against the original in ONNX Runtime on this machine at
         each of ``shapes`` (``(batch, sequence)`` pairs) on calibration inputs, and keep the original
         FFN wherever the rewrite is slower at any of them (``tardis_onnx.speed``). Default: on, unless
@@ -101,6 +105,7 @@ class TardisConfig:
     holdout: float = 0.2
     min_recall: float = 0.95
     max_samples: int = 16384
+    quantize: str = "none"
     speed_check: bool = field(default_factory=_speed_check_default)
     shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES
     calib_batch: int = 2
@@ -132,6 +137,8 @@ class TardisConfig:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if self.target_reduction is not None and not 0.0 <= self.target_reduction < 1.0:
             raise ValueError(f"target reduction must be in [0, 1), got {self.target_reduction}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
         if self.window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, got {self.window!r}")
         if self.allocation not in ALLOCATIONS:

@@ -53,6 +53,7 @@ from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_j
 from tardis_onnx.io import data_path, load_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
 from tardis_onnx.predictor import Predictor, rank_predictors
+from tardis_onnx.quantize import QUANTIZE_CHOICES, quantize_int8
 from tardis_onnx.report import FfnReport, print_report
 from tardis_onnx.schema import annotate_shapes
 from tardis_onnx.speed import SpeedCheck, check_ffn, parse_shapes, shape_name
@@ -199,6 +200,8 @@ def optimize_model(
     for domain, needed in {DOMAIN: any_custom, "com.microsoft": needs_contrib}.items():
         if needed and not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    if config.quantize == "int8":
+        model.CopyFrom(quantize_int8(model))
     _set_metadata(model, config, fallback)
     annotate_shapes(model)
     fit_tokens = [s.split(config.holdout, config.seed) for s in samples]
@@ -239,10 +242,14 @@ def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: Tardis
 def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: list[str]) -> SpeedCheck | None:
     """The FFN timed against its rewrite (None, with a warning, where ONNX Runtime cannot run one of them)."""
     try:
-        return check_ffn(ffn, nodes, initializers, x, config.shapes)
+        return check_ffn(ffn, nodes, initializers, x, config.shapes, quantize=config.quantize)
     except TardisError:
         raise
-    except Exception as exc:  # ONNX Runtime refusing a timing model (e.g. a dtype without a CPU kernel)
+    except Exception as exc:
+        # ONNX Runtime refusing a timing model (e.g. a dtype without a CPU kernel, a model its quantizer
+        # cannot read); anything else is a bug and propagates.
+        if not (type(exc).__module__.startswith("onnxruntime") or isinstance(exc, RuntimeError)):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.append(f"{ffn.name}: not timed, rewrite kept ({first[:160]})")
         return None
@@ -422,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=non_negative_int, default=0, help="seed of random calibration feeds and subsampling"
     )
     parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="int8: after folding, run the model's MatMuls in int8 as onnxruntime's quantize_dynamic does (the "
+        "fallback's rows stay in the model's float type); the speed check then compares with the int8 FFN",
+    )
+    parser.add_argument(
         "--shapes",
         type=parse_shapes,
         default=DEFAULT_SHAPES,
@@ -461,6 +475,7 @@ def config_from_args(args: argparse.Namespace) -> TardisConfig:
             max_samples=args.max_samples,
             seed=args.seed,
             shapes=args.shapes,
+            quantize=args.quantize,
             **({} if args.speed_check is None else {"speed_check": args.speed_check}),
         )
     except ValueError as exc:

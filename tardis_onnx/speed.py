@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from tardis_onnx import runtime
 from tardis_onnx.errors import TardisError
 from tardis_onnx.passes.ffn import FfnMatch
+from tardis_onnx.quantize import quantize_int8
 
 # Timing per (FFN, shape): at least MIN_RUNS runs of each model, more while under BUDGET_S seconds in all.
 WARMUP_RUNS = 2
@@ -163,10 +164,14 @@ def check_ffn(
     x: np.ndarray,
     shapes: Sequence[tuple[int, int]],
     measure: Callable[[bytes, bytes, Sequence[np.ndarray]], tuple[float, float]] | None = None,
+    quantize: str = "none",
 ) -> SpeedCheck:
-    """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape, on calibration rows ``x``."""
+    """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape, on calibration
+    rows ``x``; with ``quantize="int8"`` both run as ``quantize_dynamic`` leaves them."""
     measure = measure or measure_pair
     dense, rewritten = dense_ffn_model(ffn), rewritten_ffn_model(ffn, nodes, initializers)
+    if quantize == "int8":
+        dense, rewritten = (quantize_int8(onnx.load_from_string(m)).SerializeToString() for m in (dense, rewritten))
     check = SpeedCheck({}, {})
     for shape in shapes:
         dense_s, rewritten_s = measure(dense, rewritten, serving_inputs(x, shape, ffn.dtype))

@@ -72,7 +72,7 @@ def _fake_timings(monkeypatch, slower: set[str], slow_ops: tuple[str, ...] = ())
     and for any rewrite using one of ``slow_ops``; returns the names of the FFNs timed, once per try."""
     timed = []
 
-    def check_ffn(ffn, nodes, initializers, x, shapes, measure=None):
+    def check_ffn(ffn, nodes, initializers, x, shapes, measure=None, quantize="none"):
         timed.append(ffn.name)
         slow = ffn.name in slower or any(n.op_type in slow_ops for n in nodes)
         names = [speed.shape_name(s) for s in shapes]

@@ -1,0 +1,70 @@
+"""--quantize int8: fold, then quantize the MatMuls as onnxruntime's quantize_dynamic does, never slower than it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from ffn_graphs import ffn_model
+from test_speed import _fake_timings, two_ffn_model
+
+from tardis_onnx import runtime
+from tardis_onnx.config import TardisConfig
+from tardis_onnx.feeds import random_feeds
+from tardis_onnx.optimize import main, optimize_model
+from tardis_onnx.quantize import quantize_int8
+from tardis_onnx.session import create_session
+
+pytestmark = pytest.mark.skipif(not runtime.library_available(), reason="the ai.tardis library is not built")
+
+
+def test_unknown_quantization_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        TardisConfig(quantize="int3")
+    path = tmp_path / "m.onnx"
+    onnx.save(ffn_model("erf_div"), path)
+    assert main([str(path), "--quantize", "int3"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_folded_and_quantized_where_it_pays(monkeypatch):
+    _fake_timings(monkeypatch, slower=set())
+    original = two_ffn_model()
+    feeds = random_feeds(original, seed=4)
+    want = create_session(original).run(None, feeds)[0]
+    model = two_ffn_model()
+    result = optimize_model(model, TardisConfig(coverage=0.9, quantize="int8", speed_check=True))
+    ops = [n.op_type for n in model.graph.node]
+    assert not any(r.kept_original for r in result.ffns)
+    assert ops.count("FfnFallback") == 2 and "MatMul" not in ops  # every MatMul runs in int8
+    assert any(n.name.startswith("tardis/") and "MatMul" in n.op_type for n in model.graph.node)
+    assert {p.key for p in model.metadata_props} >= {"tardis_onnx.version", "tardis_onnx.config"}
+    got = create_session(model).run(None, feeds)[0]
+    assert np.abs(got - want).max() <= 0.25 * np.abs(want).max()
+
+
+def test_where_no_rewrite_beats_int8_the_model_is_quantize_dynamic_of_the_original(monkeypatch):
+    _fake_timings(monkeypatch, slower={"layer.0/mlp", "layer.1/mlp"})
+    model = two_ffn_model()
+    result = optimize_model(model, TardisConfig(coverage=0.9, quantize="int8", speed_check=True))
+    assert all(r.kept_original for r in result.ffns)
+    baseline = quantize_int8(two_ffn_model())
+    assert [n.op_type for n in model.graph.node] == [n.op_type for n in baseline.graph.node]
+    feeds = random_feeds(model, seed=6)
+    np.testing.assert_array_equal(
+        create_session(model).run(None, feeds)[0], create_session(baseline).run(None, feeds)[0]
+    )
+
+
+def test_the_speed_check_compares_with_the_int8_ffn(monkeypatch):
+    seen = []
+
+    def measure(dense, rewritten, inputs):
+        seen.append([n.op_type for n in onnx.load_from_string(dense).graph.node])
+        return 1.0, 0.5
+
+    monkeypatch.setattr("tardis_onnx.speed.measure_pair", measure)
+    optimize_model(
+        ffn_model("erf_div"), TardisConfig(coverage=0.9, quantize="int8", speed_check=True, shapes=((1, 4),))
+    )
+    assert seen and all("MatMul" not in ops and "MatMulInteger" in ops for ops in seen)
