@@ -165,3 +165,22 @@ def test_a_bad_shape_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "1x0" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_an_ffn_onnx_runtime_cannot_time_is_folded_with_a_warning_and_bugs_propagate(monkeypatch):
+    def refuse(dense, rewritten, inputs):
+        raise RuntimeError("no kernel for this type\nsecond line")
+
+    monkeypatch.setattr("tardis_onnx.speed.measure_pair", refuse)
+    result = optimize_model(ffn_model("erf_div"), TardisConfig(coverage=0.9, speed_check=True))
+    assert not result.ffns[0].kept_original and not result.ffns[0].speedups
+    assert [w for w in result.warnings if "not timed" in w] == [
+        "layer.0/mlp: not timed, rewrite kept (no kernel for this type)"
+    ]
+
+    def bug(dense, rewritten, inputs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("tardis_onnx.speed.measure_pair", bug)
+    with pytest.raises(TypeError, match="a bug"):
+        optimize_model(ffn_model("erf_div"), TardisConfig(coverage=0.9, speed_check=True))
