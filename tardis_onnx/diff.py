@@ -17,10 +17,11 @@ from pathlib import Path
 
 import onnx
 
+from tardis_onnx.contract import ffn_of
 from tardis_onnx.errors import TardisError, parse_arguments, report_error
 from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
 from tardis_onnx.graph import node_label
-from tardis_onnx.inspect_model import ffn_of, human_bytes, op_name, tensor_bytes
+from tardis_onnx.inspect_model import human_bytes, op_name, tensor_bytes
 from tardis_onnx.io import load_model
 from tardis_onnx.passes import find_ffns
 

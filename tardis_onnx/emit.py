@@ -9,6 +9,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tardis_onnx import reference
+from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MATMUL, ffn_prefix
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.predictor import (
     INT4_ACCURACY_LEVEL,
@@ -19,8 +20,6 @@ from tardis_onnx.predictor import (
     quantize_int8,
 )
 
-DOMAIN = "ai.tardis"
-FALLBACK_OP = "FfnFallback"
 MIN_OPSET = 13  # GreaterOrEqual/LessOrEqual (12), Where, MatMul on any rank
 
 
@@ -67,7 +66,7 @@ def emit_ffn(
     plain ``(Wf, bf)`` (the refit).
     """
     predictor = predictor or Predictor()
-    b = _Builder(f"tardis/{ffn.name}", ffn.dtype)
+    b = _Builder(ffn_prefix(ffn.name), ffn.dtype)
     wf, bf = fold if fold is not None else reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
     d, h = ffn.w1.shape
     d_out = ffn.w2.shape[1]
@@ -87,7 +86,7 @@ def emit_ffn(
             folded = b.op(
                 "MatMul",
                 [ffn.x, b.constant("folded_weight_and_u", np.hstack([wf, predictor.u]))],
-                "FoldedMatMul",
+                FOLDED_MATMUL,
                 doc_string=doc + f"; also the low-rank predictor's code x.U (rank {rank}) in the last columns",
             )
             folded = b.op(
@@ -95,14 +94,18 @@ def emit_ffn(
             )
             z_hat, fused_v = "", [b.constant("predictor_v", predictor.v)]
         else:
-            folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], "FoldedMatMul", doc_string=doc)
+            folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], FOLDED_MATMUL, doc_string=doc)
             folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
             z_hat, fused_v = _predictor(b, ffn, predictor, standard_only=False), []
         shifted = reference.NeuronLines(lines.slope, lines.intercept, lines.lo - b1, lines.hi - b1)
         packed = b.constant("lines", reference.pack_lines(shifted), np.float32)
         # An accurate predictor stands for the pre-activation: no W1ᵀ, the residual is taken from z_hat.
         w1t = "" if predictor.residual_from_prediction else b.constant("w1t", np.ascontiguousarray(ffn.w1.T))
-        inputs = [ffn.x, folded, z_hat, w1t, b.constant("b1", b1), w2, packed, *fused_v]
+        given = {"x": ffn.x, "y_folded": folded, "z_hat": z_hat, "w1t": w1t, "b1": b.constant("b1", b1)}
+        given.update(w2=w2, lines=packed, predictor_v=fused_v[0] if fused_v else "")
+        inputs = [given[name] for name in FALLBACK_INPUTS]
+        while inputs and not inputs[-1]:  # trailing optional inputs left out
+            inputs.pop()
         approximate = "tanh" if ffn.gelu.form == "tanh" else "none"
         fallback_doc = "outlier fallback: adds GELU(z)-(a z+c) times W2 rows for neurons outside [lo, hi]"
         b.op(
@@ -116,7 +119,7 @@ def emit_ffn(
             doc_string=fallback_doc,
         )
         return b.nodes, b.initializers
-    folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], "FoldedMatMul", doc_string=doc)
+    folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], FOLDED_MATMUL, doc_string=doc)
     folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
     b1_name = b.constant("b1", b1)
     z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Fallback/PreActivationMatMul")

@@ -26,6 +26,7 @@ import onnx
 from tardis_onnx import baselines, text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import TardisConfig
+from tardis_onnx.contract import INSIDE_WINDOW, PRE_ACTIVATION, ffn_tensor
 from tardis_onnx.errors import (
     TardisError,
     finite_float,
@@ -154,7 +155,7 @@ def tardis_row(name, model, ffns, samples, evaluator, config, metric: str = "sts
     t0 = time.perf_counter()
     result = optimize_model(rewritten, config, samples=samples)
     fit_s = time.perf_counter() - t0
-    probes = [f"tardis/{f.name}/Fallback/InsideWindow_output" for f in ffns]
+    probes = [ffn_tensor(f.name, INSIDE_WINDOW) for f in ffns]
     scored = result.model
     recall_probes: list[tuple[str, str]] = []
     if config.predictor != "exact":
@@ -202,8 +203,8 @@ def _with_true_outlier_probes(model, ffns, windows, predicted) -> tuple[onnx.Mod
     probed.CopyFrom(model)
     pairs = []
     for ffn, lines, flagged in zip(ffns, windows, predicted, strict=True):
-        prefix = f"tardis/{ffn.name}/Probe"
-        z = f"tardis/{ffn.name}/Fallback/PreActivation_output"
+        prefix = ffn_tensor(ffn.name, "Probe")
+        z = ffn_tensor(ffn.name, PRE_ACTIVATION)
         dtype = np.dtype(ffn.dtype)
         probed.graph.initializer.extend(
             [

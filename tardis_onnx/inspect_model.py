@@ -3,7 +3,8 @@
 For a model not yet rewritten: every FFN candidate with its GELU spelling, ``d→h`` and whether it
 folds; for each refusal its rule and reason, and with ``--why`` the best partial match (the GELU
 region's nodes, the FFN nodes matched before the match stopped). For a rewritten model: the folded
-FFNs (read off the ``tardis/<ffn>/...`` nodes and their initializers) and the ``tardis_onnx.*``
+FFNs (read off the ``tardis/<ffn>/...`` nodes and their initializers, with the GELU spelling and
+coverage the rewrite recorded in the ``tardis_onnx.ffns`` metadata) and the ``tardis_onnx.*``
 metadata. Exits 0, or 2 with one line on stderr when the model cannot be read.
 """
 
@@ -11,22 +12,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
 
-from tardis_onnx.emit import DOMAIN, FALLBACK_OP
+from tardis_onnx.contract import (
+    DOMAIN,
+    FALLBACK_OP,
+    FOLDED_MATMUL,
+    METADATA_CONFIG,
+    METADATA_FFNS,
+    METADATA_VERSION,
+    ffn_of,
+    ffn_prefix,
+    is_emitted,
+)
 from tardis_onnx.errors import TardisError, parse_arguments, report_error
 from tardis_onnx.files import strict_json
 from tardis_onnx.graph import GraphIndex, node_label
 from tardis_onnx.io import load_model
-from tardis_onnx.optimize import METADATA_CONFIG, METADATA_VERSION
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.passes.gelu import GeluMatch, anchors, match_gelu
-from tardis_onnx.schema import EMITTED_PREFIX
 
 
 @dataclass
@@ -107,21 +115,6 @@ def _gelu_regions(model: onnx.ModelProto) -> dict[str, GeluMatch]:
     return regions
 
 
-def is_emitted(name: str) -> bool:
-    return name.startswith(EMITTED_PREFIX)
-
-
-def ffn_of(node_name: str) -> str | None:
-    """``tardis/<ffn>/<part>`` → ``<ffn>`` (FFN names may contain ``/``; parts are the emitter's)."""
-    if not is_emitted(node_name):
-        return None
-    rest = node_name[len(EMITTED_PREFIX) :]
-    for part in ("/Fallback/", "/Predictor/"):
-        if part in rest:
-            return rest.split(part)[0]
-    return rest.rsplit("/", 1)[0]
-
-
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
     """Bytes of a tensor's data, from its dims and type (the data itself need not be loaded)."""
     count = 1
@@ -142,15 +135,15 @@ def folded_ffns(model: onnx.ModelProto) -> list[FoldedFfn]:
         if name is not None:
             groups.setdefault(name, []).append(node)
     initializers = {t.name: t for t in model.graph.initializer}
+    recorded = {f["name"]: f for f in _recorded_ffns(model)}
     result = []
     for name, nodes in groups.items():
-        prefix = f"{EMITTED_PREFIX}{name}/"
+        prefix = ffn_prefix(name) + "/"
         owned = [t for n, t in initializers.items() if n.startswith(prefix)]
         dims = {t.name[len(prefix) :]: list(t.dims) for t in owned}
-        folded = next((n for n in nodes if n.name == prefix + "FoldedMatMul"), None)
+        folded = next((n for n in nodes if n.name == prefix + FOLDED_MATMUL), None)
         doc = folded.doc_string if folded is not None else ""
-        spelling = re.search(r"GELU \(([^)]+)\)", doc)
-        coverage = re.search(r"coverage ([0-9.eE+-]+)", doc)
+        record = recorded.get(name, {})
         d, d_out = (dims.get("folded_weight") or [None, None])[:2]
         hidden = (dims.get("w2") or [None])[0]
         ops: dict[str, int] = {}
@@ -161,11 +154,11 @@ def folded_ffns(model: onnx.ModelProto) -> list[FoldedFfn]:
             FoldedFfn(
                 name=name,
                 fallback="custom" if custom else "portable",
-                gelu=spelling.group(1) if spelling else None,
+                gelu=record.get("gelu"),
                 d=d,
                 hidden=hidden,
                 d_out=d_out,
-                coverage=float(coverage.group(1)) if coverage else None,
+                coverage=record.get("coverage"),
                 nodes=[n.name for n in nodes],
                 ops=ops,
                 weight_bytes=sum(tensor_bytes(t) for t in owned),
@@ -173,6 +166,16 @@ def folded_ffns(model: onnx.ModelProto) -> list[FoldedFfn]:
             )
         )
     return result
+
+
+def _recorded_ffns(model: onnx.ModelProto) -> list[dict]:
+    """The per-FFN records the rewrite stored in the ``tardis_onnx.ffns`` metadata ([] when absent)."""
+    value = next((p.value for p in model.metadata_props if p.key == METADATA_FFNS), "[]")
+    try:
+        records = json.loads(value)
+    except json.JSONDecodeError:
+        return []
+    return [r for r in records if isinstance(r, dict) and "name" in r] if isinstance(records, list) else []
 
 
 def op_name(node: onnx.NodeProto) -> str:

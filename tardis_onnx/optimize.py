@@ -37,7 +37,8 @@ from tardis_onnx.config import (
     WINDOWS,
     TardisConfig,
 )
-from tardis_onnx.emit import DOMAIN, MIN_OPSET, emit_ffn, replace_nodes
+from tardis_onnx.contract import DOMAIN, METADATA_CONFIG, METADATA_FFNS, METADATA_VERSION
+from tardis_onnx.emit import MIN_OPSET, emit_ffn, replace_nodes
 from tardis_onnx.errors import (
     TardisError,
     check_environment,
@@ -57,9 +58,6 @@ from tardis_onnx.quantize import QUANTIZE_CHOICES, quantize_int8
 from tardis_onnx.report import FfnReport, print_report
 from tardis_onnx.schema import annotate_shapes
 from tardis_onnx.speed import SpeedCheck, check_ffn, parse_shapes, shape_name
-
-METADATA_VERSION = "tardis_onnx.version"
-METADATA_CONFIG = "tardis_onnx.config"
 
 
 @dataclass
@@ -202,7 +200,7 @@ def optimize_model(
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     if config.quantize == "int8":
         model.CopyFrom(quantize_int8(model))
-    _set_metadata(model, config, fallback)
+    _set_metadata(model, config, fallback, rows)
     annotate_shapes(model)
     fit_tokens = [s.split(config.holdout, config.seed) for s in samples]
     summary = {
@@ -317,9 +315,16 @@ def _resolve_fallback(choice: str) -> str:
     return choice
 
 
-def _set_metadata(model: onnx.ModelProto, config: TardisConfig, fallback: str) -> None:
+def _set_metadata(model: onnx.ModelProto, config: TardisConfig, fallback: str, rows: list[FfnReport]) -> None:
     settings = json.dumps({**config.to_dict(), "fallback": fallback}, sort_keys=True)
-    for key, value in ((METADATA_VERSION, __version__), (METADATA_CONFIG, settings)):
+    ffns = json.dumps(
+        [
+            {"name": r.name, "gelu": r.gelu, "d": r.d, "hidden": r.hidden, "coverage": r.coverage}
+            | {"predictor": r.predictor, "kept": r.kept_original}
+            for r in rows
+        ]
+    )
+    for key, value in ((METADATA_VERSION, __version__), (METADATA_CONFIG, settings), (METADATA_FFNS, ffns)):
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 

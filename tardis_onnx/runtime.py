@@ -23,7 +23,6 @@ CPU_LIBRARY = "libtardis_ops.so"
 CUDA_LIBRARY = "libtardis_ops_cuda.so"
 LIBRARY_ENV = "TARDIS_OPS_LIBRARY"
 BUILD_COMMAND = "python custom_ops/build.py"
-DOMAIN = "ai.tardis"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")

@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import onnx
 from onnx import defs
+from onnx.helper import make_attribute
 
-from tardis_onnx.emit import DOMAIN, FALLBACK_OP
+from tardis_onnx.contract import (
+    ATTRIBUTES,
+    DOMAIN,
+    FALLBACK_OP,
+    OP_VERSION,
+    OPTIONAL_INPUTS,
+    is_emitted,
+)
 
-EMITTED_PREFIX = "tardis/"
 _SMALL_INITIALIZER = 1024  # elements: kept for shape inference's data propagation (Reshape targets)
 
-# (name, type, description) of FfnFallback's inputs, in order; `lines` is float32 whatever T is.
-# z_hat and predictor_v are optional: exactly one is given; w1t is optional with z_hat.
-FALLBACK_INPUTS = (
+# (name, type, description) of FfnFallback's inputs, in the contract's order; `lines` is float32
+# whatever T is. z_hat and predictor_v are optional: exactly one is given; w1t is optional with z_hat.
+INPUT_DOCS = (
     ("x", "T", "FFN input [..., d]"),
-    ("folded", "T", "folded map x·Wf + bf [..., d]; with predictor_v, followed by the code x·U [..., d + rank]"),
+    ("y_folded", "T", "folded map x·Wf + bf [..., d]; with predictor_v, followed by the code x·U [..., d + rank]"),
     ("z_hat", "T", "predicted pre-activations [..., h]: a neuron falls back when outside its window (optional)"),
     ("w1t", "T", "first projection, transposed [h, d] (optional with z_hat: absent, z = z_hat + b1)"),
     ("b1", "T", "first bias [h]"),
@@ -32,7 +39,11 @@ FALLBACK_INPUTS = (
     ("lines", "tensor(float)", "rows slope, intercept, lo, hi per neuron [4, h] (float32; windows shifted by -b1)"),
     ("predictor_v", "T", "low-rank predictor's second factor [rank, h]: z_hat = code·V, computed in the op (optional)"),
 )
-_OPTIONAL = {"z_hat", "w1t", "predictor_v"}
+
+ATTRIBUTE_DOCS = {
+    "margin": "widen every window by this much when flagging",
+    "approximate": "GELU: 'none' (erf) or 'tanh'",
+}
 
 
 def _infer_fallback(ctx) -> None:
@@ -44,7 +55,7 @@ def _infer_fallback(ctx) -> None:
 
 def _option(name: str) -> defs.OpSchema.FormalParameterOption:
     option = defs.OpSchema.FormalParameterOption
-    return option.Optional if name in _OPTIONAL else option.Single
+    return option.Optional if name in OPTIONAL_INPUTS else option.Single
 
 
 def fallback_schema() -> defs.OpSchema:
@@ -54,16 +65,15 @@ def fallback_schema() -> defs.OpSchema:
     schema = defs.OpSchema(
         FALLBACK_OP,
         DOMAIN,
-        1,
+        OP_VERSION,
         "TARDIS outlier fallback: folded + sum over flagged neurons i of (GELU(z_i) - (a_i z_i + c_i)) * W2[i, :], "
         "z = x·W1 + b1 (without w1t: z = z_hat + b1); "
         "neuron i is flagged when z_hat_i is outside [lo_i - margin, hi_i + margin] (or NaN).",
-        inputs=[param(name, kind, doc, param_option=_option(name)) for name, kind, doc in FALLBACK_INPUTS],
+        inputs=[param(name, kind, doc, param_option=_option(name)) for name, kind, doc in INPUT_DOCS],
         outputs=[param("y", "T", "folded plus the outliers' exact residuals [..., d]")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "compute type of the FFN")],
         attributes=[
-            attr("margin", onnx.helper.make_attribute("margin", 0.0), "widen every window by this much when flagging"),
-            attr("approximate", onnx.helper.make_attribute("approximate", "none"), "GELU form: 'none' (erf) or 'tanh'"),
+            attr(name, make_attribute(name, default), ATTRIBUTE_DOCS[name]) for name, default in ATTRIBUTES.items()
         ],
         node_determinism=defs.OpSchema.NodeDeterminism.Deterministic,
     )
@@ -80,7 +90,7 @@ def register_schemas() -> None:
 def emitted_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors computed by the rewrite's nodes (named ``tardis/...``), graph outputs excepted."""
     outputs = {o.name for o in model.graph.output}
-    return [v for n in model.graph.node if n.name.startswith(EMITTED_PREFIX) for v in n.output if v not in outputs]
+    return [v for n in model.graph.node if is_emitted(n.name) for v in n.output if v not in outputs]
 
 
 def annotate_shapes(model: onnx.ModelProto) -> list[str]:

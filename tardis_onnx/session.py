@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from tardis_onnx.contract import DOMAIN
 from tardis_onnx.errors import TardisError, external_error, is_onnxruntime_error
 from tardis_onnx.io import save_model
 
@@ -73,7 +74,7 @@ def _graph_only(path: Path) -> onnx.ModelProto | None:
 
 def uses_tardis_ops(model: onnx.ModelProto) -> bool:
     """Whether the graph has ``ai.tardis`` nodes (it needs the op library to load)."""
-    return any(node.domain == "ai.tardis" for node in model.graph.node)
+    return any(node.domain == DOMAIN for node in model.graph.node)
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:

@@ -10,7 +10,8 @@ from ffn_graphs import NEGATIVE_CASES, ffn_model, gpt2_gemm_model
 
 from tardis_onnx import runtime
 from tardis_onnx.config import TardisConfig
-from tardis_onnx.inspect_model import candidates, ffn_of, folded_ffns, main
+from tardis_onnx.contract import ffn_of
+from tardis_onnx.inspect_model import candidates, folded_ffns, main
 from tardis_onnx.optimize import optimize_model
 from tardis_onnx.passes import find_ffns
 
