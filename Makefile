@@ -27,7 +27,7 @@ lib: $(STAMP)
 	$(BIN)/python custom_ops/build.py
 
 demo: lib
-	$(BIN)/python -m tardis_onnx.demo
+	$(BIN)/python -m experiments.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,9 +27,10 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
 
+from experiments.data import data_dir  # noqa: E402
+from experiments.evaluate import STSB, StsEvaluator  # noqa: E402
 from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, text  # noqa: E402
-from tardis_onnx.evaluate import STSB, StsEvaluator, default_data_dir  # noqa: E402
 from tardis_onnx.feeds import random_feeds  # noqa: E402
 
 WIKITEXT = Path("wikitext-2-raw/wiki.test.raw")
@@ -65,7 +66,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="STS-B dev pairs (default: all 1500)")
     ap.add_argument("--only", default="", help="run only the variants whose label contains this")
     args = ap.parse_args()
-    data = args.data or default_data_dir()
+    data = data_dir(args.data)
     source = export_minilm()
     original = onnx.load(source)
     evaluator = StsEvaluator(text.load_tokenizer(source.parent), original, data / STSB, args.limit)

@@ -12,7 +12,7 @@ rates (GB/s) of the dense weights, the fixed part and the rows (at decode, memor
 Random weights: speed depends on how many neurons fall back, not on which, so each neuron's window
 is calibrated on the predictor's own outputs to flag the requested fraction (measured on fresh
 tokens and reported). Whether a predictor finds the true outliers is measured on real weights by
-``python -m tardis_onnx.evaluate``, not here.
+``python -m experiments.evaluate``, not here.
 
     python benchmarks/ffn_latency.py --out out/bench            # full grid, JSON + PNG
     python benchmarks/ffn_latency.py --dims 1024 --tokens 1 --fractions 0.05

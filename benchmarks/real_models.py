@@ -40,9 +40,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ffn_latency import median_times  # noqa: E402
 
+from experiments.data import data_dir  # noqa: E402
+from experiments.evaluate import STSB, StsEvaluator, read_stsb  # noqa: E402
 from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, runtime, text  # noqa: E402
-from tardis_onnx.evaluate import STSB, StsEvaluator, default_data_dir, read_stsb  # noqa: E402
 
 SHAPES = ((1, 12), (1, 33), (32, 17))
 INPUTS_PER_SHAPE = 8
@@ -110,7 +111,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20, help="timed runs per input (batch shapes: a quarter)")
     args = ap.parse_args()
-    data = args.data or default_data_dir()
+    data = data_dir(args.data)
     source = export_minilm()
     tokenizer = text.load_tokenizer(source.parent)
     original = onnx.load(source)

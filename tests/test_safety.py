@@ -21,8 +21,9 @@ import pytest
 from ffn_graphs import D, GraphBuilder, erf_div, ffn_model
 from onnx import TensorProto, helper
 
+from experiments import evaluate, perplexity
 from tardis_onnx import __main__ as entry
-from tardis_onnx import diff, evaluate, inspect_model, optimize, perplexity, verify
+from tardis_onnx import diff, inspect_model, optimize, verify
 
 PORTABLE = ["--fallback", "portable", "--predictor", "exact", "--coverage", "0.9", "-q"]
 COMMANDS = {

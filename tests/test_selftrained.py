@@ -8,8 +8,8 @@ import onnx
 import pytest
 from conftest import DATA
 
+from experiments.perplexity import PerplexityEvaluator, lm_feeds, windows
 from tardis_onnx.errors import TardisError
-from tardis_onnx.perplexity import PerplexityEvaluator, lm_feeds, windows
 
 TINY = {"n_embd": 32, "n_layer": 2, "n_head": 2, "context": 32, "vocab_size": 300, "batch": 4, "warmup": 2}
 
@@ -88,9 +88,9 @@ def test_onnx_perplexity_equals_torch_perplexity(tiny):
 
 
 def test_tardis_at_coverage_zero_keeps_the_dense_perplexity(tiny):
+    from experiments.evaluate import tardis_row
     from tardis_onnx.calibrate import capture_ffn_inputs
     from tardis_onnx.config import TardisConfig
-    from tardis_onnx.evaluate import tardis_row
     from tardis_onnx.passes import find_ffns
 
     path, _, _, ids = tiny
@@ -107,8 +107,8 @@ def test_tardis_at_coverage_zero_keeps_the_dense_perplexity(tiny):
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    from experiments.perplexity import main
     from models.gpt_selftrained import export_selftrained
-    from tardis_onnx.perplexity import main
 
     with pytest.raises(TardisError, match="text not found: .*tinyshakespeare/input.txt"):
         export_selftrained(tmp_path / "nowhere", tmp_path)
@@ -118,12 +118,12 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys):
 
 
 def test_command_writes_results_and_plot_to_out(tiny, tmp_path):
-    """A small run of ``python -m tardis_onnx.perplexity`` on a given model: results.json and the plot
+    """A small run of ``python -m experiments.perplexity`` on a given model: results.json and the plot
     land in --out (the README's figure under docs/ is only written when --plot names it)."""
     import json
 
+    from experiments.perplexity import main
     from models.gpt_selftrained import HELDOUT_FILE
-    from tardis_onnx.perplexity import main
 
     path, *_ = tiny
     texts = ["--calib", str(DATA / "tinyshakespeare" / "input.txt"), "--heldout", str(DATA / HELDOUT_FILE)]
@@ -139,7 +139,7 @@ def test_command_writes_results_and_plot_to_out(tiny, tmp_path):
 def test_unwritable_output_fails_before_any_work(tmp_path, capsys, flag):
     """An output that cannot be written is a one-line error before anything is trained or scored
     (it used to fail after results.json was written)."""
-    from tardis_onnx.perplexity import main
+    from experiments.perplexity import main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -1,4 +1,4 @@
-"""``python -m tardis_onnx.perplexity``: held-out perplexity of a causal LM in ONNX Runtime, TARDIS vs pruning.
+"""``python -m experiments.perplexity``: held-out perplexity of a causal LM in ONNX Runtime, TARDIS vs pruning.
 
 Method: the held-out text (WikiText-2 test) is tokenized with the tokenizer beside the model and cut
 into non-overlapping windows of the context length (the last partial window dropped); each window is
@@ -30,7 +30,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tardis_onnx import baselines, text
+from experiments import baselines
+from experiments.data import REPO, data_dir
+from experiments.evaluate import (
+    baseline_row,
+    check_plot_path,
+    parse_predictor,
+    predictor_spec,
+    reduction,
+    save_figure,
+    save_results,
+    tardis_row,
+)
+from tardis_onnx import text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import PRESETS, TardisConfig
 from tardis_onnx.errors import (
@@ -41,25 +53,12 @@ from tardis_onnx.errors import (
     positive_int,
     run_command,
 )
-from tardis_onnx.evaluate import (
-    baseline_row,
-    check_plot_path,
-    default_data_dir,
-    import_recipe,
-    parse_predictor,
-    predictor_spec,
-    reduction,
-    save_figure,
-    save_results,
-    tardis_row,
-)
 from tardis_onnx.feeds import Feeds, random_feeds
 from tardis_onnx.files import StagedWrites, check_targets, model_files
 from tardis_onnx.io import check_output_folders, load_model, make_output_folders
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.session import create_session, run_session
 
-REPO = Path(__file__).resolve().parents[1]
 LOGPROB = "tardis_eval/token_logprob"
 LABELS = "tardis_eval/labels"
 
@@ -199,7 +198,7 @@ def plot(rows: list[dict], dense: float, title: str, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tardis_onnx.perplexity", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.perplexity", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model", type=Path, help="causal-LM ONNX export, tokenizer beside it (default: the self-trained GPT)"
     )
@@ -233,9 +232,10 @@ def run(args: argparse.Namespace) -> dict:
     inputs = [*(model_files(args.model) if args.model else []), *(args.calib or []), args.heldout]
     check_targets([args.out / "results.json", plot_path], inputs, folders_may_be_missing=True)
     check_plot_path(plot_path)
-    data = args.data or default_data_dir()
+    data = data_dir(args.data)
     if args.model is None:
-        recipe = import_recipe("gpt_selftrained")
+        from models import gpt_selftrained as recipe
+
         train_text, heldout_text = recipe.read_texts(data)
         heldout_name = str(data / recipe.HELDOUT_FILE)
         model_path = recipe.export_selftrained(data, minutes=args.minutes)

