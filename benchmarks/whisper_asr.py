@@ -5,12 +5,15 @@ Optimum ``automatic-speech-recognition-with-past``), run with ``optimum.onnxrunt
 and ``WhisperProcessor``: greedy decoding, English, transcribe, no timestamps, on the CPU with 2 intra-op
 threads (``ORT_ENABLE_ALL``, workers that sleep between runs: with ONNX Runtime's default spinning workers the
 Python side of ``generate`` between two decoder steps fights them for the two cores and a 1 s transcription takes
-10 s). The utterances are ``<data>/speech/manifest.json`` (LJ Speech clips and JFK, exact transcripts).
+10 s) and torch on 1 thread (feature extraction and logits processing only). The load average is recorded: the
+figures are only comparable on an otherwise idle machine. The utterances are ``<data>/speech/manifest.json``
+(LJ Speech clips and JFK, exact transcripts).
 
 Figures per variant: WER (corpus level: word edits / reference words) after Whisper's English normaliser
 (transformers ``EnglishTextNormalizer`` built from ``english_normalizer.json``; parentheses replaced by spaces
 first on both sides, as the normaliser deletes "( ... )" spans), decoder tokens/s (one token per decoder run:
-the merged decoder with its KV cache, summed over all utterances), encoder ms per utterance and the real-time
+the merged decoder with its KV cache, summed over all utterances; split into the first step, which also computes
+the cross-attention keys/values, and the cached steps after it), encoder ms per utterance and the real-time
 factor (feature extraction + generate wall time / audio duration). One untimed warm-up transcription first.
 
 A variant is just another ONNX folder in Optimum's layout (``encoder_model.onnx``, ``decoder_model_merged.onnx``
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -116,10 +120,11 @@ def session_options(threads: int = THREADS):
 
 
 class Timed:
-    """Wraps an ``InferenceSession.run`` to add up its wall time and count its calls."""
+    """Wraps an ``InferenceSession.run`` to record the wall time of each call."""
 
     def __init__(self, session) -> None:
-        self.seconds, self.calls, self._run = 0.0, 0, session.run
+        self.times: list[float] = []
+        self._run = session.run
         session.run = self
 
     def __call__(self, *args, **kwargs):
@@ -127,11 +132,10 @@ class Timed:
         try:
             return self._run(*args, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - start
-            self.calls += 1
+            self.times.append(time.perf_counter() - start)
 
-    def reset(self) -> tuple[float, int]:
-        out, self.seconds, self.calls = (self.seconds, self.calls), 0.0, 0
+    def reset(self) -> list[float]:
+        out, self.times = self.times, []
         return out
 
 
@@ -157,14 +161,16 @@ class Transcriber:
         ids = self.model.generate(features, language="en", task="transcribe", do_sample=False, num_beams=1)
         wall = time.perf_counter() - start
         text = self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
-        enc_s, _ = self.encoder.reset()
-        dec = [t.reset() for t in self.decoders]
+        encoder = self.encoder.reset()
+        decoder = [x for t in self.decoders for x in t.reset()]  # merged: one session; else first + with-past
         return {
             "hypothesis": text,
             "seconds": wall,
-            "encoder_seconds": enc_s,
-            "decoder_seconds": sum(s for s, _ in dec),
-            "decoder_steps": sum(n for _, n in dec),
+            "encoder_seconds": sum(encoder),
+            "decoder_seconds": sum(decoder),
+            "decoder_steps": len(decoder),
+            # the first step also projects the encoder output to every layer's cross-attention keys and values
+            "decoder_first_step_seconds": decoder[0] if decoder else 0.0,
         }
 
 
@@ -189,8 +195,10 @@ def evaluate(
                 "reference_words": len(ref.split()),
             }
         )
-    total = {k: sum(r[k] for r in rows) for k in ("audio_seconds", "seconds", "encoder_seconds", "decoder_seconds")}
+    keys = ("audio_seconds", "seconds", "encoder_seconds", "decoder_seconds", "decoder_first_step_seconds")
+    total = {k: sum(r[k] for r in rows) for k in keys}
     steps = sum(r["decoder_steps"] for r in rows)
+    later = total["decoder_seconds"] - total["decoder_first_step_seconds"]
     errors, words = sum(r["errors"] for r in rows), sum(r["reference_words"] for r in rows)
     return {
         "folder": str(folder),
@@ -200,6 +208,8 @@ def evaluate(
         "decoder_tokens_per_s": steps / total["decoder_seconds"],
         "decoder_steps": steps,
         "decoder_ms_per_token": 1e3 * total["decoder_seconds"] / steps,
+        "decoder_first_step_ms": 1e3 * total["decoder_first_step_seconds"] / len(rows),
+        "decoder_cached_ms_per_token": 1e3 * later / (steps - len(rows)),
         "encoder_ms_per_utterance": 1e3 * total["encoder_seconds"] / len(rows),
         "real_time_factor": total["seconds"] / total["audio_seconds"],
         **{f"total_{k}": v for k, v in total.items()},
@@ -225,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="only the first N utterances")
     args = ap.parse_args(argv)
     _quiet()
+    import torch
+
+    # torch only extracts features and processes logits here; with its own pool of 2 OpenMP workers it fought
+    # ONNX Runtime's for the 2 cores (a 1 ms torch.isin on the suppressed tokens took 150 ms).
+    torch.set_num_threads(1)
 
     from models.whisper_base import WhisperUnavailable, export_whisper
 
@@ -255,14 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     items = read_manifest(args.data)[: args.limit]
     normalize = english_normalizer(args.data)
     results = {}
-    print(f"{'variant':<12} {'WER %':>6} {'errors':>9} {'dec tok/s':>9} {'dec ms/tok':>10} {'enc ms':>7} {'RTF':>6}")
+    print(
+        f"{'variant':<12} {'WER %':>6} {'errors':>9} {'dec tok/s':>9} {'dec ms/tok':>10} {'1st ms':>7} "
+        f"{'next ms':>7} {'enc ms':>7} {'RTF':>6}"
+    )
     for name, folder in variants.items():
         r = evaluate(folder, processor, items, normalize, args.threads)
         results[name] = r
         print(
             f"{name:<12} {100 * r['wer']:6.2f} {r['word_errors']:>4}/{r['reference_words']:<4} "
-            f"{r['decoder_tokens_per_s']:9.1f} {r['decoder_ms_per_token']:10.2f} "
-            f"{r['encoder_ms_per_utterance']:7.0f} {r['real_time_factor']:6.3f}"
+            f"{r['decoder_tokens_per_s']:9.1f} {r['decoder_ms_per_token']:10.2f} {r['decoder_first_step_ms']:7.2f} "
+            f"{r['decoder_cached_ms_per_token']:7.2f} {r['encoder_ms_per_utterance']:7.0f} {r['real_time_factor']:6.3f}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -271,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "utterances": len(items),
         "threads": args.threads,
         "decoding": "greedy, language=en, task=transcribe, no timestamps",
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "variants": results,
     }
     path = args.out / "whisper_asr.json"
