@@ -24,6 +24,7 @@ from tardis_onnx.graph import node_label
 from tardis_onnx.inspect_model import human_bytes, op_name, tensor_bytes
 from tardis_onnx.io import load_model
 from tardis_onnx.passes import find_ffns
+from tardis_onnx.tables import text_table
 
 OTHER = "(outside any FFN)"
 
@@ -197,21 +198,27 @@ def format_text(d: ModelDiff, nodes: bool = False) -> str:
         lines.append(f"  added:   {_op_summary(c.added) or '-'}")
         if nodes:
             lines += [f"    - {n.name} ({n.op})" for n in c.removed] + [f"    + {n.name} ({n.op})" for n in c.added]
-    rows = _histogram_rows(d)
-    width = max([len("total")] + [len(op) for op, _, _ in rows])
-    lines += ["", f"{'op'.ljust(width)}  {'before':>6}  {'after':>6}  change"]
-    for op, a, b in rows:
-        lines.append(f"{op.ljust(width)}  {a:6d}  {b:6d}  {_signed(b - a)}")
     total_a, total_b = sum(d.ops_before.values()), sum(d.ops_after.values())
-    lines.append(f"{'total'.ljust(width)}  {total_a:6d}  {total_b:6d}  {_signed(total_b - total_a)}")
-    disk_a, disk_b = sum(d.disk_before.values()), sum(d.disk_after.values())
+    ops = [(op, a, b, _signed(b - a)) for op, a, b in _histogram_rows(d)]
     lines += [
         "",
-        f"{'':10}  {'before':>10}  {'after':>10}  ratio",
-        f"{'weights':10}  {human_bytes(d.weight_bytes_before):>10}  {human_bytes(d.weight_bytes_after):>10}  "
-        f"{_ratio(d.weight_bytes_after, d.weight_bytes_before)}",
-        f"{'on disk':10}  {human_bytes(disk_a):>10}  {human_bytes(disk_b):>10}  {_ratio(disk_b, disk_a)}",
+        *text_table(
+            ("op", "before", "after", "change"),
+            [*ops, ("total", total_a, total_b, _signed(total_b - total_a))],
+            right=(1, 2),
+        ),
     ]
+    disk_a, disk_b = sum(d.disk_before.values()), sum(d.disk_after.values())
+    sizes = [
+        (
+            "weights",
+            human_bytes(d.weight_bytes_before),
+            human_bytes(d.weight_bytes_after),
+            _ratio(d.weight_bytes_after, d.weight_bytes_before),
+        ),
+        ("on disk", human_bytes(disk_a), human_bytes(disk_b), _ratio(disk_b, disk_a)),
+    ]
+    lines += ["", *text_table(("", "before", "after", "ratio"), sizes, right=(1, 2))]
     for label, files in (("before", d.disk_before), ("after", d.disk_after)):
         if len(files) > 1:
             lines.append(f"  files {label}: " + ", ".join(f"{n} {human_bytes(s)}" for n, s in files.items()))

@@ -35,6 +35,7 @@ from tardis_onnx.graph import GraphIndex, node_label
 from tardis_onnx.io import load_model
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.passes.gelu import GeluMatch, anchors, match_gelu
+from tardis_onnx.tables import text_table
 
 
 @dataclass
@@ -269,9 +270,7 @@ def print_inspection(path: Path, report: dict, why: bool) -> None:
 
 
 def _print_table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print("\n".join(text_table(rows[0], rows[1:])))
 
 
 def human_bytes(count: int) -> str:

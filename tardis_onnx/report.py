@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from tardis_onnx.predictor import Predictor, predictor_bytes
+from tardis_onnx.tables import text_table
 
 if TYPE_CHECKING:
     from tardis_onnx.calibrate import Calibration
@@ -187,9 +188,7 @@ def print_report(result, output: Path, report_path: Path) -> None:
         )
         for r in result.ffns
     ]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print("\n".join(text_table(header, rows)))
     for refusal in result.refusals:
         print(f"unchanged: {refusal.name}: {refusal.reason} [{refusal.rule}]")
     t = FfnReport.totals(result.ffns)

@@ -28,6 +28,7 @@ from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_j
 from tardis_onnx.io import load_model
 from tardis_onnx.runtime import OPTIMIZATION_LEVELS
 from tardis_onnx.session import create_session, run_session
+from tardis_onnx.tables import text_table
 
 ERROR_STATS = ("elemwise", "max", "mean", "median")
 
@@ -152,14 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(translated)
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
     print(f"inputs: {shapes}")
-    width = max([len("output")] + [len(r.name) for r in results])
-    print(f"{'output'.ljust(width)}  {'max abs':>10}  {'mean abs':>10}  {'max rel':>10}  {'mean rel':>10}  result")
-    for r in results:
-        verdict = "PASS" if r.passed else "FAIL"
-        print(
-            f"{r.name.ljust(width)}  {r.max_abs:10.3e}  {r.mean_abs:10.3e}  {r.max_rel:10.3e}  {r.mean_rel:10.3e}  "
-            f"{verdict}"
-        )
+    header = ("output", "max abs", "mean abs", "max rel", "mean rel", "result")
+    rows = [
+        (r.name, *(f"{v:.3e}" for v in (r.max_abs, r.mean_abs, r.max_rel, r.mean_rel)), "PASS" if r.passed else "FAIL")
+        for r in results
+    ]
+    print("\n".join(text_table(header, rows, right=(1, 2, 3, 4))))
     failed = [r.name for r in results if not r.passed]
     if failed:
         print(f"FAILED: {len(failed)} of {len(results)} outputs differ beyond {tolerance}")
