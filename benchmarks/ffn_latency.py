@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tardis_onnx import reference, runtime
 from tardis_onnx.emit import emit_ffn, replace_nodes
 from tardis_onnx.passes import find_ffns
-from tardis_onnx.predictor import PREDICTORS, Predictor, fit_lowrank, predictor_bytes
+from tardis_onnx.predictor import PREDICTORS, fit_lowrank, make_predictor, predictor_bytes
 
 
 def dense_model(d: int, h: int, rng: np.random.Generator) -> onnx.ModelProto:
@@ -66,7 +66,7 @@ def rewrite(model: onnx.ModelProto, x_cal: np.ndarray, fraction: float, kind: st
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     ffn = find_ffns(rewritten)[0][0]
-    predictor = Predictor(kind, *(fit_lowrank(x_cal, ffn.w1, rank) if kind == "lowrank" else (None, None)))
+    predictor = make_predictor(kind, *(fit_lowrank(x_cal, ffn.w1, rank) if kind == "lowrank" else (None, None)))
     # Windows from tokens the predictor was not fitted on, as at inference.
     x_windows = np.random.default_rng(1).normal(size=x_cal.shape)
     lines = reference.calibrate_lines(predictor.predict(x_windows, ffn.w1, ffn.b1), 1.0 - fraction, "erf")

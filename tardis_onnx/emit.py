@@ -11,14 +11,7 @@ from onnx import helper, numpy_helper
 from tardis_onnx import reference
 from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MATMUL, ffn_prefix
 from tardis_onnx.passes.ffn import FfnMatch
-from tardis_onnx.predictor import (
-    INT4_ACCURACY_LEVEL,
-    INT4_BLOCK,
-    Predictor,
-    dequantize_int4,
-    quantize_int4,
-    quantize_int8,
-)
+from tardis_onnx.predictor import ExactPredictor, LowRankPredictor, Predictor
 
 MIN_OPSET = 13  # GreaterOrEqual/LessOrEqual (12), Where, MatMul on any rank
 
@@ -65,7 +58,7 @@ def emit_ffn(
     the exact residual ``GELU(z_i) − (a_i z_i + c_i)`` times ``W2[i, :]``. ``fold`` overrides the
     plain ``(Wf, bf)`` (the refit).
     """
-    predictor = predictor or Predictor()
+    predictor = predictor or ExactPredictor()
     b = _Builder(ffn_prefix(ffn.name), ffn.dtype)
     wf, bf = fold if fold is not None else reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
     d, h = ffn.w1.shape
@@ -79,7 +72,7 @@ def emit_ffn(
     w2 = b.constant("w2", ffn.w2)
     if fallback == "custom":
         # The flag test compares z_hat without b1 against windows shifted by −b1: one Add fewer.
-        if predictor.kind == "lowrank":
+        if isinstance(predictor, LowRankPredictor):
             # x·[Wf | U] in one MatMul: the folded output and the predictor's code, which the op reads
             # from the folded rows' last `rank` columns and multiplies by V itself.
             rank = predictor.rank
@@ -96,7 +89,7 @@ def emit_ffn(
         else:
             folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], FOLDED_MATMUL, doc_string=doc)
             folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
-            z_hat, fused_v = _predictor(b, ffn, predictor, standard_only=False), []
+            z_hat, fused_v = predictor.emit(b, ffn, standard_only=False), []
         shifted = reference.NeuronLines(lines.slope, lines.intercept, lines.lo - b1, lines.hi - b1)
         packed = b.constant("lines", reference.pack_lines(shifted), np.float32)
         # An accurate predictor stands for the pre-activation: no W1ᵀ, the residual is taken from z_hat.
@@ -124,8 +117,8 @@ def emit_ffn(
     b1_name = b.constant("b1", b1)
     z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Fallback/PreActivationMatMul")
     z = b.op("Add", [z, b1_name], "Fallback/PreActivation")
-    if predictor.kind != "exact":
-        z_hat = b.op("Add", [_predictor(b, ffn, predictor, standard_only=True), b1_name], "Predictor/Bias")
+    if not isinstance(predictor, ExactPredictor):
+        z_hat = b.op("Add", [predictor.emit(b, ffn, standard_only=True), b1_name], "Predictor/Bias")
     else:
         z_hat = z
     inside = b.op(
@@ -150,45 +143,6 @@ def emit_ffn(
     correction = b.op("MatMul", [outliers, w2], "Fallback/Correction")
     b.op("Add", [folded, correction], "Output", output=ffn.output)
     return b.nodes, b.initializers
-
-
-def _predictor(b: _Builder, ffn: FfnMatch, predictor: Predictor, standard_only: bool) -> str:
-    """``z_hat − b1``: exact, from a 4-bit copy of W1 (``MatMulNBits``) or an int8 one
-    (``DynamicQuantizeMatMul``) — in the portable form the same dequantized matrix as a standard MatMul —
-    or from the low-rank factors ``(x·U)·V``."""
-    d, h = ffn.w1.shape
-    if predictor.kind == "exact":
-        z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Predictor/MatMul")
-    elif predictor.kind == "lowrank":
-        t = b.op("MatMul", [ffn.x, b.constant("predictor_u", predictor.u)], "Predictor/LowRankDown")
-        z = b.op("MatMul", [t, b.constant("predictor_v", predictor.v)], "Predictor/LowRankUp")
-    elif predictor.kind == "int8":
-        weights, scales = quantize_int8(ffn.w1)
-        if standard_only:
-            w1q = b.constant("w1_int8_dequantized", weights * scales)
-            z = b.op("MatMul", [ffn.x, w1q], "Predictor/MatMul")
-        else:
-            inputs = [ffn.x, b.constant("w1_int8", weights, np.int8), b.constant("w1_int8_scales", scales)]
-            z = b.op("DynamicQuantizeMatMul", inputs, "Predictor/DynamicQuantizeMatMul", domain="com.microsoft")
-    else:
-        packed, scales = quantize_int4(ffn.w1)
-        if standard_only:
-            w1q = b.constant("w1_int4_dequantized", dequantize_int4(packed, scales.astype(ffn.dtype), d))
-            z = b.op("MatMul", [ffn.x, w1q], "Predictor/MatMul")
-        else:
-            inputs = [ffn.x, b.constant("w1_int4", packed, np.uint8), b.constant("w1_int4_scales", scales)]
-            z = b.op(
-                "MatMulNBits",
-                inputs,
-                "Predictor/MatMulNBits",
-                domain="com.microsoft",
-                K=d,
-                N=h,
-                bits=4,
-                block_size=INT4_BLOCK,
-                accuracy_level=INT4_ACCURACY_LEVEL,
-            )
-    return z
 
 
 def _gelu(b: _Builder, z: str, form: str, opset: int) -> str:

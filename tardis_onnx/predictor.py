@@ -15,13 +15,13 @@ lowrank: ``(x·U)·V`` with ``U [d, r]``, ``V [r, h]`` fitted on calibration inp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from tardis_onnx.reference import NeuronLines, dense_ffn, outside_window, residual
 from tardis_onnx.reference import fold as fold_weights
 
-PREDICTORS = ("exact", "int4", "int8", "lowrank")
 # A predictor that stands for the pre-activation (int8: flagged residuals taken from it) is a candidate
 # only where that raises the FFN's error on the checked tokens by at most this factor over the exact
 # residuals of the same flagged neurons (at coverage 0, where the exact error is nil, never). On
@@ -34,49 +34,161 @@ INT4_BLOCK = 32
 INT4_ACCURACY_LEVEL = 4
 
 
-@dataclass
 class Predictor:
-    """The predictor of one FFN: its kind and, for ``lowrank``, the fitted factors."""
+    """What computes an FFN's ``z_hat − b1`` for the fallback's flag test. One subclass per kind holds
+    everything about it: the float64 reference (:meth:`predict`), the bytes it reads per token, the
+    nodes that compute it in the rewritten graph (:meth:`emit`); adding a predictor is adding a class
+    to ``PREDICTOR_CLASSES``."""
 
-    kind: str = "exact"
-    u: np.ndarray | None = None  # [d, r]
-    v: np.ndarray | None = None  # [r, h]
+    kind: ClassVar[str]
+    # The fallback takes a flagged neuron's residual from z_hat (no W1 row read): the prediction must
+    # be close to the pre-activation (checked per FFN, MAX_PREDICTED_RESIDUAL_ERROR).
+    residual_from_prediction: ClassVar[bool] = False
+    # ONNX Runtime contrib domain its node needs in the custom-op form (declared in the model's opsets).
+    contrib_domain: ClassVar[str | None] = None
+    rank = 0
 
-    def __post_init__(self) -> None:
-        if self.kind not in PREDICTORS:
-            raise ValueError(f"unknown predictor {self.kind!r}; expected one of {PREDICTORS}")
-        if self.kind == "lowrank" and (self.u is None or self.v is None):
-            raise ValueError("a lowrank predictor needs its fitted factors u and v")
+    @classmethod
+    def fit(cls, x: np.ndarray, w1: np.ndarray, rank: int) -> Predictor:
+        """The predictor for ``w1 [d, h]`` fitted on calibration inputs ``x [n, d]`` (most need no fit)."""
+        return cls()
 
-    @property
-    def residual_from_prediction(self) -> bool:
-        """Whether the fallback computes a flagged neuron's residual from ``z_hat`` (no W1 row read)."""
-        return self.kind == "int8"
+    @classmethod
+    def bytes_per_token(cls, d: int, h: int, itemsize: int, rank: int = 0) -> int:
+        """Weight bytes it reads per token (in the custom-op form)."""
+        raise NotImplementedError
 
-    @property
-    def rank(self) -> int:
-        return 0 if self.u is None else int(self.u.shape[1])
+    def read_bytes(self, d: int, h: int, itemsize: int) -> int:
+        return self.bytes_per_token(d, h, itemsize, self.rank)
 
-    def error_scale(self, x: np.ndarray, w1: np.ndarray) -> np.ndarray:
-        """Per-neuron standard deviation of ``z_hat − z`` on inputs ``x [n, d]`` (zeros for ``exact``)."""
-        if self.kind == "exact":
-            return np.zeros(w1.shape[1])
-        return (self.predict(x, w1, None) - np.asarray(x, dtype=np.float64) @ w1).std(axis=0)
+    def _z(self, x: np.ndarray, w1: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def predict(self, x: np.ndarray, w1: np.ndarray, b1: np.ndarray | None) -> np.ndarray:
         """``z_hat`` in float64 (the reference for the emitted graph)."""
-        x = np.asarray(x, dtype=np.float64)
-        if self.kind == "exact":
-            z = x @ w1
-        elif self.kind == "int4":
-            packed, scales = quantize_int4(w1)
-            z = quantize_activations_int8(x) @ dequantize_int4(packed, scales, w1.shape[0])
-        elif self.kind == "int8":
-            weights, scales = quantize_int8(w1)
-            z = quantize_activations_uint8(x) @ (weights * scales)
-        else:
-            z = (x @ self.u) @ self.v
+        z = self._z(np.asarray(x, dtype=np.float64), np.asarray(w1, dtype=np.float64))
         return z if b1 is None else z + b1
+
+    def error_scale(self, x: np.ndarray, w1: np.ndarray) -> np.ndarray:
+        """Per-neuron standard deviation of ``z_hat − z`` on inputs ``x [n, d]``."""
+        return (self.predict(x, w1, None) - np.asarray(x, dtype=np.float64) @ w1).std(axis=0)
+
+    def emit(self, b, ffn, standard_only: bool) -> str:
+        """Nodes computing ``z_hat − b1`` from ``ffn.x`` through builder ``b`` (``b.constant``, ``b.op``);
+        ``standard_only``: standard ONNX ops only (the portable form). Returns the output's name."""
+        raise NotImplementedError
+
+
+class ExactPredictor(Predictor):
+    """``x·W1`` itself: the exact outlier set; reads all of W1."""
+
+    kind = "exact"
+
+    @classmethod
+    def bytes_per_token(cls, d, h, itemsize, rank=0):
+        return d * h * itemsize
+
+    def _z(self, x, w1):
+        return x @ w1
+
+    def error_scale(self, x, w1):
+        return np.zeros(np.shape(w1)[1])
+
+    def emit(self, b, ffn, standard_only):
+        return b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Predictor/MatMul")
+
+
+class Int4Predictor(Predictor):
+    """``MatMulNBits`` on a 4-bit, block-32 copy of W1 with int8 activations (``accuracy_level=4``)."""
+
+    kind = "int4"
+    contrib_domain = "com.microsoft"
+
+    @classmethod
+    def bytes_per_token(cls, d, h, itemsize, rank=0):
+        blocks = -(-d // INT4_BLOCK)
+        return h * blocks * (INT4_BLOCK // 2) + h * blocks * itemsize
+
+    def _z(self, x, w1):
+        packed, scales = quantize_int4(w1)
+        return quantize_activations_int8(x) @ dequantize_int4(packed, scales, w1.shape[0])
+
+    def emit(self, b, ffn, standard_only):
+        d, h = ffn.w1.shape
+        packed, scales = quantize_int4(ffn.w1)
+        if standard_only:  # the same dequantized matrix as a standard MatMul
+            w1q = b.constant("w1_int4_dequantized", dequantize_int4(packed, scales.astype(ffn.dtype), d))
+            return b.op("MatMul", [ffn.x, w1q], "Predictor/MatMul")
+        inputs = [ffn.x, b.constant("w1_int4", packed, np.uint8), b.constant("w1_int4_scales", scales)]
+        attributes = {"K": d, "N": h, "bits": 4, "block_size": INT4_BLOCK, "accuracy_level": INT4_ACCURACY_LEVEL}
+        return b.op("MatMulNBits", inputs, "Predictor/MatMulNBits", domain=self.contrib_domain, **attributes)
+
+
+class Int8Predictor(Predictor):
+    """``DynamicQuantizeMatMul`` on an int8 copy of W1 (a scale per neuron), activations rounded to uint8
+    per tensor at run time; close enough to the pre-activation that residuals are taken from it."""
+
+    kind = "int8"
+    contrib_domain = "com.microsoft"
+    residual_from_prediction = True
+
+    @classmethod
+    def bytes_per_token(cls, d, h, itemsize, rank=0):
+        return d * h + h * itemsize
+
+    def _z(self, x, w1):
+        weights, scales = quantize_int8(w1)
+        return quantize_activations_uint8(x) @ (weights * scales)
+
+    def emit(self, b, ffn, standard_only):
+        weights, scales = quantize_int8(ffn.w1)
+        if standard_only:
+            return b.op("MatMul", [ffn.x, b.constant("w1_int8_dequantized", weights * scales)], "Predictor/MatMul")
+        inputs = [ffn.x, b.constant("w1_int8", weights, np.int8), b.constant("w1_int8_scales", scales)]
+        return b.op("DynamicQuantizeMatMul", inputs, "Predictor/DynamicQuantizeMatMul", domain=self.contrib_domain)
+
+
+class LowRankPredictor(Predictor):
+    """``(x·U)·V`` of rank r fitted on the calibration inputs (:func:`fit_lowrank`); in the custom-op form
+    the code ``x·U`` rides along the folded MatMul and the op multiplies by V itself."""
+
+    kind = "lowrank"
+
+    def __init__(self, u: np.ndarray, v: np.ndarray) -> None:
+        self.u, self.v = u, v  # [d, r], [r, h]
+        self.rank = int(u.shape[1])
+
+    @classmethod
+    def fit(cls, x, w1, rank):
+        return cls(*fit_lowrank(x, w1, rank))
+
+    @classmethod
+    def bytes_per_token(cls, d, h, itemsize, rank=0):
+        return rank * (d + h) * itemsize
+
+    def _z(self, x, w1):
+        return (x @ self.u) @ self.v
+
+    def emit(self, b, ffn, standard_only):
+        t = b.op("MatMul", [ffn.x, b.constant("predictor_u", self.u)], "Predictor/LowRankDown")
+        return b.op("MatMul", [t, b.constant("predictor_v", self.v)], "Predictor/LowRankUp")
+
+
+PREDICTOR_CLASSES: dict[str, type[Predictor]] = {
+    cls.kind: cls for cls in (ExactPredictor, Int4Predictor, Int8Predictor, LowRankPredictor)
+}
+PREDICTORS = tuple(PREDICTOR_CLASSES)
+
+
+def make_predictor(kind: str, u: np.ndarray | None = None, v: np.ndarray | None = None) -> Predictor:
+    """The predictor of ``kind`` (``lowrank`` with its factors ``u``, ``v``)."""
+    if kind not in PREDICTOR_CLASSES:
+        raise ValueError(f"unknown predictor {kind!r}; expected one of {PREDICTORS}")
+    if kind == "lowrank":
+        if u is None or v is None:
+            raise ValueError("a lowrank predictor needs its fitted factors u and v")
+        return LowRankPredictor(u, v)
+    return PREDICTOR_CLASSES[kind]()
 
 
 def flag_windows(lines: NeuronLines, error_scale: np.ndarray, uncertainty: float) -> NeuronLines:
@@ -173,17 +285,10 @@ def fit_lowrank(x: np.ndarray, w1: np.ndarray, rank: int, ridge: float = 1e-6) -
 
 
 def predictor_bytes(kind: str, d: int, h: int, itemsize: int, rank: int = 0) -> int:
-    """Bytes the predictor reads per token."""
-    if kind == "exact":
-        return d * h * itemsize
-    if kind == "int4":
-        blocks = -(-d // INT4_BLOCK)
-        return h * blocks * (INT4_BLOCK // 2) + h * blocks * itemsize
-    if kind == "int8":
-        return d * h + h * itemsize
-    if kind == "lowrank":
-        return rank * (d + h) * itemsize
-    raise ValueError(f"unknown predictor {kind!r}; expected one of {PREDICTORS}")
+    """Bytes the predictor of ``kind`` reads per token."""
+    if kind not in PREDICTOR_CLASSES:
+        raise ValueError(f"unknown predictor {kind!r}; expected one of {PREDICTORS}")
+    return PREDICTOR_CLASSES[kind].bytes_per_token(d, h, itemsize, rank)
 
 
 def predictor_quality(
@@ -195,7 +300,7 @@ def predictor_quality(
     for start in range(0, x.shape[0], 4096):
         block = np.asarray(x[start : start + 4096], dtype=np.float64)
         z = block @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1)
-        z_hat = z if predictor.kind == "exact" else predictor.predict(block, ffn.w1, ffn.b1)
+        z_hat = z if isinstance(predictor, ExactPredictor) else predictor.predict(block, ffn.w1, ffn.b1)
         true = outside_window(z, lines)
         predicted = outside_window(z_hat, flags, margin)
         flagged += predicted.sum()
@@ -285,7 +390,7 @@ def rank_predictors(
     item = np.dtype(ffn.dtype).itemsize
     choices = []
     for kind in kinds:
-        predictor = Predictor("lowrank", *fit_lowrank(fit_x, ffn.w1, rank)) if kind == "lowrank" else Predictor(kind)
+        predictor = PREDICTOR_CLASSES[kind].fit(fit_x, ffn.w1, rank)
         flags = flag_windows(lines, predictor.error_scale(fit_x[:8192], ffn.w1), uncertainty)
         if predictor.residual_from_prediction and len(kinds) > 1:  # asked for alone: taken as it is
             exact, predicted = predicted_residual_errors(predictor, ffn, check_x[:4096], lines, flags, fold, margin)
@@ -293,7 +398,7 @@ def rank_predictors(
                 continue
         flagged, recall = predictor_quality(predictor, ffn, check_x, lines, flags, margin)
         rows = ffn.w2.size if predictor.residual_from_prediction else ffn.w1.size + ffn.w2.size
-        cost = predictor_bytes(kind, d, h, item, predictor.rank) + flagged * rows * item
+        cost = predictor.read_bytes(d, h, item) + flagged * rows * item
         choices.append(PredictorChoice(predictor, flags, flagged, recall, cost))
     good = [c for c in choices if c.recall >= min_recall - 1e-12]
     if not good:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from tardis_onnx.predictor import Predictor, predictor_bytes
+from tardis_onnx.predictor import Predictor
 from tardis_onnx.tables import text_table
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class FfnReport:
             dense_bytes=dense,
             fold_bytes=fold,
             fallback_read_bytes=int(fold + flagged_fraction * rows),
-            predictor_bytes=predictor_bytes(predictor.kind, d, h, item, predictor.rank),
+            predictor_bytes=predictor.read_bytes(d, h, item),
             predictor=predictor.kind + (f"-{predictor.rank}" if predictor.rank else ""),
             flagged_fraction=flagged_fraction,
             recall=recall,

@@ -14,11 +14,14 @@ from tardis_onnx.optimize import optimize_model
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.predictor import (
     INT4_ACCURACY_LEVEL,
-    Predictor,
+    PREDICTOR_CLASSES,
+    PREDICTORS,
     dequantize_int4,
     fit_lowrank,
     flag_windows,
+    make_predictor,
     predicted_residual_errors,
+    predictor_bytes,
     quantize_activations_int8,
     quantize_activations_uint8,
     quantize_int4,
@@ -74,7 +77,7 @@ def test_the_int4_reference_models_matmulnbits_int8_activations_as_emitted():
     w4 = dequantize_int4(packed, scales.astype(np.float32), d)
     emulated = np.abs(got - quantize_activations_int8(x) @ w4).max()
     assert emulated < 0.3 * np.abs(got - x.astype(np.float64) @ w4).max()
-    np.testing.assert_allclose(Predictor("int4").predict(x, w, None), quantize_activations_int8(x) @ w4, atol=1e-5)
+    np.testing.assert_allclose(make_predictor("int4").predict(x, w, None), quantize_activations_int8(x) @ w4, atol=1e-5)
 
 
 def test_the_int8_reference_is_dynamic_quantize_matmul_in_onnxruntime():
@@ -95,7 +98,7 @@ def test_the_int8_reference_is_dynamic_quantize_matmul_in_onnxruntime():
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     got = create_session(helper.make_model(graph, opset_imports=opsets)).run(None, {"x": x})[0]
-    want = Predictor("int8").predict(x.reshape(-1, d), w, None).reshape(2, 7, h)
+    want = make_predictor("int8").predict(x.reshape(-1, d), w, None).reshape(2, 7, h)
     exact = x.astype(np.float64) @ w
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
     assert np.abs(got - exact).max() > 100 * np.abs(got - want).max()  # the rounding is modelled, not ignored
@@ -115,7 +118,7 @@ def test_with_int8_every_flagged_residual_comes_from_the_prediction():
     assert row.predictor == "int8" and row.fallback_read_bytes == row.fold_bytes + ffn.w2.size * 4
     feeds = random_feeds(model, seed=5)
     x = feeds["x"].astype(np.float64)
-    z_hat = Predictor("int8").predict(x.reshape(-1, x.shape[-1]), ffn.w1, ffn.b1).reshape(*x.shape[:-1], -1)
+    z_hat = make_predictor("int8").predict(x.reshape(-1, x.shape[-1]), ffn.w1, ffn.b1).reshape(*x.shape[:-1], -1)
     folded = x @ arrays["folded_weight"] + arrays["folded_bias"]
     want = folded + reference.residual(z_hat, result.lines[0]) @ ffn.w2 + x  # the model adds its input back
     got = create_session(model).run(None, feeds)[0]
@@ -192,12 +195,12 @@ def test_lowrank_predict_and_unknown_kinds():
     rng = np.random.default_rng(3)
     x_cal = rng.normal(size=(500, 16))
     w1 = rng.normal(size=(16, 64))
-    predictor = Predictor("lowrank", *fit_lowrank(x_cal, w1, 4))
+    predictor = make_predictor("lowrank", *fit_lowrank(x_cal, w1, 4))
     z = predictor.predict(x_cal[:2], w1, np.ones(64))
     assert z.shape == (2, 64)
     np.testing.assert_allclose(z, x_cal[:2] @ predictor.u @ predictor.v + 1)
     with pytest.raises(ValueError, match="unknown predictor"):
-        Predictor("oracle")
+        make_predictor("oracle")
 
 
 def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
@@ -209,7 +212,7 @@ def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
     lines = reference.NeuronLines(
         np.zeros(ffn.hidden), np.zeros(ffn.hidden), np.full(ffn.hidden, np.inf), np.zeros(ffn.hidden)
     )
-    exact, predicted = predicted_residual_errors(Predictor("int8"), ffn, x, lines, lines)
+    exact, predicted = predicted_residual_errors(make_predictor("int8"), ffn, x, lines, lines)
     assert exact < 1e-20 < 1e-6 < predicted
     kinds = [c.predictor.kind for c in rank_predictors(("int8", "exact"), ffn, x, x, lines)]
     assert kinds == ["exact"]
@@ -219,3 +222,36 @@ def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
     result = optimize_model(model, TardisConfig(coverage=0.0, fallback="custom"))
     assert result.ffns[0].predictor != "int8"
     np.testing.assert_allclose(create_session(model).run(None, feeds)[0], want, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", PREDICTORS)
+def test_each_predictor_class_emits_what_its_reference_computes(kind):
+    """A predictor is one class: its emitted nodes (portable form) compute its own reference, and its
+    bytes per token are what the report counts."""
+    from tardis_onnx.emit import _Builder
+
+    (ffn,) = find_ffns(ffn_model("erf_div"))[0]
+    x = np.random.default_rng(9).standard_normal((40, ffn.w1.shape[0]))
+    predictor = PREDICTOR_CLASSES[kind].fit(x, ffn.w1, 4)
+    assert predictor.kind == kind and isinstance(predictor, PREDICTOR_CLASSES[kind])
+    b = _Builder("tardis/p", np.dtype(np.float32))
+    out = predictor.emit(b, ffn, standard_only=True)
+    graph = helper.make_graph(
+        b.nodes,
+        "p",
+        [helper.make_tensor_value_info(ffn.x, TensorProto.FLOAT, [None, ffn.w1.shape[0]])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+        b.initializers,
+    )
+    got = create_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).run(
+        None, {ffn.x: x.astype(np.float32)}
+    )[0]
+    # The portable form multiplies by the dequantized copy in fp32 (no activation rounding).
+    dequantized = {
+        "int4": lambda: dequantize_int4(*quantize_int4(ffn.w1), ffn.w1.shape[0]),
+        "int8": lambda: np.multiply(*quantize_int8(ffn.w1)),
+    }
+    want = x @ dequantized[kind]() if kind in dequantized else predictor.predict(x, ffn.w1, None)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    d, h = ffn.w1.shape
+    assert predictor.read_bytes(d, h, 4) == predictor_bytes(kind, d, h, 4, predictor.rank) > 0
