@@ -1,4 +1,7 @@
-"""``python -m tardis_onnx {optimize,verify,inspect,diff,triton} ...`` (also the ``tardis-onnx`` command)."""
+"""``python -m tardis_onnx {optimize,verify,inspect,diff,triton,evaluate} ...`` (also the ``tardis-onnx`` command).
+
+``evaluate`` runs the experiments of a repository checkout (``experiments/``, not installed with the
+package); installed alone it says so."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ COMMANDS = {
     "inspect": "tardis_onnx.inspect_model",
     "diff": "tardis_onnx.diff",
     "triton": "tardis_onnx.triton",
+    "evaluate": "experiments.evaluate",
 }
 SUMMARIES = {
     "optimize": "fold every GELU FFN into one MatMul plus an outlier fallback (the defaults are the best recipe)",
@@ -17,6 +21,7 @@ SUMMARIES = {
     "inspect": "list a model's FFN candidates, whether each folds and why not; a rewritten model's FFNs",
     "diff": "per-FFN node and byte differences between a model and its rewrite (text, HTML, JSON)",
     "triton": "write a Triton Inference Server model repository entry (op library copied in and registered)",
+    "evaluate": "MiniLM on STS-B: TARDIS vs magnitude/Wanda/RIA pruning (from a repository checkout)",
 }
 
 
@@ -45,7 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     console = Path(sys.argv[0]).name == "tardis-onnx"
     errors.invoked_as = f"{'tardis-onnx' if console else 'python -m tardis_onnx'} {argv[0]}"
     try:
-        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        try:
+            module = importlib.import_module(COMMANDS[argv[0]])
+        except ModuleNotFoundError as exc:
+            if exc.name != COMMANDS[argv[0]].split(".")[0]:
+                raise
+            print(
+                f"error: {argv[0]} runs from a checkout of the repository (python -m {COMMANDS[argv[0]]})",
+                file=sys.stderr,
+            )
+            return 2
+        return module.main(argv[1:])
     finally:
         errors.invoked_as = None
 

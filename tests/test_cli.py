@@ -185,3 +185,16 @@ def test_preset_then_explicit_flags(flags, want):
     """A preset fills --window/--allocation/--refit; those flags, when given, override it."""
     config = optimize.config_from_args(optimize.build_parser().parse_args(["model.onnx", *flags]))
     assert (config.window, config.allocation, config.refit) == want
+
+
+def test_evaluate_runs_from_a_checkout_and_says_so_elsewhere(tmp_path):
+    import subprocess
+    import sys
+
+    inside = subprocess.run([sys.executable, "-m", "tardis_onnx", "evaluate", "--help"], capture_output=True, text=True)
+    assert inside.returncode == 0 and "--data" in inside.stdout
+    outside = subprocess.run(
+        [sys.executable, "-m", "tardis_onnx", "evaluate", "--help"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert outside.returncode == 2 and outside.stderr.count("\n") == 1
+    assert outside.stderr.startswith("error: evaluate runs from a checkout")
