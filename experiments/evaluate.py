@@ -417,7 +417,7 @@ def run(args: argparse.Namespace) -> dict:
         row["method"] = "tardis-builtin-calibration"
         log(row)
     n_tokens = samples[0].x.shape[0]
-    d = ffns[0].w1.shape[0]
+    d = ffns[0].w1_stored.shape[0]
     result = {
         "model": str(model_path),
         "calibration": {

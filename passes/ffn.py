@@ -24,24 +24,39 @@ _OTHER_ACTIVATIONS = {"Relu": "ReLU", "Sigmoid": "SiLU/Swish", "LeakyRelu": "Lea
 
 @dataclass
 class FfnMatch:
-    """One foldable FFN: ``output = GELU(x·W1 + b1)·W2 + b2``, weights as float64 arrays."""
+    """One foldable FFN: ``output = GELU(x·W1 + b1)·W2 + b2``.
+
+    The projections are kept as the model stores them (``w1_stored``, ``w2_stored``: fp16 stays fp16) and
+    read as float64 through ``w1``/``w2``, a fresh copy per access: only the FFN being fitted is ever held
+    in float64 (all of a 7B model's FFNs in float64 would be 8 bytes per weight).
+    """
 
     name: str
     gelu: GeluMatch
     x: str
     output: str
-    w1: np.ndarray  # [d, h]
-    b1: np.ndarray | None  # [h]
-    w2: np.ndarray  # [h, d_out]
-    b2: np.ndarray | None  # [d_out]
+    w1_stored: np.ndarray  # [d, h]
+    b1: np.ndarray | None  # [h], float64
+    w2_stored: np.ndarray  # [h, d_out]
+    b2: np.ndarray | None  # [d_out], float64
     dtype: np.dtype  # the model's compute dtype for this FFN
     nodes: list[onnx.NodeProto]
     shape_readers: list[onnx.NodeProto]  # Shape nodes of removed values, rewired to ``shape_source``
     shape_source: str | None
 
     @property
+    def w1(self) -> np.ndarray:
+        """W1 ``[d, h]`` in float64."""
+        return np.asarray(self.w1_stored, dtype=np.float64)
+
+    @property
+    def w2(self) -> np.ndarray:
+        """W2 ``[h, d_out]`` in float64."""
+        return np.asarray(self.w2_stored, dtype=np.float64)
+
+    @property
     def hidden(self) -> int:
-        return int(self.w1.shape[1])
+        return int(self.w1_stored.shape[1])
 
 
 @dataclass
@@ -166,9 +181,9 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto]) 
         gelu=gelu,
         x=x,
         output=output,
-        w1=w1,
+        w1_stored=w1,
         b1=b1,
-        w2=w2,
+        w2_stored=w2,
         b2=b2,
         dtype=_weight_dtype(index, node),
         nodes=nodes,
@@ -178,12 +193,13 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto]) 
 
 
 def _projection(index: GraphIndex, node: onnx.NodeProto, label: str) -> tuple[str, np.ndarray, np.ndarray | None]:
-    """(input, weight [in, out] float64, bias or None) of a MatMul or Gemm."""
+    """(input, weight [in, out] as stored (float64 when Gemm scales it), bias or None) of a MatMul or Gemm."""
     weight = index.constant(node.input[1])
     if weight is None:
         raise _Refuse("non-constant-weight", f"{label} of {node_label(node)} is not a constant")
     _check_unshared(index, node.input[1], node, label)
-    weight = weight.astype(np.float64)
+    if weight.dtype.kind != "f":
+        weight = weight.astype(np.float64)
     if weight.ndim != 2:
         raise _Refuse("shape", f"{label} of {node_label(node)} has rank {weight.ndim}, expected 2")
     if node.op_type == "MatMul":
@@ -192,7 +208,8 @@ def _projection(index: GraphIndex, node: onnx.NodeProto, label: str) -> tuple[st
         raise _Refuse("unsupported", f"{node_label(node)} transposes its input (transA=1)")
     if attribute(node, "transB", 0):
         weight = weight.T
-    weight = weight * attribute(node, "alpha", 1.0)
+    if attribute(node, "alpha", 1.0) != 1.0:
+        weight = weight.astype(np.float64) * attribute(node, "alpha", 1.0)
     bias = None
     if len(node.input) > 2 and node.input[2]:
         bias = _const(index, node.input[2], f"bias of {node_label(node)}") * attribute(node, "beta", 1.0)

@@ -229,7 +229,7 @@ def capture_ffn_inputs(
         finite = None
         for ffn in ffns:
             value = np.asarray(batch[ffn.x] if ffn.x in graph_inputs else values[ffn.x])
-            rows = value.reshape(-1, ffn.w1.shape[0])
+            rows = value.reshape(-1, ffn.w1_stored.shape[0])
             if keep is not None and keep.size == rows.shape[0]:
                 rows = rows[keep]
             ok = np.isfinite(rows).all(axis=1)
@@ -261,7 +261,7 @@ def fallback_budgets(ffns: list[FfnMatch], config: TardisConfig) -> list[float]:
     budgets = []
     for f in ffns:
         try:
-            budgets.append(budget.fallback_budget(config.target_reduction, *f.w1.shape, f.w2.shape[1]))
+            budgets.append(budget.fallback_budget(config.target_reduction, *f.w1_stored.shape, f.w2_stored.shape[1]))
         except ValueError as exc:
             if not config.default_target:
                 raise TardisError(str(exc)) from None
@@ -306,7 +306,7 @@ def calibrate_ffns(
             lambda fs: fs[1].table(fs[0], config.coverage_grid, config.window), list(zip(ffns, fits, strict=True))
         )
         importance = [(f.w2 * f.w2).sum(axis=1) for f in ffns]
-        weights = [float(f.w1.size + f.w2.size) for f in ffns]
+        weights = [float(f.w1_stored.size + f.w2_stored.size) for f in ffns]
         choices = budget.allocate(tables, importance, budgets, weights, config.allocation)
         for row, table, choice in zip(candidates, tables, choices, strict=True):
             row.append(Candidate(_recipe_name(config), table.lines(choice), float(table.grid[choice].mean())))
@@ -373,7 +373,7 @@ def _gram(x: np.ndarray) -> np.ndarray:
 
 def _sums(ffn: FfnMatch, x: np.ndarray, lines: reference.NeuronLines) -> _Sums:
     """Stream the tokens ``x`` in blocks: outlier count and the sums the refit and its error need."""
-    d_out = ffn.w2.shape[1]
+    d_out = ffn.w2_stored.shape[1]
     cross, target_sq, outliers = np.zeros((x.shape[1] + 1, d_out)), 0.0, 0
     y_sum, y_sq = np.zeros(d_out), 0.0
     step = max(1, (1 << 22) // max(ffn.hidden, 1))

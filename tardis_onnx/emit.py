@@ -61,8 +61,8 @@ def emit_ffn(
     predictor = predictor or ExactPredictor()
     b = _Builder(ffn_prefix(ffn.name), ffn.dtype)
     wf, bf = fold if fold is not None else reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
-    d, h = ffn.w1.shape
-    d_out = ffn.w2.shape[1]
+    d, h = ffn.w1_stored.shape
+    d_out = ffn.w2_stored.shape[1]
     doc = (
         f"TARDIS fold of FFN '{ffn.name}': W1 [{d}x{h}] . diag(a) . W2 [{h}x{d_out}] -> one "
         f"[{d}x{d_out}] MatMul; GELU ({ffn.gelu.spelling}) replaced per neuron by a line fitted "

@@ -79,9 +79,9 @@ def candidates(model: onnx.ModelProto) -> list[Candidate]:
             name=f.name,
             folds=True,
             gelu=f.gelu.spelling,
-            d=int(f.w1.shape[0]),
+            d=int(f.w1_stored.shape[0]),
             hidden=f.hidden,
-            d_out=int(f.w2.shape[1]),
+            d_out=int(f.w2_stored.shape[1]),
             gelu_nodes=[node_label(n) for n in f.gelu.nodes],
             ffn_nodes=[node_label(n) for n in f.nodes[len(f.gelu.nodes) :]],
         )

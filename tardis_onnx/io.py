@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx.external_data_helper import set_external_data, write_external_data_tensors
 
 from tardis_onnx.errors import TardisError
@@ -32,7 +32,7 @@ def load_model(path: str | Path, load_weights: bool = True) -> onnx.ModelProto:
         raise TardisError(f"{path}: not an ONNX model (no graph)")
     if load_weights:
         try:
-            if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            if model_bytes(model) < EXTERNAL_DATA_THRESHOLD:
                 onnx.checker.check_model(model)
             else:
                 onnx.checker.check_model(str(path))
@@ -73,7 +73,7 @@ def save_model(model: onnx.ModelProto, output: Path, staged: StagedWrites | None
         with StagedWrites() as own:
             return save_model(model, output, own)
     output = Path(output)
-    large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD if _small_enough_to_measure(model) else True
+    large = model_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     data = data_path(output)
     try:
         staged_model = staged.path(output)
@@ -106,9 +106,10 @@ def _initializers(graph: onnx.GraphProto):
                 yield from _initializers(sub)
 
 
-def _small_enough_to_measure(model: onnx.ModelProto) -> bool:
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialized size of ``model``, or a value past protobuf's 2 GiB limit where protobuf cannot
+    even measure it (it raises on messages over 2 GiB)."""
     try:
-        model.ByteSize()
-    except ValueError:
-        return False
-    return True
+        return model.ByteSize()
+    except (ValueError, EncodeError):
+        return 2**31

@@ -114,7 +114,7 @@ class Int4Predictor(Predictor):
         return quantize_activations_int8(x) @ dequantize_int4(packed, scales, w1.shape[0])
 
     def emit(self, b, ffn, standard_only):
-        d, h = ffn.w1.shape
+        d, h = ffn.w1_stored.shape
         packed, scales = quantize_int4(ffn.w1)
         if standard_only:  # the same dequantized matrix as a standard MatMul
             w1q = b.constant("w1_int4_dequantized", dequantize_int4(packed, scales.astype(ffn.dtype), d))
@@ -386,7 +386,7 @@ def rank_predictors(
     :func:`choose_predictor` takes the first, the never-slower check the first that runs faster.
     A predictor the residuals are taken from (int8) is left out where that raises the FFN's error on
     ``check_x`` by more than ``MAX_PREDICTED_RESIDUAL_ERROR`` (``fold``: the folded map, default the plain fold)."""
-    d, h = ffn.w1.shape
+    d, h = ffn.w1_stored.shape
     item = np.dtype(ffn.dtype).itemsize
     choices = []
     for kind in kinds:
@@ -397,7 +397,7 @@ def rank_predictors(
             if predicted > MAX_PREDICTED_RESIDUAL_ERROR * exact + 1e-9:
                 continue
         flagged, recall = predictor_quality(predictor, ffn, check_x, lines, flags, margin)
-        rows = ffn.w2.size if predictor.residual_from_prediction else ffn.w1.size + ffn.w2.size
+        rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
         cost = predictor.read_bytes(d, h, item) + flagged * rows * item
         choices.append(PredictorChoice(predictor, flags, flagged, recall, cost))
     good = [c for c in choices if c.recall >= min_recall - 1e-12]

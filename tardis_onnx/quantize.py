@@ -16,6 +16,8 @@ from pathlib import Path
 
 import onnx
 
+from tardis_onnx.io import EXTERNAL_DATA_THRESHOLD, model_bytes
+
 QUANTIZE_CHOICES = ("none", "int8")
 
 
@@ -23,7 +25,7 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its MatMuls quantized by ``onnxruntime.quantization.quantize_dynamic`` (QInt8)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    large = model.ByteSize() > 1_800_000_000  # past protobuf's 2 GB limit: external data
+    large = model_bytes(model) >= EXTERNAL_DATA_THRESHOLD  # past protobuf's 2 GB limit: external data
     with tempfile.TemporaryDirectory(prefix="tardis-quantize-") as folder:
         out = Path(folder) / "quantized.onnx"
         # The custom op has no schema ONNX Runtime's quantizer sees: tensors it cannot type are float.

@@ -89,10 +89,10 @@ class FfnReport:
         recall: float,
     ) -> FfnReport:
         item = np.dtype(ffn.dtype).itemsize
-        d, h = ffn.w1.shape
-        dense = (ffn.w1.size + ffn.w2.size) * item
-        fold = d * ffn.w2.shape[1] * item
-        rows = ffn.w2.size * item if predictor.residual_from_prediction else dense  # flagged neurons' rows read
+        d, h = ffn.w1_stored.shape
+        dense = (ffn.w1_stored.size + ffn.w2_stored.size) * item
+        fold = d * ffn.w2_stored.shape[1] * item
+        rows = ffn.w2_stored.size * item if predictor.residual_from_prediction else dense  # flagged neurons' rows read
         return cls(
             name=ffn.name,
             gelu=ffn.gelu.spelling,

@@ -81,7 +81,7 @@ def _io(name: str, dtype: np.dtype, d: int) -> onnx.ValueInfoProto:
 
 
 def _model(nodes, initializers, ffn: FfnMatch, d_out: int, domains: dict[str, int]) -> bytes:
-    inputs, outputs = [_io(ffn.x, ffn.dtype, ffn.w1.shape[0])], [_io(ffn.output, ffn.dtype, d_out)]
+    inputs, outputs = [_io(ffn.x, ffn.dtype, ffn.w1_stored.shape[0])], [_io(ffn.output, ffn.dtype, d_out)]
     graph = helper.make_graph(nodes, ffn.name, inputs, outputs, initializers)
     opsets = [helper.make_opsetid(domain, version) for domain, version in {"": OPSET, **domains}.items()]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
@@ -94,7 +94,7 @@ def dense_ffn_model(ffn: FfnMatch) -> bytes:
     def const(name: str, value: np.ndarray) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(value).astype(cast), f"{ffn.name}/{name}")
 
-    h, d_out = ffn.w2.shape
+    h, d_out = ffn.w2_stored.shape
     b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
     b2 = ffn.b2 if ffn.b2 is not None else np.zeros(d_out)
     inits = [const("w1", ffn.w1), const("b1", b1), const("w2", ffn.w2), const("b2", b2)]
@@ -113,7 +113,7 @@ def dense_ffn_model(ffn: FfnMatch) -> bytes:
 def rewritten_ffn_model(ffn: FfnMatch, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]) -> bytes:
     """The emitted replacement of ``ffn`` alone (it reads only ``ffn.x`` and its own initializers)."""
     domains = {n.domain: 1 for n in nodes if n.domain not in ("", "ai.onnx")}
-    return _model(nodes, initializers, ffn, ffn.w2.shape[1], domains)
+    return _model(nodes, initializers, ffn, ffn.w2_stored.shape[1], domains)
 
 
 def serving_inputs(x: np.ndarray, shape: tuple[int, int], dtype: np.dtype, seed: int = 0) -> list[np.ndarray]:

@@ -21,7 +21,7 @@ def test_each_spelling_is_one_ffn_with_its_form(spelling, constant_nodes):
     ffn = ffns[0]
     assert ffn.gelu.form == SPELLINGS[spelling][1]
     assert ffn.name == "layer.0/mlp"
-    assert ffn.w1.shape == (16, 64) and ffn.w2.shape == (64, 16)
+    assert ffn.w1_stored.shape == (16, 64) and ffn.w2_stored.shape == (64, 16)
     assert ffn.b1 is not None and ffn.b2 is not None
     # The residual Add after the FFN is not part of it.
     assert all(n.name != "/layer.0/residual" for n in ffn.nodes)

@@ -115,7 +115,7 @@ def test_with_int8_every_flagged_residual_comes_from_the_prediction():
     arrays = {t.name.rsplit("/", 1)[-1]: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     assert "w1t" not in arrays and "w1_int8" in arrays
     row = result.ffns[0]
-    assert row.predictor == "int8" and row.fallback_read_bytes == row.fold_bytes + ffn.w2.size * 4
+    assert row.predictor == "int8" and row.fallback_read_bytes == row.fold_bytes + ffn.w2_stored.size * 4
     feeds = random_feeds(model, seed=5)
     x = feeds["x"].astype(np.float64)
     z_hat = make_predictor("int8").predict(x.reshape(-1, x.shape[-1]), ffn.w1, ffn.b1).reshape(*x.shape[:-1], -1)
@@ -208,7 +208,7 @@ def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
     not, so the auto choice passes over int8 there (asked for alone, it is taken as it is)."""
     model = ffn_model("erf_div")
     (ffn,) = find_ffns(model)[0]
-    x = np.random.default_rng(2).standard_normal((500, ffn.w1.shape[0]))
+    x = np.random.default_rng(2).standard_normal((500, ffn.w1_stored.shape[0]))
     lines = reference.NeuronLines(
         np.zeros(ffn.hidden), np.zeros(ffn.hidden), np.full(ffn.hidden, np.inf), np.zeros(ffn.hidden)
     )
@@ -231,7 +231,7 @@ def test_each_predictor_class_emits_what_its_reference_computes(kind):
     from tardis_onnx.emit import _Builder
 
     (ffn,) = find_ffns(ffn_model("erf_div"))[0]
-    x = np.random.default_rng(9).standard_normal((40, ffn.w1.shape[0]))
+    x = np.random.default_rng(9).standard_normal((40, ffn.w1_stored.shape[0]))
     predictor = PREDICTOR_CLASSES[kind].fit(x, ffn.w1, 4)
     assert predictor.kind == kind and isinstance(predictor, PREDICTOR_CLASSES[kind])
     b = _Builder("tardis/p", np.dtype(np.float32))
@@ -239,7 +239,7 @@ def test_each_predictor_class_emits_what_its_reference_computes(kind):
     graph = helper.make_graph(
         b.nodes,
         "p",
-        [helper.make_tensor_value_info(ffn.x, TensorProto.FLOAT, [None, ffn.w1.shape[0]])],
+        [helper.make_tensor_value_info(ffn.x, TensorProto.FLOAT, [None, ffn.w1_stored.shape[0]])],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
         b.initializers,
     )
@@ -248,10 +248,10 @@ def test_each_predictor_class_emits_what_its_reference_computes(kind):
     )[0]
     # The portable form multiplies by the dequantized copy in fp32 (no activation rounding).
     dequantized = {
-        "int4": lambda: dequantize_int4(*quantize_int4(ffn.w1), ffn.w1.shape[0]),
+        "int4": lambda: dequantize_int4(*quantize_int4(ffn.w1), ffn.w1_stored.shape[0]),
         "int8": lambda: np.multiply(*quantize_int8(ffn.w1)),
     }
     want = x @ dequantized[kind]() if kind in dequantized else predictor.predict(x, ffn.w1, None)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    d, h = ffn.w1.shape
+    d, h = ffn.w1_stored.shape
     assert predictor.read_bytes(d, h, 4) == predictor_bytes(kind, d, h, 4, predictor.rank) > 0
