@@ -231,26 +231,7 @@ def evaluate(
                 "reference_words": len(ref.split()),
             }
         )
-    keys = ("audio_seconds", "seconds", "encoder_seconds", "decoder_seconds", "decoder_first_step_seconds")
-    total = {k: sum(r[k] for r in rows) for k in keys}
-    steps = sum(r["decoder_steps"] for r in rows)
-    later = total["decoder_seconds"] - total["decoder_first_step_seconds"]
-    errors, words = sum(r["errors"] for r in rows), sum(r["reference_words"] for r in rows)
-    return {
-        "folder": str(folder),
-        "wer": errors / words,
-        "word_errors": errors,
-        "reference_words": words,
-        "decoder_tokens_per_s": steps / total["decoder_seconds"],
-        "decoder_steps": steps,
-        "decoder_ms_per_token": 1e3 * total["decoder_seconds"] / steps,
-        "decoder_first_step_ms": 1e3 * total["decoder_first_step_seconds"] / len(rows),
-        "decoder_cached_ms_per_token": 1e3 * later / (steps - len(rows)),
-        "encoder_ms_per_utterance": 1e3 * total["encoder_seconds"] / len(rows),
-        "real_time_factor": total["seconds"] / total["audio_seconds"],
-        **{f"total_{k}": v for k, v in total.items()},
-        "utterances": rows,
-    }
+    return summarize(rows, folder)
 
 
 # ------------------------------------------------------------------------------------------ variants

@@ -348,26 +348,6 @@ class PredictorChoice:
     read_bytes: float  # per token: the predictor plus the flagged neurons' W1 (unless not read) and W2 rows
 
 
-def choose_predictor(
-    kinds: tuple[str, ...],
-    ffn,
-    fit_x: np.ndarray,
-    check_x: np.ndarray,
-    lines: NeuronLines,
-    *,
-    rank: int = 64,
-    uncertainty: float = 1.0,
-    margin: float = 0.0,
-    min_recall: float = 0.95,
-) -> PredictorChoice:
-    """Of the predictor ``kinds``, fitted on ``fit_x``, the one reading the fewest bytes per token
-    (predictor + flagged rows) whose recall on ``check_x`` is at least ``min_recall``; the cheapest
-    of the best-recalling ones when none reaches it. One kind: that one, measured."""
-    return rank_predictors(
-        kinds, ffn, fit_x, check_x, lines, rank=rank, uncertainty=uncertainty, margin=margin, min_recall=min_recall
-    )[0]
-
-
 def rank_predictors(
     kinds: tuple[str, ...],
     ffn,
@@ -383,7 +363,7 @@ def rank_predictors(
 ) -> list[PredictorChoice]:
     """The predictor ``kinds`` fitted on ``fit_x`` and measured on ``check_x``, best first: those with
     recall ≥ ``min_recall`` (or, when none has it, those with the best recall) by bytes read per token;
-    :func:`choose_predictor` takes the first, the never-slower check the first that runs faster.
+    ``optimize`` takes the first, or with its never-slower check the first whose rewrite runs no slower.
     A predictor the residuals are taken from (int8) is left out where that raises the FFN's error on
     ``check_x`` by more than ``MAX_PREDICTED_RESIDUAL_ERROR`` (``fold``: the folded map, default the plain fold)."""
     d, h = ffn.w1_stored.shape

@@ -16,7 +16,7 @@ from tardis_onnx.config import DEFAULT_TARGET_REDUCTION, TardisConfig
 from tardis_onnx.feeds import random_feeds
 from tardis_onnx.optimize import RANDOM_FEEDS_WARNING, main, optimize_model
 from tardis_onnx.passes import find_ffns
-from tardis_onnx.predictor import choose_predictor
+from tardis_onnx.predictor import rank_predictors
 
 
 def _narrow_ffn_model(h: int = D) -> onnx.ModelProto:
@@ -82,10 +82,10 @@ def test_auto_predictor_is_the_cheapest_one_with_enough_recall():
     lines = result.lines[0]
     for min_recall in (0.5, 0.95, 1.0):
         options = {
-            kind: choose_predictor((kind,), ffn, fit.x, held.x, lines, rank=8, min_recall=min_recall)
+            kind: rank_predictors((kind,), ffn, fit.x, held.x, lines, rank=8, min_recall=min_recall)[0]
             for kind in ("lowrank", "exact")
         }
-        chosen = choose_predictor(("lowrank", "exact"), ffn, fit.x, held.x, lines, rank=8, min_recall=min_recall)
+        chosen = rank_predictors(("lowrank", "exact"), ffn, fit.x, held.x, lines, rank=8, min_recall=min_recall)[0]
         eligible = [o for o in options.values() if o.recall >= min_recall]
         assert options["exact"].recall == 1.0 and eligible
         assert chosen.read_bytes == min(o.read_bytes for o in eligible)
