@@ -55,7 +55,7 @@ from tardis_onnx.io import data_path, load_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
 from tardis_onnx.predictor import Predictor, rank_predictors
 from tardis_onnx.quantize import QUANTIZE_CHOICES, quantize_int8
-from tardis_onnx.report import FfnReport, print_report
+from tardis_onnx.report import FfnReport, print_report, speedup_text
 from tardis_onnx.schema import annotate_shapes
 from tardis_onnx.speed import SpeedCheck, check_ffn, parse_shapes, shape_name
 
@@ -254,7 +254,7 @@ def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: li
 
 
 def _kept_warning(kept: list[FfnReport], total: int, shapes) -> str:
-    slowest = "; ".join(f"{r.name} {speed:.2f}× at {shape}" for r in kept[:3] for shape, speed in [r.slowest()])
+    slowest = "; ".join(f"{r.name} {speedup_text(s)} at {shape}" for r in kept[:3] for shape, s in [r.slowest()])
     more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
     return (
         f"kept {len(kept)} of {total} FFN(s) as they were: their rewrite ran slower here at a serving shape "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -139,12 +140,17 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def speedup_text(speedup: float) -> str:
+    """``1.23×``, rounded down: a rewrite measured 0.998× reads 0.99×, never 1.00×."""
+    return f"{math.floor(speedup * 100) / 100:.2f}×"
+
+
 def _speed(row: FfnReport) -> str:
     """The least speedup over the serving shapes, and "kept" where the original stays."""
     if not row.speedups:
         return "-"
     shape, speedup = row.slowest()
-    return f"{speedup:.2f}× @{shape}" + (" kept" if row.kept_original else "")
+    return f"{speedup_text(speedup)} @{shape}" + (" kept" if row.kept_original else "")
 
 
 def print_report(result, output: Path, report_path: Path) -> None:

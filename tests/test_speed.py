@@ -184,3 +184,9 @@ def test_an_ffn_onnx_runtime_cannot_time_is_folded_with_a_warning_and_bugs_propa
     monkeypatch.setattr("tardis_onnx.speed.measure_pair", bug)
     with pytest.raises(TypeError, match="a bug"):
         optimize_model(ffn_model("erf_div"), TardisConfig(coverage=0.9, speed_check=True))
+
+
+def test_speedups_are_shown_rounded_down():
+    from tardis_onnx.report import speedup_text
+
+    assert [speedup_text(s) for s in (0.998, 1.0, 1.2349, 2.0)] == ["0.99×", "1.00×", "1.23×", "2.00×"]
