@@ -71,11 +71,6 @@ class SpeedCheck:
         """True when the rewrite is at least as fast as the original at every shape."""
         return all(s >= 1.0 for s in self.speedups.values())
 
-    @property
-    def slowest(self) -> tuple[str, float]:
-        """The shape where the rewrite gains least, and its speedup."""
-        return min(self.speedups.items(), key=lambda item: item[1])
-
 
 def _io(name: str, dtype: np.dtype, d: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), ["batch", "seq", d])
@@ -137,25 +132,31 @@ def _session(model: bytes):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def measure_pair(dense: bytes, rewritten: bytes, inputs: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Median seconds per run of the two one-FFN models on ``inputs`` (rotated), runs alternated."""
+def measure_pair(
+    dense: bytes, rewritten: bytes, inputs_per_shape: Sequence[Sequence[np.ndarray]]
+) -> list[tuple[float, float]]:
+    """Per shape, median seconds per run of the two one-FFN models on that shape's inputs (rotated), runs
+    alternated; one session per model serves every shape (creating one prepacks the weights)."""
     sessions = [_session(dense), _session(rewritten)]
     names = [s.get_inputs()[0].name for s in sessions]
-    for _ in range(WARMUP_RUNS):
-        for session, name in zip(sessions, names, strict=True):
-            session.run(None, {name: inputs[0]})
-    times: list[list[float]] = [[], []]
-    started = time.perf_counter()
-    for r in range(MAX_RUNS):
-        if r >= MIN_RUNS and time.perf_counter() - started > BUDGET_S:
-            break
-        x = inputs[r % len(inputs)]
-        order = (0, 1) if r % 2 == 0 else (1, 0)
-        for k in order:
-            t0 = time.perf_counter()
-            sessions[k].run(None, {names[k]: x})
-            times[k].append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+    medians = []
+    for inputs in inputs_per_shape:
+        for _ in range(WARMUP_RUNS):
+            for session, name in zip(sessions, names, strict=True):
+                session.run(None, {name: inputs[0]})
+        times: list[list[float]] = [[], []]
+        started = time.perf_counter()
+        for r in range(MAX_RUNS):
+            if r >= MIN_RUNS and time.perf_counter() - started > BUDGET_S:
+                break
+            x = inputs[r % len(inputs)]
+            order = (0, 1) if r % 2 == 0 else (1, 0)
+            for k in order:
+                t0 = time.perf_counter()
+                sessions[k].run(None, {names[k]: x})
+                times[k].append(time.perf_counter() - t0)
+        medians.append((statistics.median(times[0]), statistics.median(times[1])))
+    return medians
 
 
 def check_ffn(
@@ -164,7 +165,7 @@ def check_ffn(
     initializers: list[onnx.TensorProto],
     x: np.ndarray,
     shapes: Sequence[tuple[int, int]],
-    measure: Callable[[bytes, bytes, Sequence[np.ndarray]], tuple[float, float]] | None = None,
+    measure: Callable[[bytes, bytes, Sequence[Sequence[np.ndarray]]], list[tuple[float, float]]] | None = None,
     quantize: str = "none",
 ) -> SpeedCheck:
     """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape, on calibration
@@ -174,8 +175,8 @@ def check_ffn(
     if quantize == "int8":
         dense, rewritten = (quantize_int8(onnx.load_from_string(m)).SerializeToString() for m in (dense, rewritten))
     check = SpeedCheck({}, {})
-    for shape in shapes:
-        dense_s, rewritten_s = measure(dense, rewritten, serving_inputs(x, shape, ffn.dtype))
+    times = measure(dense, rewritten, [serving_inputs(x, shape, ffn.dtype) for shape in shapes])
+    for shape, (dense_s, rewritten_s) in zip(shapes, times, strict=True):
         if not (math.isfinite(dense_s) and math.isfinite(rewritten_s) and min(dense_s, rewritten_s) > 0):
             raise TardisError(f"timing {ffn.name} at {shape_name(shape)} gave no usable time")
         check.dense_s[shape_name(shape)] = dense_s

@@ -59,9 +59,9 @@ def test_where_no_rewrite_beats_int8_the_model_is_quantize_dynamic_of_the_origin
 def test_the_speed_check_compares_with_the_int8_ffn(monkeypatch):
     seen = []
 
-    def measure(dense, rewritten, inputs):
+    def measure(dense, rewritten, inputs_per_shape):
         seen.append([n.op_type for n in onnx.load_from_string(dense).graph.node])
-        return 1.0, 0.5
+        return [(1.0, 0.5)] * len(inputs_per_shape)
 
     monkeypatch.setattr("tardis_onnx.speed.measure_pair", measure)
     optimize_model(

@@ -168,7 +168,7 @@ def test_a_bad_shape_is_one_error_line(tmp_path, capsys):
 
 
 def test_an_ffn_onnx_runtime_cannot_time_is_folded_with_a_warning_and_bugs_propagate(monkeypatch):
-    def refuse(dense, rewritten, inputs):
+    def refuse(dense, rewritten, inputs_per_shape):
         raise RuntimeError("no kernel for this type\nsecond line")
 
     monkeypatch.setattr("tardis_onnx.speed.measure_pair", refuse)
@@ -178,7 +178,7 @@ def test_an_ffn_onnx_runtime_cannot_time_is_folded_with_a_warning_and_bugs_propa
         "layer.0/mlp: not timed, rewrite kept (no kernel for this type)"
     ]
 
-    def bug(dense, rewritten, inputs):
+    def bug(dense, rewritten, inputs_per_shape):
         raise TypeError("a bug")
 
     monkeypatch.setattr("tardis_onnx.speed.measure_pair", bug)
