@@ -63,6 +63,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # models/
 
+from experiments.data import data_dir  # noqa: E402
+
 SAMPLE_RATE = 16_000
 THREADS = 2
 SIDE_FILES = (".json", ".txt")
@@ -427,7 +429,7 @@ def _quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="holds speech/")
+    ap.add_argument("--data", type=Path, default=None, help="holds speech/ (default: $TARDIS_DATA or ../shared/data)")
     ap.add_argument("--out", type=Path, default=Path("out/whisper"))
     ap.add_argument("--cache-dir", type=Path, default=None, help="default: $TARDIS_CACHE or ~/.cache/tardis-onnx")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR", help="another ONNX folder")
@@ -447,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.whisper_base import WhisperUnavailable, export_whisper
 
+    args.data = data_dir(args.data)
     if not (args.data / "speech" / "manifest.json").is_file():
         print(f"error: no speech/manifest.json under {args.data} (--data)", file=sys.stderr)
         return 2

@@ -11,8 +11,10 @@ sys.path.insert(0, str(Path(__file__).parent.parent))  # models/ recipes
 # the suite turns it off (subprocesses inherit this) and tests/test_speed.py turns it back on.
 os.environ["TARDIS_SPEED_CHECK"] = "0"
 
+from experiments.data import data_dir as shared_data_dir  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__import__("os").environ.get("TARDIS_DATA", REPO.parent / "shared" / "data"))
+DATA = shared_data_dir()  # $TARDIS_DATA, else ../shared/data beside the repository
 
 
 @pytest.fixture
