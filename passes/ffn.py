@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from tardis_onnx.graph import GraphIndex, attribute, node_label
+from tardis_onnx.io import release
 from tardis_onnx.passes.gelu import GeluMatch, anchors, match_gelu
 
 # Nodes allowed between a projection and the GELU: layout-only or dtype-only.
@@ -58,6 +60,11 @@ class FfnMatch:
     def hidden(self) -> int:
         return int(self.w1_stored.shape[1])
 
+    def release(self) -> None:
+        """Drop the pages of memory-mapped weights from memory (they are read again if used again)."""
+        release(self.w1_stored)
+        release(self.w2_stored)
+
 
 @dataclass
 class Refusal:
@@ -76,9 +83,10 @@ class _Refuse(Exception):
         self.reason = reason
 
 
-def find_ffns(model: onnx.ModelProto) -> tuple[list[FfnMatch], list[Refusal]]:
-    """Every foldable FFN of the main graph, and every refused candidate with its reason."""
-    index = GraphIndex(model.graph)
+def find_ffns(model: onnx.ModelProto, weights_dir: Path | None = None) -> tuple[list[FfnMatch], list[Refusal]]:
+    """Every foldable FFN of the main graph, and every refused candidate with its reason. ``weights_dir``:
+    where a model read graph-only keeps its external data (weights are memory-mapped from there)."""
+    index = GraphIndex(model.graph, weights_dir)
     matches: list[FfnMatch] = []
     refusals: list[Refusal] = []
     claimed: set[int] = set()

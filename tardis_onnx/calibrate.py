@@ -1,17 +1,18 @@
 """Calibrate: run the original model, keep a bounded sample of each FFN's inputs, fit windows and lines.
 
-Memory bound (explicit): each FFN keeps a uniform reservoir of at most ``max_samples`` input rows
-``x`` (float32, ``d`` values each, plus an 8-byte sort key), so capture holds at most
-``Σ_FFN max_samples · (4·d + 8)`` bytes however many tokens stream by; the pre-activations
-``z = x·W1 + b1`` are recomputed from ``x`` a block of neurons (or tokens) at a time, never all at
-once. Storing ``x`` instead of ``z`` is 4× smaller for ``h = 4d``. With ``max_samples`` at least the
-number of calibration tokens every token is kept and the statistics equal the exact reference.
+Memory bound (explicit, :func:`reservoir_bytes`): each FFN keeps a uniform reservoir of at most
+``max_samples`` input rows ``x`` (float32, or float16 as an fp16 model computes them; ``d`` values each,
+plus an 8-byte sort key), so capture holds at most ``Σ_FFN max_samples · (4·d + 8)`` bytes however many
+tokens stream by; the pre-activations ``z = x·W1 + b1`` are recomputed from ``x`` a block of neurons
+(or tokens) at a time, never all at once. Storing ``x`` instead of ``z`` is 4× smaller for ``h = 4d``.
+With ``max_samples`` at least the number of calibration tokens every token is kept and the statistics
+equal the exact reference.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ from tardis_onnx.session import create_session, run_session
 # and the value used when there are none.
 REFIT_RIDGES = (1e-3, 1e-2, 0.1, 1.0, 10.0)
 DEFAULT_REFIT_RIDGE = 0.1
+# An FFN whose two weights take more than this in float64 is fitted alone (its BLAS calls use every core).
+LARGE_FFN_BYTES = 256 << 20
 # The refit of a d-input FFN solves d + 1 unknowns per output: trusted from this many fit tokens each.
 REFIT_TOKENS_PER_UNKNOWN = 10
 
@@ -57,12 +60,14 @@ class Calibration:
 
 
 class SampleReservoir:
-    """A uniform random subsample of at most ``capacity`` rows from a stream (memory ``capacity × (4·width + 8)``)."""
+    """A uniform random subsample of at most ``capacity`` rows from a stream (memory ``capacity × (4·width + 8)``;
+    ``2·width + 8`` for float16 rows, kept as they are: lossless)."""
 
-    def __init__(self, capacity: int, seed: int = 0) -> None:
+    def __init__(self, capacity: int, seed: int = 0, dtype: np.dtype = np.float32) -> None:
         if capacity < 1:
             raise ValueError(f"reservoir capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        self.dtype = np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
         self.rows: np.ndarray | None = None
         self.keys = np.empty(0)
@@ -71,7 +76,7 @@ class SampleReservoir:
     def add(self, rows: np.ndarray) -> None:
         self.seen += rows.shape[0]
         keys = self.rng.random(rows.shape[0])
-        rows = rows.astype(np.float32)
+        rows = rows.astype(self.dtype)
         if self.rows is not None:
             rows = np.concatenate([self.rows, rows])
             keys = np.concatenate([self.keys, keys])
@@ -92,7 +97,8 @@ class SampleReservoir:
 
 @dataclass
 class FfnSamples:
-    """The kept calibration inputs ``x: [n, d]`` (float32) of one FFN, and how many tokens streamed by.
+    """The kept calibration inputs ``x: [n, d]`` (float32; float16 for an fp16 FFN) of one FFN, and how many
+    tokens streamed by.
 
     Candidate tables (the costly part of budgets) are cached here, so one capture serves many configs.
     """
@@ -195,11 +201,13 @@ def capture_ffn_inputs(
     seed: int = 0,
     stats: CaptureStats | None = None,
     progress=None,
+    weights_dir=None,
 ) -> list[FfnSamples]:
     """Each FFN's inputs over ``feeds`` (padding tokens dropped), a uniform reservoir of ``max_samples`` rows.
 
     ``feeds``: see :func:`iterate_feeds`. Tokens whose FFN input holds a non-finite value are skipped and
-    counted in ``stats``; ``progress`` (a callable taking a count) is told of each batch.
+    counted in ``stats``; ``progress`` (a callable taking a count) is told of each batch. ``weights_dir``:
+    where a graph-only ``model`` keeps its external data (ONNX Runtime maps it from there).
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -211,9 +219,9 @@ def capture_ffn_inputs(
             probe.graph.output.append(onnx.helper.make_tensor_value_info(ffn.x, elem, None))
             existing.add(ffn.x)
     names = sorted({ffn.x for ffn in ffns} - graph_inputs)
-    session = create_session(probe)
+    session = create_session(probe, weights_dir=weights_dir)
     stats = stats if stats is not None else CaptureStats()
-    reservoirs = [SampleReservoir(max_samples, seed + i) for i in range(len(ffns))]
+    reservoirs = [SampleReservoir(max_samples, seed + i, _row_dtype(f)) for i, f in enumerate(ffns)]
     for batch in iterate_feeds(feeds):
         if not isinstance(batch, dict):
             raise TardisError(
@@ -251,6 +259,16 @@ def capture_ffn_inputs(
     return [FfnSamples(f.name, r.rows, r.seen) for f, r in zip(ffns, reservoirs, strict=True)]
 
 
+def _row_dtype(ffn: FfnMatch) -> np.dtype:
+    """How a reservoir keeps an FFN's inputs: float16 ones as they are, others as float32."""
+    return np.dtype(np.float16) if np.dtype(ffn.dtype) == np.float16 else np.dtype(np.float32)
+
+
+def reservoir_bytes(ffns: list[FfnMatch], max_samples: int) -> int:
+    """The most memory the reservoirs of :func:`capture_ffn_inputs` can hold, however long calibration runs."""
+    return sum(max_samples * (_row_dtype(f).itemsize * f.w1_stored.shape[0] + 8) for f in ffns)
+
+
 def fallback_budgets(ffns: list[FfnMatch], config: TardisConfig) -> list[float]:
     """Allowed outlier fraction per FFN: from ``target_reduction`` (docs/design.md §2) or ``1 − coverage``.
 
@@ -278,15 +296,13 @@ class Candidate:
     coverage: float
 
 
-def calibrate_ffns(
-    ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig, progress=None
-) -> list[Calibration]:
-    """Lines and fold for every FFN, meeting the config's budget, checked on held-out tokens.
+def calibrate_ffns(ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig) -> Iterator[Calibration]:
+    """Lines and fold for every FFN, meeting the config's budget, checked on held-out tokens; yielded in
+    order, each large FFN's only when asked for (its float64 weights and fold exist one FFN at a time).
 
     The windows are fitted on the fit tokens (``samples[i].fit``); where ``config.holdout`` leaves
     held-out tokens, each FFN keeps the recipe's windows, allocation and refit only if they lower the
     held-out error below the plain recipe's (narrowest windows, uniform coverage, plain fold).
-    ``progress`` (a callable taking a count) is told as each FFN is done.
     """
     for ffn, sample in zip(ffns, samples, strict=True):
         if ffn.name != sample.name:
@@ -316,14 +332,14 @@ def calibrate_ffns(
         )
         for row, (lines, coverage) in zip(candidates, plain, strict=True):
             row.append(Candidate("plain", lines, coverage))
-
-    def finish(args) -> Calibration:
-        result = _finish(*args, config)
-        if progress is not None:
-            progress(1)
-        return result
-
-    return _map(finish, [(f, *p, c) for f, p, c in zip(ffns, parts, candidates, strict=True)])
+    for ffn in ffns:
+        ffn.release()
+    items = [(f, *p, c, config) for f, p, c in zip(ffns, parts, candidates, strict=True)]
+    # Each FFN being finished holds its weights in float64: large ones one at a time, as asked for.
+    if max(8 * (f.w1_stored.size + f.w2_stored.size) for f in ffns) > LARGE_FFN_BYTES:
+        yield from (_finish(*item) for item in items)
+    else:
+        yield from _map(lambda item: _finish(*item), items)
 
 
 def _recipe_name(config: TardisConfig) -> str:
@@ -371,23 +387,24 @@ def _gram(x: np.ndarray) -> np.ndarray:
     return gram
 
 
-def _sums(ffn: FfnMatch, x: np.ndarray, lines: reference.NeuronLines) -> _Sums:
-    """Stream the tokens ``x`` in blocks: outlier count and the sums the refit and its error need."""
-    d_out = ffn.w2_stored.shape[1]
+def _sums(ffn: FfnMatch, w1: np.ndarray, w2: np.ndarray, x: np.ndarray, lines: reference.NeuronLines) -> _Sums:
+    """Stream the tokens ``x`` in blocks: outlier count and the sums the refit and its error need
+    (``w1``, ``w2``: the FFN's weights in float64)."""
+    d_out = w2.shape[1]
     cross, target_sq, outliers = np.zeros((x.shape[1] + 1, d_out)), 0.0, 0
     y_sum, y_sq = np.zeros(d_out), 0.0
     step = max(1, (1 << 22) // max(ffn.hidden, 1))
     for start in range(0, x.shape[0], step):
         block = np.asarray(x[start : start + step], dtype=np.float64)
-        z = block @ ffn.w1
+        z = block @ w1
         if ffn.b1 is not None:
             z += ffn.b1
         outside = reference.outside_window(z, lines)
         outliers += int(outside.sum())
         g = reference.gelu(z, ffn.gelu.form)
         line = lines.slope * z + lines.intercept
-        target = np.where(outside, line, g) @ ffn.w2  # true output minus the exact fallback term
-        y = g @ ffn.w2
+        target = np.where(outside, line, g) @ w2  # true output minus the exact fallback term
+        y = g @ w2
         if ffn.b2 is not None:
             target, y = target + ffn.b2, y + ffn.b2
         y_sum += y.sum(axis=0)
@@ -406,11 +423,12 @@ def _finish(
     """Fold each candidate's windows (plainly, and refitted when asked) and keep the least held-out error."""
     gram_fit = _gram(fit.x)
     gram_held = None if heldout is None else _gram(heldout.x)
+    w1, w2 = ffn.w1, ffn.w2
     options = []  # (candidate, recipe, ridge, Wf, bf, fit sums, held-out error)
     for candidate in candidates:
-        wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)
-        fit_sums = _sums(ffn, fit.x, candidate.lines)
-        held_sums = None if heldout is None else _sums(ffn, heldout.x, candidate.lines)
+        wf, bf = reference.fold(w1, ffn.b1, w2, ffn.b2, candidate.lines)
+        fit_sums = _sums(ffn, w1, w2, fit.x, candidate.lines)
+        held_sums = None if heldout is None else _sums(ffn, w1, w2, heldout.x, candidate.lines)
         folds = [(None, wf, bf)]
         if config.refit and candidate.recipe != "plain":
             chosen_ridge = config.refit_ridge if config.refit_ridge is not None else DEFAULT_REFIT_RIDGE

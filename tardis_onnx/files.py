@@ -39,7 +39,7 @@ def model_files(path: str | Path) -> list[Path]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable or not a model: its loader reports that, this only lists files
         return files
-    for tensor in _all_tensors(model.graph):
+    for tensor in all_tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -50,7 +50,8 @@ def model_files(path: str | Path) -> list[Path]:
     return files
 
 
-def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of ``graph``: initializers, attribute tensors, and those of its subgraphs."""
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
@@ -58,7 +59,7 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield attr.t
             yield from attr.tensors
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield from _all_tensors(sub)
+                yield from all_tensors(sub)
 
 
 def _real(path: Path) -> Path:

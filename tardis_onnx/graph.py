@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 from scipy.special import erf
+
+from tardis_onnx.io import tensor_array
 
 # Elementwise ops that GELU spellings are made of; ``evaluate_elementwise`` runs them.
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Cast", "Identity", "Neg", "Reciprocal"}
@@ -30,8 +34,9 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
 class GraphIndex:
     """Producer and consumer maps of one graph, and constant resolution."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, weights_dir: Path | None = None) -> None:
         self.graph = graph
+        self.weights_dir = weights_dir  # where external data is memory-mapped from (io.open_model)
         self.initializers = {t.name: t for t in graph.initializer}
         self.graph_outputs = {o.name for o in graph.output}
         self.graph_inputs = {i.name for i in graph.input}
@@ -63,7 +68,7 @@ class GraphIndex:
 
     def _resolve_constant(self, value: str) -> np.ndarray | None:
         if value in self.initializers and value not in self.graph_inputs:
-            return numpy_helper.to_array(self.initializers[value])
+            return tensor_array(self.initializers[value], self.weights_dir)
         node = self.producer.get(value)
         if node is None:
             return None

@@ -6,8 +6,8 @@ Pipeline: load → match (passes) → calibrate → fold and emit the fallback �
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ from tardis_onnx.calibrate import (
     FfnSamples,
     calibrate_ffns,
     capture_ffn_inputs,
+    reservoir_bytes,
 )
 from tardis_onnx.config import (
     ALLOCATIONS,
@@ -51,13 +52,14 @@ from tardis_onnx.errors import (
 )
 from tardis_onnx.feeds import load_feeds, random_feeds
 from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
-from tardis_onnx.io import data_path, load_model, save_model
+from tardis_onnx.io import ExternalDataWriter, data_path, open_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
 from tardis_onnx.predictor import Predictor, rank_predictors
 from tardis_onnx.quantize import QUANTIZE_CHOICES, quantize_int8
 from tardis_onnx.report import FfnReport, print_report, speedup_text
 from tardis_onnx.schema import annotate_shapes
 from tardis_onnx.speed import SpeedCheck, check_ffn, parse_shapes, shape_name
+from tardis_onnx.stages import Stages, peak_rss_mib
 
 
 @dataclass
@@ -80,6 +82,7 @@ class OptimizeResult:
     warnings: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     peak_rss_mib: float = 0.0
+    stages: Stages = field(default_factory=Stages)
 
     def to_dict(self) -> dict:
         return {
@@ -94,6 +97,7 @@ class OptimizeResult:
             "warnings": self.warnings,
             "elapsed_s": round(self.elapsed_s, 3),
             "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "stages": self.stages.rows,
         }
 
 
@@ -115,6 +119,8 @@ def optimize_model(
     *,
     samples: list[FfnSamples] | None = None,
     progress: bool = False,
+    weights_dir: Path | None = None,
+    weights: ExternalDataWriter | None = None,
 ) -> OptimizeResult:
     """Rewrite ``model`` in place: every foldable FFN becomes a folded MatMul plus an outlier fallback.
 
@@ -123,14 +129,24 @@ def optimize_model(
     signature (with a warning: accuracy will be poor). ``samples``: calibration inputs already captured
     by :func:`capture_ffn_inputs` on this model (one per FFN, in :func:`find_ffns` order); they are
     reused instead of running ``calibration``. ``progress``: tqdm bars on stderr (on a terminal).
+
+    A model read graph-only (:func:`tardis_onnx.io.open_model`) is rewritten FFN by FFN: ``weights_dir`` is
+    where its weights are memory-mapped from (each FFN's only while it is folded), and ``weights`` receives
+    each FFN's new tensors as soon as they are chosen (pass the same writer to :func:`tardis_onnx.io.save_model`).
     """
     started = time.perf_counter()
+    stages = Stages()
     if is_rewritten(model):
         raise TardisError("the model was already rewritten by tardis-onnx: nothing to do")
+    if weights_dir is not None and config.quantize != "none":
+        raise TardisError(
+            f"--quantize {config.quantize} needs the model's weights in memory: not for a model with external data"
+        )
     opset = _default_opset(model)
     if opset < MIN_OPSET:
         raise TardisError(f"the model uses opset {opset}; tardis-onnx needs opset >= {MIN_OPSET}")
-    ffns, refusals = find_ffns(model)
+    with stages("match"):
+        ffns, refusals = find_ffns(model, weights_dir)
     if not ffns:
         reasons = "; ".join(f"{r.name}: {r.reason}" for r in refusals[:3])
         raise TardisError("no foldable GELU FFN found" + (f" ({reasons})" if reasons else ""))
@@ -147,47 +163,43 @@ def optimize_model(
                 f"random feeds ({config.calib_batches} batches of {config.calib_batch}×{config.calib_sequence})",
             )
             warnings.append(RANDOM_FEEDS_WARNING)
-        with _progress(progress, "calibrating", _length(calibration), "batch") as bar:
-            samples = capture_ffn_inputs(model, ffns, calibration, config.max_samples, config.seed, stats, bar.update)
+        if progress and sys.stderr.isatty():  # the bound is in the report too
+            bound = reservoir_bytes(ffns, config.max_samples) / 2**20
+            tqdm.write(
+                f"calibration keeps at most {config.max_samples} tokens per FFN: {bound:.0f} MiB", file=sys.stderr
+            )
+        with stages("calibrate"), _progress(progress, "calibrating", _length(calibration), "batch") as bar:
+            samples = capture_ffn_inputs(
+                model, ffns, calibration, config.max_samples, config.seed, stats, bar.update, weights_dir
+            )
         if stats.skipped_tokens:
             warnings.append(f"skipped {stats.skipped_tokens} calibration tokens whose FFN inputs are not finite")
     source = getattr(calibration, "source", "samples given" if calibration is None else "feeds given")
     warnings.extend(_refit_warnings(config, ffns, samples))
-    with _progress(progress, "fitting", len(ffns), "FFN") as bar:
-        calibrations = calibrate_ffns(ffns, samples, config, bar.update)
     kinds = _predictor_kinds(config.predictor, fallback)
     timing = config.speed_check and bool(config.shapes)
     replacements, rows, windows, predictors, flag_lines = [], [], [], [], []
-    for ffn, result, kept in zip(ffns, calibrations, samples, strict=True):
-        fit, heldout = kept.split(config.holdout, config.seed)
-        check = fit if heldout is None else heldout
-        candidates = rank_predictors(
-            kinds,
-            ffn,
-            fit.x,
-            check.x,
-            result.lines,
-            rank=config.predictor_rank,
-            uncertainty=config.predictor_uncertainty,
-            margin=config.margin,
-            min_recall=config.min_recall,
-            fold=result.fold,
-        )
-
-        def emit(c, ffn=ffn, fit=result):
-            return emit_ffn(ffn, c.flags, fallback, opset, config.margin, fit.coverage, c.predictor, fold=fit.fold)
-
-        choice, nodes, initializers, row = _fold_fastest(
-            ffn, result, candidates, kept.x, timing, emit, config, warnings
-        )
-        if not row.kept_original:
-            replacements.append((ffn.nodes, nodes, initializers))
-            for reader in ffn.shape_readers:
-                reader.input[0] = ffn.shape_source
-        windows.append(result.lines)
-        predictors.append(choice.predictor)
-        flag_lines.append(choice.flags)
-        rows.append(row)
+    calibrations = calibrate_ffns(ffns, samples, config)
+    with _progress(progress, "folding", len(ffns), "FFN") as bar:
+        for ffn, kept in zip(ffns, samples, strict=True):
+            with stages("fit"):
+                result = next(calibrations)
+            with stages("emit"):
+                choice, nodes, initializers, row = _fold(
+                    ffn, result, kept, kinds, fallback, opset, timing, config, warnings
+                )
+                if not row.kept_original:
+                    replacements.append((ffn.nodes, nodes, initializers))
+                    for reader in ffn.shape_readers:
+                        reader.input[0] = ffn.shape_source
+                    for tensor in initializers if weights is not None else ():
+                        weights.add(tensor)  # out of memory, into the output's external data
+                ffn.release()
+            windows.append(result.lines)
+            predictors.append(choice.predictor)
+            flag_lines.append(choice.flags)
+            rows.append(row)
+            bar.update(1)
     replace_nodes(model, replacements)
     kept = [r for r in rows if r.kept_original]
     if kept:
@@ -211,17 +223,42 @@ def optimize_model(
         "kept_tokens_per_ffn": max(s.x.shape[0] for s in samples),
         "fit_tokens_per_ffn": max(f.x.shape[0] for f, _ in fit_tokens),
         "heldout_tokens_per_ffn": max((0 if h is None else h.x.shape[0]) for _, h in fit_tokens),
+        "reservoir_bound_mib": round(reservoir_bytes(ffns, config.max_samples) / 2**20, 1),
     }
     result = OptimizeResult(model, rows, refusals, config, fallback, windows, predictors, flag_lines, summary, warnings)
     result.elapsed_s = time.perf_counter() - started
-    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.peak_rss_mib = peak_rss_mib()
+    result.stages = stages
     return result
+
+
+def _fold(ffn, result, kept: FfnSamples, kinds, fallback: str, opset: int, timing: bool, config, warnings):
+    """The predictor candidates of one calibrated FFN, ranked, then the fastest rewrite (:func:`_fold_fastest`)."""
+    fit, heldout = kept.split(config.holdout, config.seed)
+    check = fit if heldout is None else heldout
+    candidates = rank_predictors(
+        kinds,
+        ffn,
+        fit.x,
+        check.x,
+        result.lines,
+        rank=config.predictor_rank,
+        uncertainty=config.predictor_uncertainty,
+        margin=config.margin,
+        min_recall=config.min_recall,
+        fold=result.fold,
+    )
+
+    def emit(c):
+        return emit_ffn(ffn, c.flags, fallback, opset, config.margin, result.coverage, c.predictor, fold=result.fold)
+
+    return _fold_fastest(ffn, result, candidates, kept.x, timing, emit, config, warnings)
 
 
 def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: TardisConfig, warnings: list[str]):
     """The first predictor choice (cheapest first) whose rewrite is not slower than the original at any
     serving shape, with its nodes, initializers and report row. Untimed: the cheapest. Where none pays:
-    the one closest to paying, its row marked kept (the original FFN stays)."""
+    the one closest to paying, without nodes, its row marked kept (the original FFN stays)."""
     tried = []
     for choice in candidates:
         nodes, initializers = emit(choice)
@@ -232,9 +269,9 @@ def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: Tardis
         row.speedups = check.speedups
         if check.pays:
             return choice, nodes, initializers, row
-        tried.append((choice, nodes, initializers, row))
-    choice, nodes, initializers, row = max(tried, key=lambda t: t[3].slowest()[1])
-    return choice, nodes, initializers, row.kept()
+        tried.append((choice, row))  # its nodes and initializers are dropped: a kept FFN emits none
+    choice, row = max(tried, key=lambda t: t[1].slowest()[1])
+    return choice, [], [], row.kept()
 
 
 def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: list[str]) -> SpeedCheck | None:
@@ -524,11 +561,17 @@ def main(argv: list[str] | None = None) -> int:
         # file, the tokenizer's files) or another output; the model, its external data and the report
         # are committed together.
         check_targets([output, data_path(output), report_path], [*model_files(args.model), calib, *tokenizer])
-        model = load_model(args.model)
+        model, weights_dir = open_model(args.model)
         calibration = _calibration_feeds(args, model)
-        result = optimize_model(model, config, calibration, progress=not args.quiet)
         with StagedWrites() as staged:
-            save_model(result.model, output, staged)
+            # A model with external data is read graph-only and its new weights written out as they come.
+            weights = ExternalDataWriter.staged(staged, output) if weights_dir is not None else None
+            with weights or contextlib.nullcontext():
+                result = optimize_model(
+                    model, config, calibration, progress=not args.quiet, weights_dir=weights_dir, weights=weights
+                )
+                with result.stages("save"):
+                    save_model(result.model, output, staged, weights_dir, weights)
             staged.write_text(report_path, strict_json(result.to_dict(), indent=2) + "\n")
     except TardisError as exc:
         return report_error(exc)

@@ -10,17 +10,23 @@ import onnx
 
 from tardis_onnx.contract import DOMAIN
 from tardis_onnx.errors import TardisError, external_error, is_onnxruntime_error
-from tardis_onnx.io import save_model
+from tardis_onnx.io import has_external_data, save_model
 
 # Protobuf cannot serialise a model over 2 GiB; such models go through a file with external data.
 _PROTO_LIMIT = 2**31 - 2**24
 
 
-def create_session(model: onnx.ModelProto | str | Path, optimization: str = "disable", threads: int | None = None):
+def create_session(
+    model: onnx.ModelProto | str | Path,
+    optimization: str = "disable",
+    threads: int | None = None,
+    weights_dir: Path | None = None,
+):
     """An ``onnxruntime.InferenceSession`` on the CPU, with the ``ai.tardis`` library registered when built.
 
     Graph optimisations are off by default so ONNX Runtime cannot fuse or hide
-    what the pass produced.
+    what the pass produced. ``weights_dir``: where a graph-only ``model`` (:func:`tardis_onnx.io.open_model`)
+    keeps its external data. A model with external data runs memory-frugal (:func:`frugal`).
     """
     import onnxruntime as ort
 
@@ -35,11 +41,15 @@ def create_session(model: onnx.ModelProto | str | Path, optimization: str = "dis
     except (OSError, ValueError) as exc:
         raise TardisError(f"cannot set up ONNX Runtime ({exc})") from None
     providers = ["CPUExecutionProvider"]
+    if proto is not None and has_external_data(proto):
+        frugal(options)
+    if weights_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     try:
         if not isinstance(model, onnx.ModelProto):
             # An absolute path: ONNX Runtime finds external data beside the model file, whatever the cwd.
             return ort.InferenceSession(os.path.abspath(model), options, providers=providers)
-        if _weight_bytes(model) < _PROTO_LIMIT:
+        if weights_dir is not None or _weight_bytes(model) < _PROTO_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         with tempfile.TemporaryDirectory(prefix="tardis-") as folder:
             path = Path(folder) / "model.onnx"
@@ -51,6 +61,19 @@ def create_session(model: onnx.ModelProto | str | Path, optimization: str = "dis
         if is_onnxruntime_error(exc) or isinstance(exc, RuntimeError | ValueError):
             raise external_error(exc, f"ONNX Runtime cannot load {label}") from None
         raise
+
+
+def frugal(options) -> None:
+    """Session options that keep a large model's memory near its weights: ONNX Runtime memory-maps external
+    data (4 KiB-aligned), and here it also frees each temporary at once (no arena), does not prepack
+    weights into copies, and runs nodes in priority order, so an fp16 weight cast to fp32 for a CPU kernel
+    exists just before its use instead of all at once."""
+    import onnxruntime as ort
+
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.add_session_config_entry("session.disable_prepacking", "1")
 
 
 def run_session(session, names: list[str] | None, feeds: dict, label: str = "the model") -> list:

@@ -212,5 +212,5 @@ def test_progress_bars_show_on_a_terminal_only(monkeypatch, terminal):
     monkeypatch.setattr(sys, "stderr", stream)
     optimize_model(ffn_model("erf_div"), TardisConfig(fallback="portable", calib_batches=3), progress=True)
     shown = stream.getvalue()
-    assert ("calibrating" in shown and "/3 [" in shown and "fitting" in shown) == terminal
+    assert ("calibrating" in shown and "/3 [" in shown and "folding" in shown) == terminal
     assert shown == "" or terminal

@@ -1,0 +1,106 @@
+"""Models with external data are rewritten FFN by FFN: read graph-only with weights memory-mapped, new
+weights written to the output's external data as they come, and the result equal to the in-memory rewrite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from ffn_graphs import fp16_model
+from test_safety import chain_model, save
+
+from tardis_onnx import io, optimize
+from tardis_onnx.passes import find_ffns
+from tardis_onnx.session import create_session
+
+PORTABLE = ["--fallback", "portable", "--no-speed-check", "--calib-samples", "4"]
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    return create_session(path).run(None, {"x": x})
+
+
+def test_open_model_maps_external_weights(tmp_path):
+    path = save(chain_model(["a", "b"]), tmp_path / "m.onnx", external=True)
+    model, folder = io.open_model(path)
+    assert folder == tmp_path.resolve()
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and not any(t.raw_data for t in external)  # nothing loaded
+    array = io.tensor_array(external[0], folder)
+    assert isinstance(array, np.memmap) and not array.flags.writeable
+    np.testing.assert_array_equal(array, onnx.numpy_helper.to_array(external[0], str(tmp_path)))
+    ffns, _ = find_ffns(model, folder)
+    assert len(ffns) == 2 and isinstance(ffns[0].w1_stored, np.memmap)
+    before = np.array(ffns[0].w1_stored)
+    assert any(np.array_equal(before, w) for w in _weights(path).values())
+    ffns[0].release()  # pages dropped, values intact
+    np.testing.assert_array_equal(ffns[0].w1_stored, before)
+    with pytest.raises(io.TardisError, match="external file"):
+        io.tensor_array(external[0])
+    inline, none = io.open_model(save(chain_model(["a"]), tmp_path / "inline.onnx"))
+    assert none is None and not io.has_external_data(inline)
+
+
+@pytest.mark.parametrize("make", [lambda: chain_model(["a", "b", "c"]), lambda: fp16_model()], ids=["fp32", "fp16"])
+def test_external_rewrite_equals_the_in_memory_rewrite(tmp_path, make, capsys):
+    inline = save(make(), tmp_path / "inline.onnx")
+    external = save(make(), tmp_path / "external.onnx", external=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for path in (inline, external):
+        assert optimize.main([str(path), "-o", str(path.with_suffix(".tardis.onnx")), *PORTABLE]) == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before  # inputs intact
+    rewritten = tmp_path / "external.tardis.onnx"
+    data = tmp_path / "external.tardis.onnx.data"
+    assert data.is_file() and not (tmp_path / "inline.tardis.onnx.data").exists()
+    graph = onnx.load(str(rewritten), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = onnx.external_data_helper.ExternalDataInfo(tensor)
+            assert info.location == data.name and info.offset % io.ExternalDataWriter.ALIGNMENT == 0
+    got, want = _weights(rewritten), _weights(tmp_path / "inline.tardis.onnx")
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    dtype = next(iter(want.values())).dtype
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(dtype)
+    for a, b in zip(_outputs(rewritten, x), _outputs(tmp_path / "inline.tardis.onnx", x), strict=True):
+        np.testing.assert_array_equal(a, b)
+    report = json.loads((tmp_path / "external.tardis.json").read_text())
+    assert set(report["stages"]) == {"match", "calibrate", "fit", "emit", "save"}
+    assert all(s["seconds"] >= 0 and s["peak_rss_mib"] > 0 for s in report["stages"].values())
+
+
+def _prefill_logits(path: Path, prompt: np.ndarray) -> np.ndarray:
+    session = create_session(path)
+    feeds = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((prompt.shape[0], value.shape[1], 0, value.shape[3]), np.float16)
+    return session.run(["logits"], feeds)[0].astype(np.float32)
+
+
+def test_coverage_zero_is_the_identity_on_an_external_fp16_decoder(tmp_path):
+    """The generator's decoder (fp16, external data, KV cache): at coverage 0 the rewrite's logits equal the
+    original's within fp16 rounding, and greedy decoding with the cache picks the same tokens."""
+    from models import gelu_decoder
+
+    path = gelu_decoder.write_model(gelu_decoder.PRESETS["tiny"], tmp_path / "dec", "float16")
+    data = path.with_name(gelu_decoder.DATA_FILE)
+    before = data.read_bytes()
+    out = tmp_path / "dec.tardis.onnx"
+    args = [str(path), "-o", str(out), "--coverage", "0", "--no-speed-check", "--fallback", "portable"]
+    assert optimize.main(args) == 0
+    assert data.read_bytes() == before
+    prompt = np.array([[3, 17, 42, 5, 99, 1]], dtype=np.int64)
+    want, got = _prefill_logits(path, prompt), _prefill_logits(out, prompt)
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+    ids = [gelu_decoder.decode(create_session(p), prompt, steps=4)[0] for p in (path, out)]
+    np.testing.assert_array_equal(ids[0], ids[1])
