@@ -33,7 +33,7 @@ writes ``<out>/whisper_asr.json`` (per utterance: reference, hypothesis, errors,
 - ``tardis-r75``: the ``tardis`` encoder, decoders with ``--target-reduction 0.75`` (``--no-r75`` skips it);
 - ``int8``: ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights) on the three files.
 
-The folders hold no ``decoder_model_merged.onnx`` (its FFNs sit inside ``If`` branches the pass does not match), so
+The folders hold no ``decoder_model_merged.onnx`` (the variants rewrite the two non-merged decoders instead), so
 Optimum runs ``decoder_model.onnx`` for the first step and ``decoder_with_past_model.onnx`` after it. Calibration
 uses the LJ Speech clips with an odd number (LJ001-0001, -0003, ..., -0031: 16 utterances); WER is reported on all
 33 utterances, on the 17 held out of calibration (the even clips and JFK) and on the 16 calibration ones. With

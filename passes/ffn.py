@@ -4,6 +4,10 @@ An FFN is ``[Reshape] → MatMul|Gemm(x, W1) → [Add b1] → [Reshape|Cast] →
 [Reshape|Cast] → MatMul|Gemm(·, W2) → [Add b2]`` with constant, unshared weights
 and no intermediate value used outside it. Every GELU that is not such an FFN,
 and every ReLU/SiLU between two projections, is reported with the reason.
+
+The main graph and every If/Loop/Scan subgraph are searched; weights may be initializers of an enclosing
+graph. An FFN whose weights several subgraphs read (Optimum's merged decoder: both branches of one ``If``)
+is one match, with the other occurrences as its ``copies``: calibrated on the tokens of all, folded once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import onnx
 from tardis_onnx.graph import GraphIndex, attribute, node_label
 from tardis_onnx.io import release
 from tardis_onnx.passes.gelu import GeluMatch, anchors, match_gelu
+from tardis_onnx.subgraphs import Scope, subgraphs
 
 # Nodes allowed between a projection and the GELU: layout-only or dtype-only.
 _PASSTHROUGH = {"Reshape", "Cast", "Identity"}
@@ -45,6 +50,13 @@ class FfnMatch:
     nodes: list[onnx.NodeProto]
     shape_readers: list[onnx.NodeProto]  # Shape nodes of removed values, rewired to ``shape_source``
     shape_source: str | None
+    scope: Scope = ()  # the subgraph holding the nodes (subgraphs.Scope; () is the main graph)
+    copies: list[FfnMatch] = field(default_factory=list)  # the same FFN (same weights) in other subgraphs
+
+    @property
+    def sites(self) -> list[FfnMatch]:
+        """This occurrence and its copies: where the FFN is computed."""
+        return [self, *self.copies]
 
     @property
     def w1(self) -> np.ndarray:
@@ -84,9 +96,38 @@ class _Refuse(Exception):
 
 
 def find_ffns(model: onnx.ModelProto, weights_dir: Path | None = None) -> tuple[list[FfnMatch], list[Refusal]]:
-    """Every foldable FFN of the main graph, and every refused candidate with its reason. ``weights_dir``:
-    where a model read graph-only keeps its external data (weights are memory-mapped from there)."""
-    index = GraphIndex(model.graph, weights_dir)
+    """Every foldable FFN of the model (main graph first, then its subgraphs depth first), and every refused
+    candidate with its reason. ``weights_dir``: where a model read graph-only keeps its external data
+    (weights are memory-mapped from there)."""
+    matches: list[FfnMatch] = []
+    refusals: list[Refusal] = []
+    indexes = list(scope_indexes(model.graph, weights_dir=weights_dir))
+    for scope, index in indexes:
+        found, refused = _find_in(index, scope)
+        matches += found
+        refusals += refused
+    if len(indexes) > 1:
+        matches = _merge_copies(matches, dict(indexes), refusals)
+    _make_unique(matches, _names_in(model.graph))
+    for match in matches:
+        for copy in match.copies:
+            copy.name = match.name
+    return matches, refusals
+
+
+def scope_indexes(
+    graph: onnx.GraphProto, parent: GraphIndex | None = None, scope: Scope = (), weights_dir: Path | None = None
+) -> list[tuple[Scope, GraphIndex]]:
+    """An index of ``graph`` and of each If/Loop/Scan subgraph in it (depth first), each with its scope."""
+    index = GraphIndex(graph, parent, weights_dir)
+    found = [(scope, index)]
+    for position, name, sub in subgraphs(graph):
+        found += scope_indexes(sub, index, (*scope, (position, name)))
+    return found
+
+
+def _find_in(index: GraphIndex, scope: Scope) -> tuple[list[FfnMatch], list[Refusal]]:
+    """The FFNs and refusals of one graph."""
     matches: list[FfnMatch] = []
     refusals: list[Refusal] = []
     claimed: set[int] = set()
@@ -101,7 +142,7 @@ def find_ffns(model: onnx.ModelProto, weights_dir: Path | None = None) -> tuple[
         claimed.update(id(n) for n in gelu.nodes)
         matched: list[onnx.NodeProto] = []
         try:
-            matches.append(_match_ffn(index, gelu, matched))
+            matches.append(_match_ffn(index, gelu, matched, scope))
         except _Refuse as refusal:
             labels = [node_label(n) for n in matched]
             refusals.append(Refusal(_name_of(gelu.nodes[0].name), refusal.rule, refusal.reason, labels))
@@ -112,11 +153,96 @@ def find_ffns(model: onnx.ModelProto, weights_dir: Path | None = None) -> tuple[
             if node.op_type == "Sigmoid":
                 reason = "gated FFN (SiLU/SwiGLU): the product of two projections does not fold into one matrix"
             refusals.append(Refusal(_name_of(node.name), "not-gelu", reason, [node_label(node)]))
-    _make_unique(matches, _names_in(model.graph))
     return matches, refusals
 
 
-def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto]) -> FfnMatch:
+def _merge_copies(matches: list[FfnMatch], indexes: dict[Scope, GraphIndex], refusals: list[Refusal]) -> list[FfnMatch]:
+    """One match per FFN: matches in different subgraphs that read the same weights become copies of the
+    first. Refused (``shared-weight``): a weight of an enclosing graph that something else reads too, and
+    copies that differ (bias, GELU form)."""
+    groups: dict[tuple, list[FfnMatch]] = {}
+    chains: dict[int, list[tuple[GraphIndex, str, onnx.NodeProto]]] = {}
+    for match in matches:
+        index = indexes[match.scope]
+        first, second = [n for n in match.nodes[len(match.gelu.nodes) :] if n.op_type in ("MatMul", "Gemm")][:2]
+        w1, w2 = _weight_chain(index, first), _weight_chain(index, second)
+        chains[id(match)] = w1 + w2
+        key = tuple((id(chain[-1][0]), chain[-1][1]) for chain in (w1, w2))
+        groups.setdefault(key, []).append(match)
+    merged = []
+    for group in groups.values():
+        problem = _sharing_problem(group, chains, indexes)
+        if problem is None:
+            group[0].copies = group[1:]
+            merged.append(group[0])
+            continue
+        for match in group:
+            refusals.append(Refusal(match.name, "shared-weight", problem, [node_label(n) for n in match.nodes]))
+    return merged
+
+
+def _weight_chain(index: GraphIndex, user: onnx.NodeProto) -> list[tuple[GraphIndex, str, onnx.NodeProto]]:
+    """The weight projection ``user`` reads, up its constant chain (Transpose, Cast, ...) through the
+    enclosing graphs: ``(index of the graph defining the value, value, the node reading it)``, root last."""
+    chain, value = [], user.input[1]
+    while True:
+        owner = index
+        while owner is not None and not _defines(owner, value):
+            owner = owner.parent
+        if owner is None:
+            return chain
+        chain.append((owner, value, user))
+        producer = owner.producer.get(value)
+        if producer is None or producer.op_type == "Constant" or not producer.input:
+            return chain
+        index, user, value = owner, producer, producer.input[0]
+
+
+def _defines(index: GraphIndex, value: str) -> bool:
+    return value in index.producer or value in index.initializers or value in index.graph_inputs
+
+
+def _sharing_problem(group: list[FfnMatch], chains: dict, indexes: dict[Scope, GraphIndex]) -> str | None:
+    """Why the matches of ``group`` (reading the same weights) cannot fold as one FFN, or None."""
+    allowed: dict[tuple[int, str], set[int]] = {}
+    outer: dict[tuple[int, str], tuple[GraphIndex, str]] = {}
+    for match in group:
+        for owner, value, user in chains[id(match)]:
+            if owner is not indexes[match.scope]:
+                allowed.setdefault((id(owner), value), set()).add(id(user))
+                outer[(id(owner), value)] = (owner, value)
+    for key, (owner, value) in outer.items():
+        others = [n for n in _readers(owner.graph, value) if id(n) not in allowed[key]]
+        if others:
+            return f"weight '{value}' is shared with node {node_label(others[0])}"
+    first = group[0]
+    for other in group[1:]:
+        if not _same_ffn(first, other):
+            return f"its weights are shared with a different FFN (bias or GELU) in another subgraph: {other.name}"
+    return None
+
+
+def _readers(graph: onnx.GraphProto, value: str) -> list[onnx.NodeProto]:
+    """The nodes of ``graph`` and of all its subgraphs that read ``value``."""
+    found = []
+    for node in graph.node:
+        if value in node.input:
+            found.append(node)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                found += _readers(sub, value)
+    return found
+
+
+def _same_ffn(a: FfnMatch, b: FfnMatch) -> bool:
+    def equal(x: np.ndarray | None, y: np.ndarray | None) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+
+    arrays = ((a.w1_stored, b.w1_stored), (a.b1, b.b1), (a.w2_stored, b.w2_stored), (a.b2, b.b2))
+    return a.gelu.form == b.gelu.form and a.dtype == b.dtype and all(equal(x, y) for x, y in arrays)
+
+
+def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto], scope: Scope) -> FfnMatch:
     """The FFN around ``gelu``; ``nodes`` (filled in place) holds what matched so far when it refuses."""
     nodes += gelu.nodes
     # Upstream: [bias Add] ← projection.
@@ -197,6 +323,7 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto]) 
         nodes=nodes,
         shape_readers=shape_readers,
         shape_source=outer.input[0] if shape_readers else None,
+        scope=scope,
     )
 
 

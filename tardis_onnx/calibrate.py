@@ -21,10 +21,12 @@ import onnx
 
 from tardis_onnx import budget, reference
 from tardis_onnx.config import TardisConfig
+from tardis_onnx.contract import ffn_tensor
 from tardis_onnx.errors import TardisError, env_int
 from tardis_onnx.feeds import Feeds
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.session import create_session, run_session
+from tardis_onnx.subgraphs import expose
 
 # The refit's ridge, in pseudo-tokens per input dimension: the grid the held-out tokens choose from,
 # and the value used when there are none.
@@ -211,14 +213,9 @@ def capture_ffn_inputs(
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
     graph_inputs = {i.name for i in probe.graph.input}
-    for ffn in ffns:
-        if ffn.x not in existing and ffn.x not in graph_inputs:
-            elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(ffn.dtype))
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(ffn.x, elem, None))
-            existing.add(ffn.x)
-    names = sorted({ffn.x for ffn in ffns} - graph_inputs)
+    sources = [_probe_outputs(probe, ffn) for ffn in ffns]
+    names = sorted({name for source in sources for name in source} - graph_inputs)
     session = create_session(probe, weights_dir=weights_dir)
     stats = stats if stats is not None else CaptureStats()
     reservoirs = [SampleReservoir(max_samples, seed + i, _row_dtype(f)) for i, f in enumerate(ffns)]
@@ -235,9 +232,9 @@ def capture_ffn_inputs(
         keep = _real_tokens(batch)
         rows_per_ffn = []
         finite = None
-        for ffn in ffns:
-            value = np.asarray(batch[ffn.x] if ffn.x in graph_inputs else values[ffn.x])
-            rows = value.reshape(-1, ffn.w1_stored.shape[0])
+        for ffn, source in zip(ffns, sources, strict=True):
+            parts = [np.asarray(batch[s] if s in graph_inputs else values[s]) for s in source]
+            rows = np.concatenate([p.reshape(-1, ffn.w1_stored.shape[0]) for p in parts])
             if keep is not None and keep.size == rows.shape[0]:
                 rows = rows[keep]
             ok = np.isfinite(rows).all(axis=1)
@@ -254,7 +251,9 @@ def capture_ffn_inputs(
         raise TardisError("the calibration data holds no batch")
     for ffn, reservoir in zip(ffns, reservoirs, strict=True):
         if reservoir.rows is None or reservoir.rows.shape[0] == 0:
-            why = "all non-finite" if stats.skipped_tokens else "all padding?"
+            why = (
+                "all non-finite" if stats.skipped_tokens else "its subgraph never ran?" if ffn.scope else "all padding?"
+            )
             raise TardisError(f"no calibration token reached FFN {ffn.name} ({why})")
     return [FfnSamples(f.name, r.rows, r.seen) for f, r in zip(ffns, reservoirs, strict=True)]
 
@@ -267,6 +266,13 @@ def _row_dtype(ffn: FfnMatch) -> np.dtype:
 def reservoir_bytes(ffns: list[FfnMatch], max_samples: int) -> int:
     """The most memory the reservoirs of :func:`capture_ffn_inputs` can hold, however long calibration runs."""
     return sum(max_samples * (_row_dtype(f).itemsize * f.w1_stored.shape[0] + 8) for f in ffns)
+
+
+def _probe_outputs(probe: onnx.ModelProto, ffn: FfnMatch) -> list[str]:
+    """In place: each site's input of ``ffn`` as an output of ``probe``; their names (a main-graph input: its own)."""
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(ffn.dtype))
+    d = ffn.w1_stored.shape[0]
+    return [expose(probe, s.scope, s.x, elem, d, ffn_tensor(ffn.name, f"Probe/{i}")) for i, s in enumerate(ffn.sites)]
 
 
 def fallback_budgets(ffns: list[FfnMatch], config: TardisConfig) -> list[float]:

@@ -1,8 +1,9 @@
 """Diff: ``python -m tardis_onnx diff ORIGINAL REWRITTEN [--html OUT.html] [--json OUT.json]``.
 
 What a rewrite changed: per FFN (the ``tardis/<ffn>/`` nodes) the nodes removed and added, the op
-histogram of the whole graph before and after, weight bytes and file sizes on disk (external data
-files included). Prints text; ``--html`` also writes a standalone page (no external assets).
+histogram of the whole graph (If/Loop/Scan subgraphs included) before and after, weight bytes and file
+sizes on disk (external data files included). Prints text; ``--html`` also writes a standalone page (no
+external assets).
 Exits 0, or 2 with one line on stderr when a model cannot be read.
 """
 
@@ -24,6 +25,7 @@ from tardis_onnx.graph import node_label
 from tardis_onnx.inspect_model import human_bytes, op_name, tensor_bytes
 from tardis_onnx.io import load_model
 from tardis_onnx.passes import find_ffns
+from tardis_onnx.subgraphs import subgraphs
 from tardis_onnx.tables import text_table
 
 OTHER = "(outside any FFN)"
@@ -84,10 +86,23 @@ def _tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return tensors
 
 
+def _nodes(model: onnx.ModelProto) -> list[tuple[tuple, onnx.NodeProto]]:
+    """Every node, subgraphs included, with where it is: ``((If/Loop/Scan node name, attribute), ...)``."""
+    found = []
+
+    def visit(graph: onnx.GraphProto, where: tuple) -> None:
+        found.extend((where, node) for node in graph.node)
+        for position, attribute, sub in subgraphs(graph):
+            visit(sub, (*where, (graph.node[position].name, attribute)))
+
+    visit(model.graph, ())
+    return found
+
+
 def _weights(model: onnx.ModelProto) -> dict[str, int]:
-    """Bytes of each initializer and Constant node output, by value name."""
+    """Bytes of each initializer and Constant node output (subgraphs included), by value name."""
     sizes = {t.name: tensor_bytes(t) for t in model.graph.initializer}
-    for node in model.graph.node:
+    for _, node in _nodes(model):
         if node.op_type == "Constant":
             sizes[node.output[0]] = sum(
                 tensor_bytes(a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR
@@ -95,22 +110,22 @@ def _weights(model: onnx.ModelProto) -> dict[str, int]:
     return sizes
 
 
-def _key(node: onnx.NodeProto) -> tuple[str, str, tuple[str, ...]]:
-    """What identifies a node across the two models: its name, op and outputs."""
-    return node.name, op_name(node), tuple(node.output)
+def _key(where: tuple, node: onnx.NodeProto) -> tuple:
+    """What identifies a node across the two models: its subgraph, name, op and outputs."""
+    return where, node.name, op_name(node), tuple(node.output)
 
 
 def diff_models(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> dict[str, FfnChange]:
     """Per FFN name: the nodes the rewrite removed (the FFN's matched nodes, and what became unused
     with them) and the nodes it added (``tardis/<name>/...``), with the weight bytes of each side."""
-    before = {_key(n): n for n in original.graph.node}
-    after = {_key(n): n for n in rewritten.graph.node}
+    before = {_key(w, n): n for w, n in _nodes(original)}
+    after = {_key(w, n): n for w, n in _nodes(rewritten)}
     removed = [n for k, n in before.items() if k not in after]
     added = [n for k, n in after.items() if k not in before]
     changes: dict[str, FfnChange] = {}
     owner: dict[int, str] = {}
     for match in find_ffns(original)[0]:
-        for node in match.nodes:
+        for node in (n for site in match.sites for n in site.nodes):
             owner[id(node)] = match.name
     for node in added:
         name = ffn_of(node.name) or OTHER
@@ -164,8 +179,8 @@ def compare(original_path: Path, rewritten_path: Path) -> ModelDiff:
         original=str(original_path),
         rewritten=str(rewritten_path),
         ffns=list(changes.values()),
-        ops_before=dict(Counter(op_name(n) for n in original.graph.node)),
-        ops_after=dict(Counter(op_name(n) for n in rewritten.graph.node)),
+        ops_before=dict(Counter(op_name(n) for _, n in _nodes(original))),
+        ops_after=dict(Counter(op_name(n) for _, n in _nodes(rewritten))),
         weight_bytes_before=sum(_weights(original).values()),
         weight_bytes_after=sum(_weights(rewritten).values()),
         disk_before=disk_files(original_path),

@@ -12,6 +12,7 @@ from tardis_onnx import reference
 from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MATMUL, ffn_prefix
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.predictor import ExactPredictor, LowRankPredictor, Predictor
+from tardis_onnx.subgraphs import Scope, walk
 
 MIN_OPSET = 13  # GreaterOrEqual/LessOrEqual (12), Where, MatMul on any rank
 
@@ -172,8 +173,24 @@ def replace_nodes(
     model: onnx.ModelProto, replacements: list[tuple[list[onnx.NodeProto], list[onnx.NodeProto], list]]
 ) -> None:
     """In place: for each ``(old nodes, new nodes, new initializers)`` put the new nodes where the
-    first old node stood, then drop nodes and initializers nothing uses any more."""
-    graph = model.graph
+    first old node stood (in the main graph or the If/Loop/Scan subgraph holding it), the initializers
+    in the main graph, then drop nodes and initializers nothing uses any more."""
+    owner = {id(n): (scope, g) for scope, g in walk(model.graph) for n in g.node}
+    by_graph: dict[int, tuple[Scope, onnx.GraphProto, list]] = {}
+    for replacement in replacements:
+        scope, graph = owner[id(replacement[0][0])]
+        by_graph.setdefault(id(graph), (scope, graph, []))[2].append(replacement)
+    # Innermost first: rebuilding a graph's node list copies its nodes, subgraphs included.
+    for scope, graph, items in sorted(by_graph.values(), key=lambda entry: -len(entry[0])):
+        _replace_in(graph, items)
+        if scope:
+            _prune(graph)
+    for _, _, initializers in replacements:
+        model.graph.initializer.extend(initializers)
+    remove_unused(model)
+
+
+def _replace_in(graph: onnx.GraphProto, replacements: list) -> None:
     removed = {id(n) for old, _, _ in replacements for n in old}
     insert_at = {id(min(old, key=lambda n: _position(graph, n))): new for old, new, _ in replacements}
     nodes = []
@@ -182,11 +199,8 @@ def replace_nodes(
             nodes.extend(insert_at[id(node)])
         if id(node) not in removed:
             nodes.append(node)
-    for _, _, initializers in replacements:
-        graph.initializer.extend(initializers)
     del graph.node[:]
     graph.node.extend(nodes)
-    remove_unused(model)
 
 
 def _position(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
@@ -198,7 +212,10 @@ def _position(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
 
 def remove_unused(model: onnx.ModelProto) -> None:
     """Drop nodes whose outputs nobody reads, then unread initializers (subgraph reads count)."""
-    graph = model.graph
+    _prune(model.graph)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
     used = {o.name for o in graph.output} | _subgraph_reads(graph)
     kept = []
     for node in reversed(graph.node):

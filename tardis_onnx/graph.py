@@ -1,4 +1,8 @@
-"""A read-only index over an ONNX graph: producers, consumers and constant values."""
+"""A read-only index over an ONNX graph: producers, consumers and constant values.
+
+A subgraph's index has its enclosing graph's as ``parent``: constants resolve through the enclosing scopes.
+A node whose subgraphs read a value counts as one of its consumers.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from onnx import numpy_helper
 from scipy.special import erf
 
 from tardis_onnx.io import tensor_array
+from tardis_onnx.subgraphs import outer_reads
 
 # Elementwise ops that GELU spellings are made of; ``evaluate_elementwise`` runs them.
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Cast", "Identity", "Neg", "Reciprocal"}
@@ -32,11 +37,14 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
 
 
 class GraphIndex:
-    """Producer and consumer maps of one graph, and constant resolution."""
+    """Producer and consumer maps of one graph, and constant resolution (through ``parent``, the index of the
+    enclosing graph, for a subgraph)."""
 
-    def __init__(self, graph: onnx.GraphProto, weights_dir: Path | None = None) -> None:
+    def __init__(self, graph: onnx.GraphProto, parent: GraphIndex | None = None, weights_dir: Path | None = None):
         self.graph = graph
-        self.weights_dir = weights_dir  # where external data is memory-mapped from (io.open_model)
+        self.parent = parent
+        # Where external data is memory-mapped from (io.open_model); a subgraph's is its parent's.
+        self.weights_dir = weights_dir if parent is None else parent.weights_dir
         self.initializers = {t.name: t for t in graph.initializer}
         self.graph_outputs = {o.name for o in graph.output}
         self.graph_inputs = {i.name for i in graph.input}
@@ -50,6 +58,8 @@ class GraphIndex:
             for inp in node.input:
                 if inp:
                     self.consumers.setdefault(inp, []).append(node)
+            for value in sorted(_subgraph_reads(node) - set(node.input)):
+                self.consumers.setdefault(value, []).append(node)
         self._constant_cache: dict[str, np.ndarray | None] = {}
 
     def consumers_of(self, value: str) -> list[onnx.NodeProto]:
@@ -71,7 +81,8 @@ class GraphIndex:
             return tensor_array(self.initializers[value], self.weights_dir)
         node = self.producer.get(value)
         if node is None:
-            return None
+            outer = self.parent is not None and value not in self.graph_inputs and value not in self.initializers
+            return self.parent.constant(value) if outer else None
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             return _constant_node_value(node)
         if node.op_type in _FOLDABLE and node.domain in ("", "ai.onnx"):
@@ -90,6 +101,15 @@ class GraphIndex:
             with np.errstate(all="ignore"):
                 return evaluate_elementwise(node, args)
         return None
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The values of the enclosing graphs that ``node``'s subgraphs read."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            reads |= outer_reads(sub)
+    return reads
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

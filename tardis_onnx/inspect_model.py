@@ -31,10 +31,12 @@ from tardis_onnx.contract import (
 )
 from tardis_onnx.errors import TardisError, parse_arguments, report_error
 from tardis_onnx.files import strict_json
-from tardis_onnx.graph import GraphIndex, node_label
+from tardis_onnx.graph import node_label
 from tardis_onnx.io import load_model
 from tardis_onnx.passes import find_ffns
+from tardis_onnx.passes.ffn import scope_indexes
 from tardis_onnx.passes.gelu import GeluMatch, anchors, match_gelu
+from tardis_onnx.subgraphs import walk
 from tardis_onnx.tables import text_table
 
 
@@ -106,13 +108,14 @@ def candidates(model: onnx.ModelProto) -> list[Candidate]:
 
 
 def _gelu_regions(model: onnx.ModelProto) -> dict[str, GeluMatch]:
-    """Every recognised GELU, by the label of its first node (how a refusal's ``nodes`` start)."""
-    index = GraphIndex(model.graph)
+    """Every recognised GELU (subgraphs included), by the label of its first node (how a refusal's ``nodes``
+    start)."""
     regions = {}
-    for anchor in anchors(index):
-        gelu = match_gelu(index, anchor)
-        if isinstance(gelu, GeluMatch):
-            regions.setdefault(node_label(gelu.nodes[0]), gelu)
+    for _, index in scope_indexes(model.graph):
+        for anchor in anchors(index):
+            gelu = match_gelu(index, anchor)
+            if isinstance(gelu, GeluMatch):
+                regions.setdefault(node_label(gelu.nodes[0]), gelu)
     return regions
 
 
@@ -129,12 +132,16 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def folded_ffns(model: onnx.ModelProto) -> list[FoldedFfn]:
-    """The FFNs a tardis-onnx rewrite put into ``model``, in graph order."""
+    """The FFNs a tardis-onnx rewrite put into ``model``, in graph order (subgraphs after the main graph; an
+    FFN folded in several subgraphs once, with the nodes of the first)."""
     groups: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        name = ffn_of(node.name)
-        if name is not None:
-            groups.setdefault(name, []).append(node)
+    for _, graph in walk(model.graph):
+        local: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            name = ffn_of(node.name)
+            if name is not None and name not in groups:
+                local.setdefault(name, []).append(node)
+        groups.update(local)
     initializers = {t.name: t for t in model.graph.initializer}
     recorded = {f["name"]: f for f in _recorded_ffns(model)}
     result = []

@@ -189,9 +189,11 @@ def optimize_model(
                     ffn, result, kept, kinds, fallback, opset, timing, config, warnings
                 )
                 if not row.kept_original:
-                    replacements.append((ffn.nodes, nodes, initializers))
-                    for reader in ffn.shape_readers:
-                        reader.input[0] = ffn.shape_source
+                    for site in ffn.sites:
+                        site_nodes = nodes if site is ffn else _renamed(nodes, {ffn.x: site.x, ffn.output: site.output})
+                        replacements.append((site.nodes, site_nodes, initializers if site is ffn else []))
+                        for reader in site.shape_readers:
+                            reader.input[0] = site.shape_source
                     for tensor in initializers if weights is not None else ():
                         weights.add(tensor)  # out of memory, into the output's external data
                 ffn.release()
@@ -253,6 +255,18 @@ def _fold(ffn, result, kept: FfnSamples, kinds, fallback: str, opset: int, timin
         return emit_ffn(ffn, c.flags, fallback, opset, config.margin, result.coverage, c.predictor, fold=result.fold)
 
     return _fold_fastest(ffn, result, candidates, kept.x, timing, emit, config, warnings)
+
+
+def _renamed(nodes: list[onnx.NodeProto], names: dict[str, str]) -> list[onnx.NodeProto]:
+    """Copies of ``nodes`` reading and writing ``names``' values instead (another site of the same FFN)."""
+    copies = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for values in (copy.input, copy.output):
+            values[:] = [names.get(v, v) for v in values]
+        copies.append(copy)
+    return copies
 
 
 def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: TardisConfig, warnings: list[str]):
@@ -429,9 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration data: an .npz of feeds (one array per input, or name/0, ...), a text file "
         "(one paragraph per line), or 'builtin' (CPython's documentation text); default: builtin when a "
         "tokenizer is found, else random feeds (with a warning). Whisper's encoder_model / decoder_model / "
-        "decoder_with_past_model.onnx: a folder of audio files or a manifest.json (file, text), the first 16 "
-        "utterances (--calib-samples N), with the feature extractor, tokenizer and dense encoder/decoder files "
-        "beside the model (or in --tokenizer DIR)",
+        "decoder_with_past_model / decoder_model_merged.onnx: a folder of audio files or a manifest.json "
+        "(file, text), the first 16 utterances (--calib-samples N), with the feature extractor, tokenizer and "
+        "dense encoder/decoder files beside the model (or in --tokenizer DIR)",
     )
     parser.add_argument(
         "--calib-samples", type=positive_int, default=text.DEFAULT_SAMPLES, help="text: paragraphs used"

@@ -24,6 +24,7 @@ from tardis_onnx.contract import (
     OPTIONAL_INPUTS,
     is_emitted,
 )
+from tardis_onnx.subgraphs import resolve, walk
 
 _SMALL_INITIALIZER = 1024  # elements: kept for shape inference's data propagation (Reshape targets)
 
@@ -89,33 +90,50 @@ def register_schemas() -> None:
 
 def emitted_tensors(model: onnx.ModelProto) -> list[str]:
     """The tensors computed by the rewrite's nodes (named ``tardis/...``), graph outputs excepted."""
-    outputs = {o.name for o in model.graph.output}
-    return [v for n in model.graph.node if is_emitted(n.name) for v in n.output if v not in outputs]
+    return _emitted(model.graph)
+
+
+def _emitted(graph: onnx.GraphProto) -> list[str]:
+    outputs = {o.name for o in graph.output}
+    return [v for n in graph.node if is_emitted(n.name) for v in n.output if v not in outputs]
 
 
 def annotate_shapes(model: onnx.ModelProto) -> list[str]:
-    """In place: ``value_info`` with type and shape for every emitted tensor; returns those still unknown.
+    """In place: ``value_info`` with type and shape for every emitted tensor (in the main graph and in its
+    If/Loop/Scan subgraphs); returns those still unknown.
 
     Shapes come from onnx's shape inference (with the FfnFallback schema registered) on a weightless
     view of the graph, so this works on models over 2 GB and on models loaded without their weights.
     """
     register_schemas()
-    wanted = emitted_tensors(model)
-    annotated = {v.name for v in model.graph.value_info}
+    graphs = list(walk(model.graph))
+    wanted = [_emitted(graph) for _, graph in graphs]
+    annotated = [{v.name for v in graph.value_info} for _, graph in graphs]
     for _ in range(3):  # a MatMulNBits shape lets the next round infer what reads it
-        known = inferred_types(model)
-        known.update(_matmulnbits_types(model, known))
-        added = [name for name in wanted if name not in annotated and _has_shape(known.get(name))]
-        for name in added:
-            model.graph.value_info.append(onnx.helper.make_value_info(name, known[name]))
-        annotated.update(added)
-        if not added:
+        inferred = _inferred_model(model).graph
+        progress = False
+        for (scope, graph), names, done in zip(graphs, wanted, annotated, strict=True):
+            known = {}
+            for depth in range(len(scope) + 1):  # a subgraph sees the values around it
+                known.update(_types(resolve(inferred, scope[:depth])))
+            known.update(_matmulnbits_types(graph, known))
+            added = [name for name in names if name not in done and _has_shape(known.get(name))]
+            for name in added:
+                graph.value_info.append(onnx.helper.make_value_info(name, known[name]))
+            done.update(added)
+            progress = progress or bool(added)
+        if not progress:
             break
-    return [name for name in wanted if name not in annotated]
+    return [name for names, done in zip(wanted, annotated, strict=True) for name in names if name not in done]
 
 
 def inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Every value's type as inferred on a copy whose large initializers are graph inputs (no data)."""
+    return _types(_inferred_model(model).graph)
+
+
+def _inferred_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx's shape inference on a copy whose large initializers are graph inputs (no data)."""
     graph = model.graph
     light = onnx.helper.make_graph(
         list(graph.node),
@@ -135,15 +153,18 @@ def inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
             light.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     view = onnx.helper.make_model(light, opset_imports=list(model.opset_import), functions=list(model.functions))
     view.ir_version = model.ir_version
-    inferred = onnx.shape_inference.infer_shapes(view, check_type=False, strict_mode=False, data_prop=True)
-    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    return onnx.shape_inference.infer_shapes(view, check_type=False, strict_mode=False, data_prop=True)
+
+
+def _types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    values = [*graph.input, *graph.value_info, *graph.output]
     return {v.name: v.type for v in values if v.type.HasField("tensor_type")}
 
 
-def _matmulnbits_types(model: onnx.ModelProto, known: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+def _matmulnbits_types(graph: onnx.GraphProto, known: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
     """``com.microsoft::MatMulNBits(A, ...)``: A's type with the last dimension replaced by ``N``."""
     found = {}
-    for node in model.graph.node:
+    for node in graph.node:
         if node.domain != "com.microsoft" or node.op_type != "MatMulNBits" or _has_shape(known.get(node.output[0])):
             continue
         a = known.get(node.input[0])

@@ -11,6 +11,7 @@ import onnx
 from tardis_onnx.contract import DOMAIN
 from tardis_onnx.errors import TardisError, external_error, is_onnxruntime_error
 from tardis_onnx.io import has_external_data, save_model
+from tardis_onnx.subgraphs import walk
 
 # Protobuf cannot serialise a model over 2 GiB; such models go through a file with external data.
 _PROTO_LIMIT = 2**31 - 2**24
@@ -96,8 +97,8 @@ def _graph_only(path: Path) -> onnx.ModelProto | None:
 
 
 def uses_tardis_ops(model: onnx.ModelProto) -> bool:
-    """Whether the graph has ``ai.tardis`` nodes (it needs the op library to load)."""
-    return any(node.domain == DOMAIN for node in model.graph.node)
+    """Whether the graph or a subgraph has ``ai.tardis`` nodes (it needs the op library to load)."""
+    return any(node.domain == DOMAIN for _, graph in walk(model.graph) for node in graph.node)
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:

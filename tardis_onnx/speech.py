@@ -16,6 +16,9 @@ What each file gets, built from its inputs as ONNX Runtime reads them:
   prompt, one token each, with the keys and values the dense ``decoder_model.onnx`` beside it computes for
   the tokens before (its ``present.*`` outputs, sliced: a causal decoder's key of position ``t`` does not
   depend on later tokens), as Optimum's generation loop feeds them.
+- ``decoder_model_merged.onnx`` (all of the above and ``use_cache_branch``): per utterance the decoder's
+  teacher-forced feed with ``use_cache_branch`` false (and empty pasts, as Optimum feeds the first step),
+  then the with-past steps with it true (and the encoder's hidden states, which that branch does not read).
 
 Feeds are built lazily, one utterance at a time (the cross-attention keys and values are 37 MB each).
 """
@@ -43,6 +46,7 @@ PROMPT = ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>
 ENDOFTEXT = "<|endoftext|>"
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model.onnx"
+_STEPPED = ("decoder_with_past", "decoder_merged")  # fed one decoding step at a time, from the dense decoder
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
 
 
@@ -50,11 +54,14 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
 
 
 def model_kind(model: onnx.ModelProto) -> str | None:
-    """``"encoder"``, ``"decoder"``, ``"decoder_with_past"`` for Whisper's three files, else None."""
+    """``"encoder"``, ``"decoder"``, ``"decoder_with_past"``, ``"decoder_merged"`` for Whisper's four files,
+    else None."""
     initializers = {t.name for t in model.graph.initializer}
     names = {i.name for i in model.graph.input if i.name not in initializers}
     if "input_features" in names:
         return "encoder"
+    if {"input_ids", "encoder_hidden_states", "use_cache_branch"} <= names:
+        return "decoder_merged"
     if "input_ids" in names and "encoder_hidden_states" in names:
         return "decoder"
     if "input_ids" in names and any(_PAST.match(n) and n.endswith(("encoder.key", "encoder.value")) for n in names):
@@ -207,7 +214,7 @@ class SpeechFeeds:
         self._ids: list[np.ndarray] | None = None
         if self.kind != "encoder":
             self._encoder = _session(self.folder / ENCODER_FILE)
-            if self.kind == "decoder_with_past" or any(i.text is None for i in self.items):
+            if self.kind in _STEPPED or any(i.text is None for i in self.items):
                 self._dense_decoder = _session(self.folder / DECODER_FILE)
 
     @property
@@ -260,11 +267,10 @@ class SpeechFeeds:
     # -- iteration
 
     def __len__(self) -> int:
-        if self.kind != "decoder_with_past":
-            return len(self.items)
-        if self._ids is None:
-            return len(self.items)  # unknown until decoded: one per utterance as an estimate
-        return sum(int(ids.shape[1]) - len(self.prompt) for ids in self._ids)
+        if self.kind not in _STEPPED or self._ids is None:
+            return len(self.items)  # steps unknown until decoded: one per utterance as an estimate
+        steps = sum(int(ids.shape[1]) - len(self.prompt) for ids in self._ids)
+        return steps + (len(self.items) if self.kind == "decoder_merged" else 0)
 
     def __iter__(self) -> Iterator[Feeds]:
         ids_seen = []
@@ -284,7 +290,26 @@ class SpeechFeeds:
             self._ids = ids_seen
 
     def _steps(self, ids: np.ndarray, hidden: np.ndarray) -> Iterator[Feeds]:
-        """The with-past decoder's feeds after the prompt: token ``t`` with the keys/values of tokens ``< t``."""
+        """The with-past decoder's feeds after the prompt: token ``t`` with the keys/values of tokens ``< t``.
+        The merged decoder's: first the whole sequence (no past: ``use_cache_branch`` false), then the same
+        steps (``use_cache_branch`` true)."""
+        pasts = self._pasts(ids, hidden)
+        if self.kind == "decoder_merged":
+            first = {"input_ids": ids, "encoder_hidden_states": hidden, "use_cache_branch": np.array([False])}
+            yield self._cast(first | {name: value[:, :, :0, :] for name, (_, value) in pasts.items()})
+        for t in range(len(self.prompt), ids.shape[1]):
+            feed = {
+                "input_ids": ids[:, t : t + 1],
+                "encoder_hidden_states": hidden,
+                "use_cache_branch": np.array([True]),
+            }
+            for name, (side, value) in pasts.items():
+                feed[name] = value if side == "encoder" else np.ascontiguousarray(value[:, :, :t, :])
+            yield self._cast(feed)
+
+    def _pasts(self, ids: np.ndarray, hidden: np.ndarray) -> dict[str, tuple[str, np.ndarray]]:
+        """Per ``past_key_values.*`` input: its side (decoder, encoder) and the dense decoder's ``present.*``
+        for the whole sequence."""
         outputs = [o.name for o in self._decoder.get_outputs()]
         values = dict(zip(outputs, self._decoder.run(outputs, self._decoder_feed(ids, hidden)), strict=True))
         pasts = {}
@@ -296,11 +321,7 @@ class SpeechFeeds:
             if present not in values:
                 raise TardisError(f"the dense {DECODER_FILE} has no output {present} for the input {name}")
             pasts[name] = (match.group(2), values[present])
-        for t in range(len(self.prompt), ids.shape[1]):
-            feed = {"input_ids": ids[:, t : t + 1]}
-            for name, (side, value) in pasts.items():
-                feed[name] = value if side == "encoder" else np.ascontiguousarray(value[:, :, :t, :])
-            yield self._cast(feed)
+        return pasts
 
     def _cast(self, feed: Feeds) -> Feeds:
         missing = sorted(set(self.dtypes) - set(feed))
@@ -314,6 +335,7 @@ class SpeechFeeds:
             "encoder": "input features",
             "decoder": f"teacher-forced {texts}",
             "decoder_with_past": f"teacher-forced {texts}, one step per token",
+            "decoder_merged": f"teacher-forced {texts}: whole (no cache), then one step per token (cache)",
         }[self.kind]
         return f"speech {self.source}: {len(self.items)} utterances ({what})"
 
@@ -325,7 +347,7 @@ def calibration_feeds(
     utterances_limit: int = DEFAULT_UTTERANCES,
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> SpeechFeeds:
-    """Lazy feeds for ``model`` (Whisper's encoder, decoder or decoder-with-past file) from the audio in
+    """Lazy feeds for ``model`` (one of Whisper's encoder and decoder files) from the audio in
     ``source`` (a folder or a ``manifest.json``), with the feature extractor, tokenizer and dense
     encoder/decoder files in ``folder``."""
     return SpeechFeeds(model, folder, source, utterances_limit, max_tokens)

@@ -270,3 +270,74 @@ NEGATIVE_CASES = {
     "swiglu": (swiglu_model, "not-gelu"),
     "relu": (relu_model, "not-gelu"),
 }
+
+
+# --- FFNs inside If branches -----------------------------------------------------------------------------------
+
+
+def if_model(shared: bool = True) -> onnx.ModelProto:
+    """Optimum's merged decoder in small: ``If(cond)`` whose branches both run a GELU FFN, ``FFN(x) + x``
+    (then) and ``FFN(2·x) − x`` (else), with the same node and value names in both. The weights are
+    main-graph initializers the branches read (``shared``: one set for both, else one set each); the
+    GELU's scalars are Constant nodes inside each branch."""
+    top = GraphBuilder()
+    weights = [(top.weight(D, H), top.weight(H), top.weight(H, D), top.weight(D))]
+    if not shared:
+        weights.append((top.weight(D, H), top.weight(H), top.weight(H, D), top.weight(D)))
+
+    def branch(name: str, w1: str, b1: str, w2: str, b2: str, scale: float, residual: str) -> onnx.GraphProto:
+        b = GraphBuilder(constant_nodes=True)
+        b.count = 100  # names apart from the main graph's (a subgraph may not shadow them), the same in both
+        x = b.op("Mul", "x", b.const(scale)) if scale != 1.0 else "x"
+        h = b.op("Add", b1, b.op("MatMul", x, w1, name="/model/layers.0/fc1/MatMul"), name="/model/layers.0/fc1/Add")
+        y = b.op("MatMul", erf_div(b, h), w2, name="/model/layers.0/fc2/MatMul")
+        y = b.op(residual, b.op("Add", b2, y, name="/model/layers.0/fc2/Add"), "x", name="/model/layers.0/residual")
+        return helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)])
+
+    then_branch = branch("with_past", *weights[0], 1.0, "Add")
+    else_branch = branch("no_past", *weights[-1], 2.0, "Sub")
+    top.nodes.append(
+        helper.make_node("If", ["cond"], ["y"], name="optimum::if", then_branch=then_branch, else_branch=else_branch)
+    )
+    graph = helper.make_graph(
+        top.nodes,
+        "merged",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", D]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", D])],
+        top.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def loop_model(steps: int = 2) -> onnx.ModelProto:
+    """A ``Loop`` of ``steps`` iterations whose body applies a GELU FFN with a residual, ``y ← FFN(y) + y``,
+    reading its weights from the main graph's initializers."""
+    top = GraphBuilder()
+    w1, b1, w2, b2 = top.weight(D, H, scale=0.1), top.weight(H), top.weight(H, D, scale=0.1), top.weight(D)
+    b = GraphBuilder(constant_nodes=True)
+    b.count = 100
+    h = b.op("Add", b.op("MatMul", "y_in", w1, name="/block/fc1/MatMul"), b1, name="/block/fc1/Add")
+    y = b.op("Add", b.op("MatMul", erf_div(b, h), w2, name="/block/fc2/MatMul"), b2, name="/block/fc2/Add")
+    y = b.op("Add", y, "y_in", name="/block/residual")
+    cond = b.op("Identity", "cond_in")
+    body = helper.make_graph(
+        b.nodes,
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("y_in", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+            helper.make_tensor_value_info(y, TensorProto.FLOAT, None),
+        ],
+    )
+    trips = top.const(steps, np.int64)
+    top.nodes.append(helper.make_node("Loop", [trips, "", "x"], ["y"], name="/loop", body=body))
+    return top.model("x", "y")

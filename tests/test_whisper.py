@@ -470,6 +470,36 @@ def test_speech_feeds_have_each_files_inputs(whisper_onnx, jfk_manifest, tmp_pat
     assert "greedy" in feeds.describe()
 
 
+def test_merged_decoder_ffns_and_feeds(whisper_onnx, jfk_manifest):
+    """decoder_model_merged.onnx: the 6 decoder FFNs, each in both If branches (weights shared at the top
+    level); its feeds are the decoder's (use_cache_branch false) then the with-past steps (true)."""
+    import onnxruntime as ort
+
+    from tardis_onnx import speech
+    from tardis_onnx.passes import find_ffns
+
+    model = _graph(whisper_onnx / "decoder_model_merged.onnx")
+    ffns, refusals = find_ffns(model)
+    assert [f.name for f in ffns] == [f"model/decoder/layers.{i}" for i in range(6)] and refusals == []
+    assert all([f.scope, *(c.scope for c in f.copies)] == [((0, "else_branch"),), ((0, "then_branch"),)] for f in ffns)
+    assert speech.model_kind(model) == "decoder_merged"
+
+    feeds = speech.calibration_feeds(model, whisper_onnx, jfk_manifest)
+    first, *steps = list(feeds)
+    assert len(feeds) == 1 + len(steps) == 1 + 26 and "no cache" in feeds.describe()
+    teacher = first["input_ids"]
+    assert teacher.shape == (1, 4 + 25 + 1) and first["use_cache_branch"].tolist() == [False]
+    assert first["past_key_values.3.decoder.key"].shape == (1, 8, 0, 64)  # empty pasts, as Optimum feeds them
+    assert first["past_key_values.3.encoder.value"].shape == (1, 8, 0, 64)
+    for t, step in enumerate(steps, start=4):
+        assert step["input_ids"].tolist() == [[teacher[0, t]]] and step["use_cache_branch"].tolist() == [True]
+        assert step["past_key_values.5.decoder.key"].shape == (1, 8, t, 64)
+    session = ort.InferenceSession(str(whisper_onnx / "decoder_model_merged.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], first)[0][0]
+    assert logits[3:-1].argmax(axis=-1).tolist() == teacher[0, 4:].tolist()  # both modes predict the transcript
+    assert [int(session.run(["logits"], s)[0][0, -1].argmax()) for s in steps[:-1]] == teacher[0, 5:].tolist()
+
+
 def _optimize(argv: list[str]) -> int:
     from tardis_onnx.optimize import main
 
@@ -500,6 +530,38 @@ def test_coverage_0_whisper_transcribes_jfk_with_the_same_tokens(whisper_onnx, j
         ids[name] = model.generate(features.input_features, language="en", task="transcribe", do_sample=False).tolist()
     assert ids["tardis"] == ids["dense"]
     assert len(ids["dense"][0]) == 25  # the text tokens (generate drops the prompt and <|endoftext|>)
+
+
+@pytest.mark.slow  # a ~300 MB rewrite and two pipelines: 1-3 min on 2 cores
+def test_coverage_0_merged_decoder_transcribes_jfk_with_the_same_tokens(whisper_onnx, jfk_manifest, tmp_path, data_dir):
+    """The rewritten decoder_model_merged.onnx (FFNs folded in both If branches) where Optimum loads it by
+    default: the same token ids as the dense merged decoder."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from transformers import WhisperProcessor
+    from whisper_asr import Transcriber, copy_side_files, read_audio
+
+    out = tmp_path / "tardis"
+    out.mkdir()
+    merged = "decoder_model_merged.onnx"
+    argv = [str(whisper_onnx / merged), "--calib", str(jfk_manifest), "--coverage", "0", "--no-speed-check"]
+    assert _optimize([*argv, "-q", "-o", str(out / merged), "--report", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["totals"]["ffns"] == 6 and not any(row["kept_original"] for row in report["ffns"])
+    assert report["calibration"]["tokens"] == 30 + 26  # the whole sequence without cache, then 26 steps with it
+    branches = {a.name: a.g for a in _graph(out / merged).graph.node[0].attribute}
+    for branch in branches.values():  # folded in both branches, the original FFN nodes gone
+        assert sum(n.name.endswith("/FoldedMatMul") for n in branch.node) == 6
+        assert not any("/fc1/" in n.name or "/fc2/" in n.name for n in branch.node)
+    (out / "encoder_model.onnx").symlink_to(whisper_onnx / "encoder_model.onnx")
+    copy_side_files(whisper_onnx, out)
+    processor = WhisperProcessor.from_pretrained(whisper_onnx)
+    features = processor(read_audio(data_dir / "speech" / "jfk" / "jfk.flac"), sampling_rate=16000, return_tensors="pt")
+    ids = {}
+    for name, folder in (("dense", whisper_onnx), ("tardis", out)):
+        model = Transcriber(folder, processor).model
+        assert model.decoder_with_past is None and "use_cache_branch" in model.decoder.input_names  # merged
+        ids[name] = model.generate(features.input_features, language="en", task="transcribe", do_sample=False).tolist()
+    assert ids["tardis"] == ids["dense"] and len(ids["dense"][0]) == 25
 
 
 def test_bad_speech_calib_is_one_error_line(whisper_onnx, tmp_path):
