@@ -58,7 +58,7 @@ from tardis_onnx.predictor import Predictor, rank_predictors
 from tardis_onnx.quantize import QUANTIZE_CHOICES, quantize_int8
 from tardis_onnx.report import FfnReport, print_report, speedup_text
 from tardis_onnx.schema import annotate_shapes
-from tardis_onnx.speed import SpeedCheck, check_ffn, parse_shapes, shape_name
+from tardis_onnx.speed import RewriteFailed, SpeedCheck, check_ffn, parse_shapes, shape_name
 from tardis_onnx.stages import Stages, peak_rss_mib
 
 
@@ -273,18 +273,25 @@ def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: Tardis
     """The first predictor choice (cheapest first) whose rewrite is not slower than the original at any
     serving shape, with its nodes, initializers and report row. Untimed: the cheapest. Where none pays:
     the one closest to paying, without nodes, its row marked kept (the original FFN stays)."""
-    tried = []
+    tried, refused = [], None
     for choice in candidates:
         nodes, initializers = emit(choice)
         row = FfnReport.of(ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall)
-        check = _check_speed(ffn, nodes, initializers, x, config, warnings) if timing else None
+        try:
+            check = _check_speed(ffn, nodes, initializers, x, config, warnings) if timing else None
+        except RewriteFailed as exc:
+            warnings.append(
+                f"{ffn.name}: ONNX Runtime cannot run the rewrite with the {choice.predictor.kind} predictor ({exc})"
+            )
+            refused = (choice, row)
+            continue
         if check is None:
             return choice, nodes, initializers, row
         row.speedups = check.speedups
         if check.pays:
             return choice, nodes, initializers, row
         tried.append((choice, row))  # its nodes and initializers are dropped: a kept FFN emits none
-    choice, row = max(tried, key=lambda t: t[1].slowest()[1])
+    choice, row = max(tried, key=lambda t: t[1].slowest()[1]) if tried else refused
     return choice, [], [], row.kept()
 
 
@@ -292,7 +299,7 @@ def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: li
     """The FFN timed against its rewrite (None, with a warning, where ONNX Runtime cannot run one of them)."""
     try:
         return check_ffn(ffn, nodes, initializers, x, config.shapes, quantize=config.quantize)
-    except TardisError:
+    except (TardisError, RewriteFailed):
         raise
     except Exception as exc:
         # ONNX Runtime refusing a timing model (e.g. a dtype without a CPU kernel, a model its quantizer
@@ -305,12 +312,15 @@ def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: li
 
 
 def _kept_warning(kept: list[FfnReport], total: int, shapes) -> str:
-    slowest = "; ".join(f"{r.name} {speedup_text(s)} at {shape}" for r in kept[:3] for shape, s in [r.slowest()])
+    def why(row: FfnReport) -> str:
+        shape, speedup = row.slowest()
+        return f"{row.name} {speedup_text(speedup)} at {shape}" if row.speedups else f"{row.name}: no rewrite runs"
+
     more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
     return (
         f"kept {len(kept)} of {total} FFN(s) as they were: their rewrite ran slower here at a serving shape "
-        f"({slowest}{more}); shapes timed: {', '.join(shape_name(s) for s in shapes)} (--shapes names yours, "
-        "--no-speed-check folds them anyway)"
+        f"({'; '.join(why(r) for r in kept[:3])}{more}); shapes timed: {', '.join(shape_name(s) for s in shapes)} "
+        "(--shapes names yours, --no-speed-check folds them anyway)"
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import onnx
 
 from tardis_onnx.reference import NeuronLines, dense_ffn, outside_window, residual
 from tardis_onnx.reference import fold as fold_weights
@@ -144,8 +145,13 @@ class Int8Predictor(Predictor):
         weights, scales = quantize_int8(ffn.w1)
         if standard_only:
             return b.op("MatMul", [ffn.x, b.constant("w1_int8_dequantized", weights * scales)], "Predictor/MatMul")
-        inputs = [ffn.x, b.constant("w1_int8", weights, np.int8), b.constant("w1_int8_scales", scales)]
-        return b.op("DynamicQuantizeMatMul", inputs, "Predictor/DynamicQuantizeMatMul", domain=self.contrib_domain)
+        # DynamicQuantizeMatMul computes in float32 only: an fp16 model's activations go through Casts.
+        fp32 = np.dtype(ffn.dtype) == np.float32
+        x = ffn.x if fp32 else b.op("Cast", [ffn.x], "Predictor/CastToFloat", to=onnx.TensorProto.FLOAT)
+        inputs = [x, b.constant("w1_int8", weights, np.int8), b.constant("w1_int8_scales", scales, np.float32)]
+        z_hat = b.op("DynamicQuantizeMatMul", inputs, "Predictor/DynamicQuantizeMatMul", domain=self.contrib_domain)
+        to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(ffn.dtype))
+        return z_hat if fp32 else b.op("Cast", [z_hat], "Predictor/CastBack", to=to)
 
 
 class LowRankPredictor(Predictor):

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tardis_onnx import runtime
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, is_onnxruntime_error
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.quantize import quantize_int8
 
@@ -38,6 +38,10 @@ BUDGET_S = 0.6
 # Distinct inputs per shape, rotated so that the flagged neurons change from run to run.
 INPUTS_PER_SHAPE = 4
 OPSET = 20  # the timing models' standard opset (Gelu is an op from 20)
+
+
+class RewriteFailed(RuntimeError):
+    """ONNX Runtime runs the original FFN but not its rewrite (the rewrite is then not used)."""
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
@@ -139,7 +143,14 @@ def measure_pair(
 ) -> list[tuple[float, float]]:
     """Per shape, median seconds per run of the two one-FFN models on that shape's inputs (rotated), runs
     alternated; one session per model serves every shape (creating one prepacks the weights)."""
-    sessions = [_session(dense), _session(rewritten)]
+    sessions = [_session(dense)]
+    try:
+        sessions.append(_session(rewritten))
+        sessions[1].run(None, {sessions[1].get_inputs()[0].name: inputs_per_shape[0][0]})
+    except Exception as exc:
+        if not (is_onnxruntime_error(exc) or isinstance(exc, RuntimeError)):
+            raise
+        raise RewriteFailed(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
     names = [s.get_inputs()[0].name for s in sessions]
     medians = []
     for inputs in inputs_per_shape:

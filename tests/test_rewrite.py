@@ -55,6 +55,23 @@ def test_coverage_zero_fp16_within_half_precision(build):
     assert np.abs(_run(rewritten, feeds) - want).max() <= 3e-3 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("predictor", ["exact", "int8", "int4", "lowrank"])
+def test_every_predictor_runs_on_an_fp16_model_with_the_custom_op(predictor):
+    """Each predictor's nodes accept the model's fp16 activations (DynamicQuantizeMatMul is float32 only:
+    it gets Casts), and at coverage 0 the rewrite stays within half precision of the original (within the
+    int8 prediction's error for int8, whose flagged residuals are taken from the prediction)."""
+    from tardis_onnx import runtime
+
+    if not runtime.library_available():
+        pytest.skip("the ai.tardis library is not built (make lib)")
+    feeds = random_feeds(fp16_model(), seed=7)
+    want = _run(fp16_model(), feeds)
+    rewritten = fp16_model()
+    optimize_model(rewritten, TardisConfig(coverage=0.0, fallback="custom", predictor=predictor, speed_check=False))
+    tolerance = 1e-2 if predictor == "int8" else 3e-3
+    assert np.abs(_run(rewritten, feeds) - want).max() <= tolerance * np.abs(want).max()
+
+
 def _lines_of(model: onnx.ModelProto) -> reference.NeuronLines:
     arrays = {t.name.rsplit("/", 1)[1]: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     return reference.NeuronLines(arrays["slope"], arrays["intercept"], arrays["lo"], arrays["hi"])

@@ -190,3 +190,24 @@ def test_speedups_are_shown_rounded_down():
     from tardis_onnx.report import speedup_text
 
     assert [speedup_text(s) for s in (0.998, 1.0, 1.2349, 2.0)] == ["0.99×", "1.00×", "1.23×", "2.00×"]
+
+
+def test_a_rewrite_onnx_runtime_cannot_run_is_never_kept(monkeypatch):
+    """The original FFN loads but a rewrite does not (an invalid graph): that predictor is passed over for
+    the next, and where none runs the original FFN stays."""
+    real = speed._session
+    refused = {"DynamicQuantizeMatMul"}
+
+    def session(model: bytes):
+        if any(n.op_type in refused for n in onnx.load_from_string(model).graph.node):
+            raise RuntimeError("INVALID_GRAPH : Type Error\nmore")
+        return real(model)
+
+    monkeypatch.setattr("tardis_onnx.speed._session", session)
+    model = ffn_model("erf_div")
+    result = optimize_model(model, TardisConfig(coverage=0.9, speed_check=True, predictor="int8"))
+    (row,) = result.ffns
+    assert row.kept_original and not any(n.domain == "ai.tardis" for n in model.graph.node)
+    assert any("cannot run the rewrite with the int8 predictor (INVALID_GRAPH" in w for w in result.warnings)
+    refused.add("FfnFallback")
+    assert optimize_model(ffn_model("erf_div"), TardisConfig(coverage=0.9, speed_check=True)).ffns[0].kept_original
