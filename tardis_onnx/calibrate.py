@@ -430,22 +430,22 @@ def _finish(
     gram_fit = _gram(fit.x)
     gram_held = None if heldout is None else _gram(heldout.x)
     w1, w2 = ffn.w1, ffn.w2
-    options = []  # (candidate, recipe, ridge, Wf, bf, fit sums, held-out error)
+    best = None  # (candidate, recipe, ridge, Wf, bf, fit sums, held-out error): only the best fold is kept
     for candidate in candidates:
         wf, bf = reference.fold(w1, ffn.b1, w2, ffn.b2, candidate.lines)
         fit_sums = _sums(ffn, w1, w2, fit.x, candidate.lines)
         held_sums = None if heldout is None else _sums(ffn, w1, w2, heldout.x, candidate.lines)
-        folds = [(None, wf, bf)]
+        ridges = [None]
         if config.refit and candidate.recipe != "plain":
             chosen_ridge = config.refit_ridge if config.refit_ridge is not None else DEFAULT_REFIT_RIDGE
-            for ridge in REFIT_RIDGES if config.refit_ridge is None and heldout is not None else (chosen_ridge,):
-                folds.append((ridge, *budget.refit_fold(gram_fit, fit_sums.cross, wf, bf, ridge)))
-        for ridge, w, b in folds:
+            ridges += REFIT_RIDGES if config.refit_ridge is None and heldout is not None else (chosen_ridge,)
+        for ridge in ridges:
+            w, b = (wf, bf) if ridge is None else budget.refit_fold(gram_fit, fit_sums.cross, wf, bf, ridge)
             held = math.nan if held_sums is None else held_sums.error(gram_held, w, b)
             recipe = candidate.recipe + ("" if ridge is None else "+refit")
-            options.append((candidate, recipe, ridge, w, b, fit_sums, held))
-    # Without held-out tokens the recipe asked for is taken as it is (refitted when the refit is on).
-    best = options[-1] if heldout is None else min(options, key=lambda option: option[-1])
+            # Without held-out tokens the recipe asked for is taken as it is (refitted when the refit is on).
+            if best is None or heldout is None or held < best[-1]:
+                best = (candidate, recipe, ridge, w, b, fit_sums, held)
     candidate, recipe, ridge, wf, bf, fit_sums, held_error = best
     if not (np.isfinite(wf).all() and np.isfinite(bf).all()):
         raise TardisError(f"FFN {ffn.name}: the folded weights are not finite (non-finite weights or calibration?)")
