@@ -33,9 +33,10 @@ _OTHER_ACTIVATIONS = {"Relu": "ReLU", "Sigmoid": "SiLU/Swish", "LeakyRelu": "Lea
 class FfnMatch:
     """One foldable FFN: ``output = GELU(x·W1 + b1)·W2 + b2``.
 
-    The projections are kept as the model stores them (``w1_stored``, ``w2_stored``: fp16 stays fp16) and
-    read as float64 through ``w1``/``w2``, a fresh copy per access: only the FFN being fitted is ever held
-    in float64 (all of a 7B model's FFNs in float64 would be 8 bytes per weight).
+    The projections are kept as the model stores them (``w1_stored``, ``w2_stored``: fp16 stays fp16,
+    memory-mapped for a model read graph-only) and read as float64 through ``w1``/``w2``, a copy made on
+    first use and dropped by :meth:`release`: the pass releases each FFN once it is done with it, so only
+    the FFNs being fitted are held in float64 (all of a 7B model's would be 8 bytes per weight).
     """
 
     name: str
@@ -52,6 +53,8 @@ class FfnMatch:
     shape_source: str | None
     scope: Scope = ()  # the subgraph holding the nodes (subgraphs.Scope; () is the main graph)
     copies: list[FfnMatch] = field(default_factory=list)  # the same FFN (same weights) in other subgraphs
+    _w1: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _w2: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def sites(self) -> list[FfnMatch]:
@@ -60,20 +63,25 @@ class FfnMatch:
 
     @property
     def w1(self) -> np.ndarray:
-        """W1 ``[d, h]`` in float64."""
-        return np.asarray(self.w1_stored, dtype=np.float64)
+        """W1 ``[d, h]`` in float64 (kept until :meth:`release`)."""
+        if self._w1 is None:
+            self._w1 = np.asarray(self.w1_stored, dtype=np.float64)
+        return self._w1
 
     @property
     def w2(self) -> np.ndarray:
-        """W2 ``[h, d_out]`` in float64."""
-        return np.asarray(self.w2_stored, dtype=np.float64)
+        """W2 ``[h, d_out]`` in float64 (kept until :meth:`release`)."""
+        if self._w2 is None:
+            self._w2 = np.asarray(self.w2_stored, dtype=np.float64)
+        return self._w2
 
     @property
     def hidden(self) -> int:
         return int(self.w1_stored.shape[1])
 
     def release(self) -> None:
-        """Drop the pages of memory-mapped weights from memory (they are read again if used again)."""
+        """Drop the float64 copies and the memory-mapped pages of the weights (read again if used again)."""
+        self._w1 = self._w2 = None
         release(self.w1_stored)
         release(self.w2_stored)
 

@@ -316,33 +316,39 @@ def calibrate_ffns(ffns: list[FfnMatch], samples: list[FfnSamples], config: Tard
     budgets = fallback_budgets(ffns, config)
     parts = [s.split(config.holdout, config.seed) for s in samples]
     fits = [fit for fit, _ in parts]
+    with_plain = not config.plain and config.holdout > 0
+
+    def plan(item):
+        """One FFN's recipe windows (uniform) or candidate table and neuron importance (allocated), and the
+        plain recipe's windows; its float64 weights are dropped after."""
+        ffn, fit, outlier_budget = item
+        if config.allocation == "uniform":
+            recipe, importance = _uniform_lines(ffn, fit, outlier_budget, config.window), None
+        else:
+            recipe, importance = fit.table(ffn, config.coverage_grid, config.window), (ffn.w2 * ffn.w2).sum(axis=1)
+        plain = _uniform_lines(ffn, fit, outlier_budget, "narrowest") if with_plain else None
+        ffn.release()
+        return recipe, importance, plain
+
+    # Each FFN being fitted holds its weights in float64: large ones one at a time.
+    large = max(8 * (f.w1_stored.size + f.w2_stored.size) for f in ffns) > LARGE_FFN_BYTES
+    planned = _map(plan, list(zip(ffns, fits, budgets, strict=True)), threads=1 if large else None)
     candidates = [[] for _ in ffns]
     if config.allocation == "uniform":
-        uniform = _map(
-            lambda a: _uniform_lines(a[0], a[1], a[2], config.window), list(zip(ffns, fits, budgets, strict=True))
-        )
-        for row, (lines, coverage) in zip(candidates, uniform, strict=True):
-            row.append(Candidate(_recipe_name(config), lines, coverage))
+        for row, (uniform, _, _) in zip(candidates, planned, strict=True):
+            row.append(Candidate(_recipe_name(config), *uniform))
     else:
-        tables = _map(
-            lambda fs: fs[1].table(fs[0], config.coverage_grid, config.window), list(zip(ffns, fits, strict=True))
-        )
-        importance = [(f.w2 * f.w2).sum(axis=1) for f in ffns]
+        tables = [table for table, _, _ in planned]
+        importance = [weights for _, weights, _ in planned]
         weights = [float(f.w1_stored.size + f.w2_stored.size) for f in ffns]
         choices = budget.allocate(tables, importance, budgets, weights, config.allocation)
         for row, table, choice in zip(candidates, tables, choices, strict=True):
             row.append(Candidate(_recipe_name(config), table.lines(choice), float(table.grid[choice].mean())))
-    if not config.plain and config.holdout > 0:
-        plain = _map(
-            lambda a: _uniform_lines(a[0], a[1], a[2], "narrowest"), list(zip(ffns, fits, budgets, strict=True))
-        )
-        for row, (lines, coverage) in zip(candidates, plain, strict=True):
-            row.append(Candidate("plain", lines, coverage))
-    for ffn in ffns:
-        ffn.release()
+    if with_plain:
+        for row, (_, _, plain) in zip(candidates, planned, strict=True):
+            row.append(Candidate("plain", *plain))
     items = [(f, *p, c, config) for f, p, c in zip(ffns, parts, candidates, strict=True)]
-    # Each FFN being finished holds its weights in float64: large ones one at a time, as asked for.
-    if max(8 * (f.w1_stored.size + f.w2_stored.size) for f in ffns) > LARGE_FFN_BYTES:
+    if large:  # one at a time, as asked for: the caller releases each FFN when done with it
         yield from (_finish(*item) for item in items)
     else:
         yield from _map(lambda item: _finish(*item), items)
@@ -358,9 +364,10 @@ def _uniform_lines(ffn: FfnMatch, sample: FfnSamples, outlier_budget: float, win
     return lines, coverage
 
 
-def _map(function, items: list) -> list:
-    """``[function(i) for i in items]`` on ``TARDIS_THREADS`` threads (default 2): numpy releases the GIL."""
-    threads = env_int("TARDIS_THREADS", 2)
+def _map(function, items: list, threads: int | None = None) -> list:
+    """``[function(i) for i in items]`` on ``threads`` (default ``TARDIS_THREADS``, else 2): numpy releases
+    the GIL."""
+    threads = threads or env_int("TARDIS_THREADS", 2)
     if threads <= 1 or len(items) <= 1:
         return [function(i) for i in items]
     with ThreadPoolExecutor(threads) as pool:

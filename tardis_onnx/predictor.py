@@ -30,6 +30,8 @@ from tardis_onnx.reference import fold as fold_weights
 # and STS-B dev from 86.71 (int4, exact residuals) to 86.60, for the speed that made every FFN pay.
 MAX_PREDICTED_RESIDUAL_ERROR = 1.25
 INT4_BLOCK = 32
+# The low-rank fit takes an exact SVD up to this many rows or columns, a randomized one beyond.
+LOWRANK_EXACT_SVD = 1024
 # MatMulNBits computes with int8 activations (VNNI/AVX2 on CPU): ~3x faster than its fp32 dequantizing path
 # at one token, d = 1024, h = 4096; the predictor only flags, so the rounding costs nothing exact.
 INT4_ACCURACY_LEVEL = 4
@@ -284,10 +286,23 @@ def fit_lowrank(x: np.ndarray, w1: np.ndarray, rank: int, ridge: float = 1e-6) -
     eigenvalues = np.maximum(eigenvalues, ridge * max(eigenvalues.max(), 1e-30))
     root = (eigenvectors * np.sqrt(eigenvalues)) @ eigenvectors.T
     inverse_root = (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
-    left, singular, right = np.linalg.svd(root @ w1 / sigma, full_matrices=False)
-    u = inverse_root @ (left[:, :rank] * singular[:rank])
-    v = right[:rank] * sigma
+    left, singular, right = _top_singular(root @ w1 / sigma, rank)
+    u = inverse_root @ (left * singular)
+    v = right * sigma
     return u, v
+
+
+def _top_singular(m: np.ndarray, rank: int, oversample: int = 16, iterations: int = 3):
+    """The top ``rank`` singular triplets of ``m``: an exact SVD for small matrices, else a randomized one
+    (range found with power iterations; a 4544 × 18176 matrix takes seconds, not minutes)."""
+    if min(m.shape) <= LOWRANK_EXACT_SVD:
+        left, singular, right = np.linalg.svd(m, full_matrices=False)
+        return left[:, :rank], singular[:rank], right[:rank]
+    q = np.linalg.qr(m @ np.random.default_rng(0).standard_normal((m.shape[1], rank + oversample)))[0]
+    for _ in range(iterations):
+        q = np.linalg.qr(m @ (m.T @ q))[0]
+    left, singular, right = np.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ left)[:, :rank], singular[:rank], right[:rank]
 
 
 def predictor_bytes(kind: str, d: int, h: int, itemsize: int, rank: int = 0) -> int:
