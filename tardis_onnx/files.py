@@ -12,10 +12,12 @@ was written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -216,6 +218,17 @@ class StagedWrites:
             shutil.rmtree(folder, ignore_errors=True)
         self._folders.clear()
         self._staged.clear()
+
+
+def delete_staged_files_on_terminate() -> None:
+    """Let SIGTERM (a job killed by its scheduler or by ``kill``) unwind like Ctrl-C does: every
+    :class:`StagedWrites` block then deletes its temporaries and no half-written file stays beside a target."""
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    with contextlib.suppress(ValueError):  # not the main thread: signals are the host's
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def finite_or_none(value):

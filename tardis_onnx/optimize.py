@@ -51,7 +51,7 @@ from tardis_onnx.errors import (
     translate_error,
 )
 from tardis_onnx.feeds import load_feeds, random_feeds
-from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
+from tardis_onnx.files import StagedWrites, check_targets, delete_staged_files_on_terminate, model_files, strict_json
 from tardis_onnx.io import ExternalDataWriter, data_path, open_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
 from tardis_onnx.predictor import Predictor, rank_predictors
@@ -572,6 +572,7 @@ def config_from_args(args: argparse.Namespace) -> TardisConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    delete_staged_files_on_terminate()
     try:
         args = parse_arguments(build_parser(), argv)
         check_environment()

@@ -104,3 +104,29 @@ def test_coverage_zero_is_the_identity_on_an_external_fp16_decoder(tmp_path):
     assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
     ids = [gelu_decoder.decode(create_session(p), prompt, steps=4)[0] for p in (path, out)]
     np.testing.assert_array_equal(ids[0], ids[1])
+
+
+def test_a_terminated_run_leaves_no_temporary_behind(tmp_path):
+    """SIGTERM while a model with external data is being rewritten (its output's data already staged):
+    the staging folder is deleted and no output appears."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = save(chain_model(["a", "b", "c"], hidden=512), tmp_path / "m.onnx", external=True)
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "feeds.npz", **{f"x/{i}": rng.standard_normal((8, 64, 16), dtype=np.float32) for i in range(400)}
+    )
+    command = [sys.executable, "-m", "tardis_onnx.optimize", str(path), "--calib", str(tmp_path / "feeds.npz"), "-q"]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".tardis-staging-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "finished before it could be stopped"
+    os.kill(process.pid, signal.SIGTERM)
+    # 143 (128 + SIGTERM); 1 when the signal lands inside an import that wraps it in an ImportError
+    assert process.wait(60) in (1, 128 + signal.SIGTERM), process.stderr.read()[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feeds.npz", "m.onnx", "m.onnx.data"]

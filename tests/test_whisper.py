@@ -509,8 +509,7 @@ def _optimize(argv: list[str]) -> int:
 @pytest.mark.slow  # three ~300 MB rewrites and two pipelines: 2-6 min on 2 cores
 def test_coverage_0_whisper_transcribes_jfk_with_the_same_tokens(whisper_onnx, jfk_manifest, tmp_path, data_dir):
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from transformers import WhisperProcessor
-    from whisper_asr import Transcriber, copy_side_files, read_audio
+    from whisper_asr import copy_side_files
 
     out = tmp_path / "tardis"
     out.mkdir()
@@ -520,14 +519,8 @@ def test_coverage_0_whisper_transcribes_jfk_with_the_same_tokens(whisper_onnx, j
         report = json.loads((tmp_path / f"{file}.json").read_text())
         assert report["totals"]["ffns"] == 6 and report["calibration"]["source"].startswith("speech ")
     copy_side_files(whisper_onnx, out)
-    processor = WhisperProcessor.from_pretrained(whisper_onnx)
-    features = processor(read_audio(data_dir / "speech" / "jfk" / "jfk.flac"), sampling_rate=16000, return_tensors="pt")
-    ids = {}
-    for name, folder in (("dense", whisper_onnx), ("tardis", out)):
-        model = Transcriber(folder, processor).model
-        if name == "tardis":
-            assert model.decoder_with_past is not None  # no merged file: decoder_model + decoder_with_past_model
-        ids[name] = model.generate(features.input_features, language="en", task="transcribe", do_sample=False).tolist()
+    ids, models = _jfk_token_ids({"dense": whisper_onnx, "tardis": out}, data_dir)
+    assert models["tardis"].decoder_with_past is not None  # no merged file: decoder_model + decoder_with_past_model
     assert ids["tardis"] == ids["dense"]
     assert len(ids["dense"][0]) == 25  # the text tokens (generate drops the prompt and <|endoftext|>)
 
@@ -537,8 +530,7 @@ def test_coverage_0_merged_decoder_transcribes_jfk_with_the_same_tokens(whisper_
     """The rewritten decoder_model_merged.onnx (FFNs folded in both If branches) where Optimum loads it by
     default: the same token ids as the dense merged decoder."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from transformers import WhisperProcessor
-    from whisper_asr import Transcriber, copy_side_files, read_audio
+    from whisper_asr import copy_side_files
 
     out = tmp_path / "tardis"
     out.mkdir()
@@ -554,14 +546,25 @@ def test_coverage_0_merged_decoder_transcribes_jfk_with_the_same_tokens(whisper_
         assert not any("/fc1/" in n.name or "/fc2/" in n.name for n in branch.node)
     (out / "encoder_model.onnx").symlink_to(whisper_onnx / "encoder_model.onnx")
     copy_side_files(whisper_onnx, out)
-    processor = WhisperProcessor.from_pretrained(whisper_onnx)
-    features = processor(read_audio(data_dir / "speech" / "jfk" / "jfk.flac"), sampling_rate=16000, return_tensors="pt")
-    ids = {}
-    for name, folder in (("dense", whisper_onnx), ("tardis", out)):
-        model = Transcriber(folder, processor).model
-        assert model.decoder_with_past is None and "use_cache_branch" in model.decoder.input_names  # merged
-        ids[name] = model.generate(features.input_features, language="en", task="transcribe", do_sample=False).tolist()
+    ids, models = _jfk_token_ids({"dense": whisper_onnx, "tardis": out}, data_dir)
+    for model in models.values():  # both load the merged decoder
+        assert model.decoder_with_past is None and "use_cache_branch" in model.decoder.input_names
     assert ids["tardis"] == ids["dense"] and len(ids["dense"][0]) == 25
+
+
+def _jfk_token_ids(folders: dict[str, Path], data_dir: Path) -> tuple[dict[str, list], dict]:
+    """Greedy transcription of jfk.flac by the Whisper export in each folder (Optimum): token ids and models."""
+    from transformers import WhisperProcessor
+    from whisper_asr import Transcriber, read_audio
+
+    processor = WhisperProcessor.from_pretrained(folders["dense"])
+    features = processor(read_audio(data_dir / "speech" / "jfk" / "jfk.flac"), sampling_rate=16000, return_tensors="pt")
+    ids, models = {}, {}
+    for name, folder in folders.items():
+        models[name] = Transcriber(folder, processor).model
+        generated = models[name].generate(features.input_features, language="en", task="transcribe", do_sample=False)
+        ids[name] = generated.tolist()
+    return ids, models
 
 
 def test_bad_speech_calib_is_one_error_line(whisper_onnx, tmp_path):

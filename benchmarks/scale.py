@@ -1,0 +1,206 @@
+"""The paper's scale on one machine: fold a Falcon-7B-shaped GELU decoder (fp16, 14.4 GB of external data).
+
+The model comes from ``models/gelu_decoder.py`` (random weights, written straight to ONNX, cached). The plain
+command ``python -m tardis_onnx.optimize`` folds it in a subprocess, calibrated on ``--sequences`` random
+token sequences of ``--seq-len`` tokens (random weights have no text to prefer); its report gives the
+seconds and peak memory of each stage (match, calibrate, fit, emit, save) and the child's peak RSS is
+read when it exits. Then both models decode with the KV cache in ONNX Runtime (CPU, the memory-frugal
+options a model this size needs here: no graph optimisation, no arena, no prepacking; fp16 MatMuls run
+as Cast + fp32 MatMul), one session alive at a time, whole decodes alternated, medians over repeats.
+Beside the speed: the weight bytes a decoded token reads (the embedding row aside), dense and rewritten
+(the FFNs' from the report: fold, predictor and flagged rows).
+
+    python benchmarks/scale.py --out out/scale --plot docs/scale.png
+    python benchmarks/scale.py --layers 2 --sequences 4 --decode-steps 2 --repeats 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
+
+from models import gelu_decoder  # noqa: E402
+from tardis_onnx.files import all_tensors  # noqa: E402
+from tardis_onnx.session import create_session  # noqa: E402
+
+STAGES = ("match", "calibrate", "fit", "emit", "save")
+
+
+def calibration_feeds(model: Path, path: Path, sequences: int, seq_len: int, batch: int, seed: int) -> Path:
+    """An ``.npz`` of feeds (``name/0``, ``name/1``, ...): random token ids, batches of ``batch`` sequences."""
+    session_inputs = onnx.load(str(model), load_external_data=False).graph.input
+    preset_vocab = vocabulary(model)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for k in range(-(-sequences // batch)):
+        rows = min(batch, sequences - k * batch)
+        ids = rng.integers(0, preset_vocab, (rows, seq_len), dtype=np.int64)
+        arrays[f"input_ids/{k}"] = ids
+        arrays[f"attention_mask/{k}"] = np.ones_like(ids)
+        for value in session_inputs:
+            if value.name.startswith("past_key_values."):
+                dims = value.type.tensor_type.shape.dim
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+                arrays[f"{value.name}/{k}"] = np.zeros((rows, dims[1].dim_value, 0, dims[3].dim_value), dtype)
+    np.savez(path, **arrays)
+    return path
+
+
+def vocabulary(model: Path) -> int:
+    """Rows of the token embedding (the tensor a Gather reads)."""
+    graph = onnx.load(str(model), load_external_data=False).graph
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    return next(int(t.dims[0]) for t in graph.initializer if t.name in gathered and len(t.dims) == 2)
+
+
+def optimize(model: Path, output: Path, feeds: Path, extra: list[str]) -> dict:
+    """The plain command on ``model`` in a subprocess: its report, wall seconds and peak RSS."""
+    command = [sys.executable, "-m", "tardis_onnx.optimize", str(model), "-o", str(output), "--calib", str(feeds)]
+    started = time.perf_counter()
+    subprocess.run([*command, *extra], check=True)
+    wall = time.perf_counter() - started
+    report = json.loads(output.with_name(output.name.removesuffix(".onnx") + ".json").read_text())
+    return {
+        "command": " ".join(["python", *command[1:], *extra]),
+        "wall_s": round(wall, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "stages": report["stages"],
+        "totals": report["totals"],
+        "predictors": sorted({row["predictor"] for row in report["ffns"]}),
+        "flagged_fraction": statistics.mean(row["flagged_fraction"] for row in report["ffns"]),
+        "warnings": report["warnings"],
+    }
+
+
+def weight_bytes(model: Path) -> tuple[int, int]:
+    """(all weight bytes, those of the token embedding, which a token reads one row of)."""
+    graph = onnx.load(str(model), load_external_data=False).graph
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    sizes = {
+        t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in all_tensors(graph)
+    }
+    return sum(sizes.values()), sum(size for name, size in sizes.items() if name in gathered)
+
+
+def decode_times(paths: dict[str, Path], prompt: np.ndarray, steps: int, repeats: int) -> dict[str, dict]:
+    """Per model: median seconds of the prefill and per decoded token, and the tokens, over ``repeats``
+    whole decodes alternated (one session alive at a time: two 7B models do not fit in memory together)."""
+    runs: dict[str, list] = {name: [] for name in paths}
+    tokens = {}
+    for _ in range(repeats):
+        for name, path in paths.items():
+            session = create_session(path)
+            ids, seconds = gelu_decoder.decode(session, prompt, steps + 1)
+            del session
+            runs[name].append((seconds[0], statistics.median(seconds[1:])))
+            tokens[name] = ids[0].tolist()
+    return {
+        name: {
+            "prefill_s": statistics.median(r[0] for r in rows),
+            "s_per_token": statistics.median(r[1] for r in rows),
+            "tokens": tokens[name],
+        }
+        for name, rows in runs.items()
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = result["optimize"]["stages"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [s for s in STAGES if s in stages]
+    left.bar(names, [stages[s]["seconds"] / 60 for s in names], color="tab:blue")
+    left.set_ylabel("minutes")
+    twin = left.twinx()
+    twin.plot(names, [stages[s]["peak_rss_mib"] / 1024 for s in names], "o-", color="tab:red")
+    twin.axhline(result["model"]["weight_bytes"] / 2**30, color="gray", ls="--", lw=1)
+    twin.set_ylabel("peak RSS so far, GiB (dashed: the weights)")
+    left.set_title(f"optimize {result['model']['name']}: {result['optimize']['wall_s'] / 60:.1f} min")
+    decode = result["decode"]
+    right.bar(list(decode), [1 / d["s_per_token"] for d in decode.values()], color=["gray", "tab:green"])
+    right.set_ylabel("tokens/s (KV cache, ONNX Runtime CPU)")
+    for i, d in enumerate(decode.values()):
+        right.annotate(f"{d['read_gib_per_token']:.1f} GiB/token", (i, 1 / d["s_per_token"]), ha="center", va="bottom")
+    right.set_title("decode")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="falcon-7b", choices=sorted(gelu_decoder.PRESETS))
+    parser.add_argument("--layers", type=int, help="override the preset's depth (a quicker run)")
+    parser.add_argument("--dtype", default="float16", choices=sorted(gelu_decoder.DTYPES))
+    parser.add_argument("--sequences", type=int, default=32, help="calibration sequences")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
+    parser.add_argument("--batch", type=int, default=4, help="calibration sequences per batch")
+    parser.add_argument("--decode-steps", type=int, default=4, help="tokens decoded after the prompt")
+    parser.add_argument("--prompt", type=int, default=8, help="prompt tokens")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", type=Path, help="an existing model.onnx written by models/gelu_decoder.py")
+    parser.add_argument("--work", type=Path, help="folder for the feeds and the rewrite (default: beside the model)")
+    parser.add_argument("--optimize-args", default="", help="extra flags for optimize, e.g. '--shapes 1x1'")
+    parser.add_argument("--out", type=Path, default=Path("out/scale"))
+    parser.add_argument("--plot", type=Path, help="write a PNG (e.g. docs/scale.png)")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    model = args.model or gelu_decoder.build(args.preset, args.dtype, args.layers)
+    built_s = time.perf_counter() - started
+    work = args.work or model.parent / "tardis"
+    work.mkdir(parents=True, exist_ok=True)
+    feeds = calibration_feeds(model, work / "feeds.npz", args.sequences, args.seq_len, args.batch, seed=0)
+    rewritten = work / "model.tardis.onnx"
+    optimized = optimize(model, rewritten, feeds, args.optimize_args.split())
+    total, embedding = weight_bytes(model)
+    per_token = total - embedding
+    ffn = optimized["totals"]
+    read = {"dense": per_token, "tardis": per_token - ffn["dense_bytes"] + ffn["total_read_bytes"]}
+    prompt = np.random.default_rng(1).integers(0, vocabulary(model), (1, args.prompt), dtype=np.int64)
+    decode = decode_times({"dense": model, "tardis": rewritten}, prompt, args.decode_steps, args.repeats)
+    for name, row in decode.items():
+        row["read_gib_per_token"] = read[name] / 2**30
+    result = {
+        "model": {"name": args.preset + (f" ({args.layers} layers)" if args.layers else ""), "path": str(model)}
+        | {"dtype": args.dtype, "weight_bytes": total, "built_or_cached_s": round(built_s, 1)},
+        "calibration": {"sequences": args.sequences, "seq_len": args.seq_len, "batch": args.batch},
+        "optimize": optimized,
+        "decode": decode,
+        "speedup": decode["dense"]["s_per_token"] / decode["tardis"]["s_per_token"],
+        "bytes_bound": read["dense"] / read["tardis"],
+        "same_tokens": decode["dense"]["tokens"] == decode["tardis"]["tokens"],
+        "machine": {"cpus": platform.processor() or platform.machine(), "python": platform.python_version()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    stages = optimized["stages"]
+    print(f"optimize: {optimized['wall_s'] / 60:.1f} min, peak RSS {optimized['peak_rss_mib'] / 1024:.1f} GiB")
+    print(f"  weights {total / 2**30:.1f} GiB; " + ", ".join(f"{s} {stages[s]['seconds']:.0f} s" for s in stages))
+    for name, row in decode.items():
+        print(f"decode {name}: {1 / row['s_per_token']:.3f} tok/s, {row['read_gib_per_token']:.2f} GiB/token")
+    speedup, bound, same = result["speedup"], result["bytes_bound"], result["same_tokens"]
+    print(f"speedup {speedup:.2f}x (bytes bound {bound:.2f}x); same tokens: {same}")
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
