@@ -43,10 +43,11 @@ class Calibration:
     """Per FFN: the fitted lines and the measured outlier fraction on the fit tokens.
 
     coverage: the (mean) coverage of the neurons' windows; fold: the kept ``(Wf, bf)``, refitted or plain
-    (computed once: at d = 4544, h = 18176 a fold is d²h multiply-adds; ``None`` only when built by hand); calibration_error and heldout_error:
-    ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN with the exact outlier set on the fit tokens and on
-    the held-out tokens (None without any); recipe: what was kept ("plain", "least-error/layer",
-    "least-error/layer+refit", ...); refit_ridge: the refit's ridge when refitted.
+    (computed once: at d = 4544, h = 18176 a fold is d²h multiply-adds; ``None`` only when built by hand);
+    calibration_error and heldout_error: ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the rewritten FFN with the exact
+    outlier set on the fit tokens and on the held-out tokens (None without any); recipe: what was kept
+    ("plain", "least-error/layer", "least-error/layer+refit", ...); refit_ridge: the refit's ridge when
+    refitted.
     """
 
     lines: reference.NeuronLines
