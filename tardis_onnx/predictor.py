@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
-from tardis_onnx.reference import NeuronLines, dense_ffn, outside_window, residual
+from tardis_onnx.reference import NeuronLines, gelu, outside_window, residual
 from tardis_onnx.reference import fold as fold_weights
 
 # A predictor that stands for the pre-activation (int8: flagged residuals taken from it) is a candidate
@@ -30,6 +30,8 @@ from tardis_onnx.reference import fold as fold_weights
 # and STS-B dev from 86.71 (int4, exact residuals) to 86.60, for the speed that made every FFN pay.
 MAX_PREDICTED_RESIDUAL_ERROR = 1.25
 INT4_BLOCK = 32
+# Tokens each predictor's error scale (the flag windows' narrowing) is measured on.
+ERROR_SCALE_TOKENS = 8192
 # The low-rank fit takes an exact SVD up to this many rows or columns, a randomized one beyond.
 LOWRANK_EXACT_SVD = 1024
 # MatMulNBits computes with int8 activations (VNNI/AVX2 on CPU): ~3x faster than its fp32 dequantizing path
@@ -72,9 +74,10 @@ class Predictor:
         z = self._z(np.asarray(x, dtype=np.float64), np.asarray(w1, dtype=np.float64))
         return z if b1 is None else z + b1
 
-    def error_scale(self, x: np.ndarray, w1: np.ndarray) -> np.ndarray:
-        """Per-neuron standard deviation of ``z_hat − z`` on inputs ``x [n, d]``."""
-        return (self.predict(x, w1, None) - np.asarray(x, dtype=np.float64) @ w1).std(axis=0)
+    def error_scale(self, x: np.ndarray, w1: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+        """Per-neuron standard deviation of ``z_hat − z`` on inputs ``x [n, d]`` (``z``: ``x·W1`` when known)."""
+        z = np.asarray(x, dtype=np.float64) @ w1 if z is None else z
+        return (self.predict(x, w1, None) - z).std(axis=0)
 
     def emit(self, b, ffn, standard_only: bool) -> str:
         """Nodes computing ``z_hat − b1`` from ``ffn.x`` through builder ``b`` (``b.constant``, ``b.op``);
@@ -94,7 +97,7 @@ class ExactPredictor(Predictor):
     def _z(self, x, w1):
         return x @ w1
 
-    def error_scale(self, x, w1):
+    def error_scale(self, x, w1, z=None):
         return np.zeros(np.shape(w1)[1])
 
     def emit(self, b, ffn, standard_only):
@@ -313,16 +316,24 @@ def predictor_bytes(kind: str, d: int, h: int, itemsize: int, rank: int = 0) -> 
 
 
 def predictor_quality(
-    predictor: Predictor, ffn, x: np.ndarray, lines: NeuronLines, flags: NeuronLines, margin: float = 0.0
+    predictor: Predictor,
+    ffn,
+    x: np.ndarray,
+    lines: NeuronLines,
+    flags: NeuronLines,
+    margin: float = 0.0,
+    z: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """On tokens ``x [n, d]``: the fraction of neurons the predictor flags (through the ``flags``
-    windows), and its recall of the true outliers (outside the ``lines`` windows)."""
+    windows), and its recall of the true outliers (outside the ``lines`` windows). ``z``: the
+    pre-activations ``x·W1 + b1`` when known."""
     flagged = hits = outliers = 0.0
     for start in range(0, x.shape[0], 4096):
         block = np.asarray(x[start : start + 4096], dtype=np.float64)
-        z = block @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1)
-        z_hat = z if isinstance(predictor, ExactPredictor) else predictor.predict(block, ffn.w1, ffn.b1)
-        true = outside_window(z, lines)
+        bias = 0.0 if ffn.b1 is None else ffn.b1
+        z_block = block @ ffn.w1 + bias if z is None else z[start : start + 4096]
+        z_hat = z_block if isinstance(predictor, ExactPredictor) else predictor.predict(block, ffn.w1, ffn.b1)
+        true = outside_window(z_block, lines)
         predicted = outside_window(z_hat, flags, margin)
         flagged += predicted.sum()
         hits += (predicted & true).sum()
@@ -339,14 +350,16 @@ def predicted_residual_errors(
     flags: NeuronLines,
     fold: tuple[np.ndarray, np.ndarray] | None = None,
     margin: float = 0.0,
+    z: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """On tokens ``x``: the rewritten FFN's error ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` with the neurons the predictor
-    flags getting their exact residual, and with their residual taken from the prediction."""
+    flags getting their exact residual, and with their residual taken from the prediction (``z``: the
+    pre-activations ``x·W1 + b1`` when known)."""
     x = np.asarray(x, dtype=np.float64)
     form = ffn.gelu.form
-    y = dense_ffn(x, ffn.w1, ffn.b1, ffn.w2, ffn.b2, form)
+    z = x @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1) if z is None else z
+    y = gelu(z, form) @ ffn.w2 + (0.0 if ffn.b2 is None else ffn.b2)
     wf, bf = fold if fold is not None else fold_weights(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
-    z = x @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1)
     z_hat = predictor.predict(x, ffn.w1, ffn.b1)
     flagged = outside_window(z_hat, flags, margin)
     base = x @ wf + bf
@@ -389,15 +402,21 @@ def rank_predictors(
     ``check_x`` by more than ``MAX_PREDICTED_RESIDUAL_ERROR`` (``fold``: the folded map, default the plain fold)."""
     d, h = ffn.w1_stored.shape
     item = np.dtype(ffn.dtype).itemsize
+    # The exact pre-activations, computed once for all candidates (each is a tokens × d × h product).
+    error_x = np.asarray(fit_x[:ERROR_SCALE_TOKENS], dtype=np.float64)
+    z_fit = error_x @ ffn.w1
+    z_check = np.asarray(check_x, dtype=np.float64) @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1)
     choices = []
     for kind in kinds:
         predictor = PREDICTOR_CLASSES[kind].fit(fit_x, ffn.w1, rank)
-        flags = flag_windows(lines, predictor.error_scale(fit_x[:8192], ffn.w1), uncertainty)
+        flags = flag_windows(lines, predictor.error_scale(error_x, ffn.w1, z_fit), uncertainty)
         if predictor.residual_from_prediction and len(kinds) > 1:  # asked for alone: taken as it is
-            exact, predicted = predicted_residual_errors(predictor, ffn, check_x[:4096], lines, flags, fold, margin)
+            exact, predicted = predicted_residual_errors(
+                predictor, ffn, check_x[:4096], lines, flags, fold, margin, z_check[:4096]
+            )
             if predicted > MAX_PREDICTED_RESIDUAL_ERROR * exact + 1e-9:
                 continue
-        flagged, recall = predictor_quality(predictor, ffn, check_x, lines, flags, margin)
+        flagged, recall = predictor_quality(predictor, ffn, check_x, lines, flags, margin, z_check)
         rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
         cost = predictor.read_bytes(d, h, item) + flagged * rows * item
         choices.append(PredictorChoice(predictor, flags, flagged, recall, cost))
