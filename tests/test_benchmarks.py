@@ -121,3 +121,23 @@ def test_cuda_benchmark_plumbing_on_cpu(monkeypatch):
     torch.testing.assert_close(fused_form, z_hat_form, rtol=1e-5, atol=1e-5)
     unflagged = bench.folded(cpu, layer, x)[:, :32]
     assert (fused_form - unflagged).abs().max() > 1e-3  # some neurons were flagged
+
+
+def test_the_scale_benchmark_runs_end_to_end_on_the_tiny_decoder(tmp_path, monkeypatch):
+    """benchmarks/scale.py on the generator's tiny fp16 decoder: the plain command's stages, both decodes,
+    and bytes per token consistent with the report."""
+    import json
+
+    import scale
+
+    monkeypatch.setenv("TARDIS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    argv = ["--preset", "tiny", "--sequences", "4", "--seq-len", "16", "--decode-steps", "2", "--repeats", "1"]
+    assert scale.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(out / "s.png")]) == 0
+    result = json.loads((out / "scale.json").read_text())
+    assert set(result["optimize"]["stages"]) == set(scale.STAGES)
+    assert result["optimize"]["totals"]["ffns"] == 2 and (out / "s.png").stat().st_size > 0
+    dense, tardis = result["decode"]["dense"], result["decode"]["tardis"]
+    assert len(dense["tokens"]) == len(tardis["tokens"]) == 3 and dense["s_per_token"] > 0
+    saved = result["optimize"]["totals"]["dense_bytes"] - result["optimize"]["totals"]["total_read_bytes"]
+    assert dense["read_gib_per_token"] - tardis["read_gib_per_token"] == pytest.approx(saved / 2**30)
