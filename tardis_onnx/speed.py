@@ -63,10 +63,12 @@ def shape_name(shape: tuple[int, int]) -> str:
 
 @dataclass
 class SpeedCheck:
-    """One FFN's timings: per serving shape, the original's and the rewrite's median seconds."""
+    """One FFN's timings: per serving shape, the original's and the rewrite's median seconds (shapes after
+    the first where the rewrite is slower are not timed: ``skipped`` of them)."""
 
     dense_s: dict[str, float]
     rewritten_s: dict[str, float]
+    skipped: int = 0
 
     @property
     def speedups(self) -> dict[str, float]:
@@ -75,7 +77,7 @@ class SpeedCheck:
     @property
     def pays(self) -> bool:
         """True when the rewrite is at least as fast as the original at every shape."""
-        return all(s >= 1.0 for s in self.speedups.values())
+        return not self.skipped and all(s >= 1.0 for s in self.speedups.values())
 
 
 def _io(name: str, dtype: np.dtype, d: int) -> onnx.ValueInfoProto:
@@ -142,7 +144,8 @@ def measure_pair(
     dense: bytes, rewritten: bytes, inputs_per_shape: Sequence[Sequence[np.ndarray]]
 ) -> list[tuple[float, float]]:
     """Per shape, median seconds per run of the two one-FFN models on that shape's inputs (rotated), runs
-    alternated; one session per model serves every shape (creating one prepacks the weights)."""
+    alternated, until the first shape where the rewrite is slower; one session per model serves every shape
+    (creating one prepacks the weights)."""
     sessions = [_session(dense)]
     try:
         sessions.append(_session(rewritten))
@@ -175,6 +178,8 @@ def measure_pair(
                 sessions[k].run(None, {names[k]: x})
                 times[k].append(time.perf_counter() - t0)
         medians.append((statistics.median(times[0]), statistics.median(times[1])))
+        if medians[-1][1] > medians[-1][0]:  # slower here: the rewrite cannot pay, the larger shapes can wait
+            break
     return medians
 
 
@@ -187,15 +192,19 @@ def check_ffn(
     measure: Callable[[bytes, bytes, Sequence[Sequence[np.ndarray]]], list[tuple[float, float]]] | None = None,
     quantize: str = "none",
 ) -> SpeedCheck:
-    """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape, on calibration
-    rows ``x``; with ``quantize="int8"`` both run as ``quantize_dynamic`` leaves them."""
+    """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape, fewest tokens
+    first and up to the first where the rewrite is slower, on calibration rows ``x``; with
+    ``quantize="int8"`` both run as ``quantize_dynamic`` leaves them."""
     measure = measure or measure_pair
     dense, rewritten = dense_ffn_model(ffn), rewritten_ffn_model(ffn, nodes, initializers)
     if quantize == "int8":
         dense, rewritten = (quantize_int8(onnx.load_from_string(m)).SerializeToString() for m in (dense, rewritten))
-    check = SpeedCheck({}, {})
+    shapes = sorted(shapes, key=lambda shape: shape[0] * shape[1])
     times = measure(dense, rewritten, [serving_inputs(x, shape, ffn.dtype) for shape in shapes])
-    for shape, (dense_s, rewritten_s) in zip(shapes, times, strict=True):
+    if not times or len(times) > len(shapes):
+        raise TardisError(f"timing {ffn.name} gave {len(times)} results for {len(shapes)} shapes")
+    check = SpeedCheck({}, {}, skipped=len(shapes) - len(times))
+    for shape, (dense_s, rewritten_s) in zip(shapes[: len(times)], times, strict=True):
         if not (math.isfinite(dense_s) and math.isfinite(rewritten_s) and min(dense_s, rewritten_s) > 0):
             raise TardisError(f"timing {ffn.name} at {shape_name(shape)} gave no usable time")
         check.dense_s[shape_name(shape)] = dense_s
