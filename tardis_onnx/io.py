@@ -163,8 +163,11 @@ def save_model(
         if mapped:
             writer = weights or ExternalDataWriter.staged(staged, output)
             with writer:
-                for tensor in all_tensors(model.graph):
+                for tensor in _initializers(model.graph):  # large inline ones join them; attributes stay inline
                     writer.add(tensor, weights_dir)
+                for tensor in all_tensors(model.graph):  # attribute tensors kept in the input's external data
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                        writer.add(tensor, weights_dir)
         elif large:
             staged.path(data).unlink(missing_ok=True)
             # onnx.save_model(save_as_external_data=True) refuses when `location` exists relative to the
@@ -185,7 +188,7 @@ class ExternalDataWriter:
 
     ``add`` takes a tensor with inline data of at least ``min_bytes`` (moved out of the proto, freeing it)
     or one still referring to the input model's external data (copied a chunk at a time); smaller inline
-    tensors stay inline. A tensor is written once, however often it is added."""
+    tensors stay inline. A named tensor is written once, however often it is added."""
 
     ALIGNMENT = 4096
     CHUNK = 64 << 20
@@ -203,7 +206,7 @@ class ExternalDataWriter:
         return cls(staged.path(data_path(output)))
 
     def add(self, tensor: onnx.TensorProto, weights_dir: Path | None = None) -> None:
-        if tensor.name in self.written:
+        if tensor.name and tensor.name in self.written:  # names are unique in a model; unnamed come once
             return
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = ExternalDataInfo(tensor)
@@ -212,7 +215,7 @@ class ExternalDataWriter:
             offset = self._align()
             with open(Path(weights_dir) / info.location, "rb") as source:
                 source.seek(info.offset or 0)
-                length = info.length if info.length is not None else os.fstat(source.fileno()).st_size
+                length = info.length if info.length is not None else os.fstat(source.fileno()).st_size - source.tell()
                 left = length
                 while left > 0:
                     chunk = source.read(min(self.CHUNK, left))
