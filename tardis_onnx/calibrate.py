@@ -401,24 +401,23 @@ def _gram(x: np.ndarray) -> np.ndarray:
     return gram
 
 
-def _sums(ffn: FfnMatch, w1: np.ndarray, w2: np.ndarray, x: np.ndarray, lines: reference.NeuronLines) -> _Sums:
-    """Stream the tokens ``x`` in blocks: outlier count and the sums the refit and its error need
-    (``w1``, ``w2``: the FFN's weights in float64)."""
-    d_out = w2.shape[1]
+def _sums(ffn: FfnMatch, x: np.ndarray, lines: reference.NeuronLines) -> _Sums:
+    """Stream the tokens ``x`` in blocks: outlier count and the sums the refit and its error need."""
+    d_out = ffn.w2_stored.shape[1]
     cross, target_sq, outliers = np.zeros((x.shape[1] + 1, d_out)), 0.0, 0
     y_sum, y_sq = np.zeros(d_out), 0.0
     step = max(1, (1 << 22) // max(ffn.hidden, 1))
     for start in range(0, x.shape[0], step):
         block = np.asarray(x[start : start + step], dtype=np.float64)
-        z = block @ w1
+        z = block @ ffn.w1
         if ffn.b1 is not None:
             z += ffn.b1
         outside = reference.outside_window(z, lines)
         outliers += int(outside.sum())
         g = reference.gelu(z, ffn.gelu.form)
         line = lines.slope * z + lines.intercept
-        target = np.where(outside, line, g) @ w2  # true output minus the exact fallback term
-        y = g @ w2
+        target = np.where(outside, line, g) @ ffn.w2  # true output minus the exact fallback term
+        y = g @ ffn.w2
         if ffn.b2 is not None:
             target, y = target + ffn.b2, y + ffn.b2
         y_sum += y.sum(axis=0)
@@ -437,12 +436,11 @@ def _finish(
     """Fold each candidate's windows (plainly, and refitted when asked) and keep the least held-out error."""
     gram_fit = _gram(fit.x)
     gram_held = None if heldout is None else _gram(heldout.x)
-    w1, w2 = ffn.w1, ffn.w2
     best = None  # (candidate, recipe, ridge, Wf, bf, fit sums, held-out error): only the best fold is kept
     for candidate in candidates:
-        wf, bf = reference.fold(w1, ffn.b1, w2, ffn.b2, candidate.lines)
-        fit_sums = _sums(ffn, w1, w2, fit.x, candidate.lines)
-        held_sums = None if heldout is None else _sums(ffn, w1, w2, heldout.x, candidate.lines)
+        wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)
+        fit_sums = _sums(ffn, fit.x, candidate.lines)
+        held_sums = None if heldout is None else _sums(ffn, heldout.x, candidate.lines)
         ridges = [None]
         if config.refit and candidate.recipe != "plain":
             chosen_ridge = config.refit_ridge if config.refit_ridge is not None else DEFAULT_REFIT_RIDGE

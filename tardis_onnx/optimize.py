@@ -147,6 +147,7 @@ def optimize_model(
         raise TardisError(f"the model uses opset {opset}; tardis-onnx needs opset >= {MIN_OPSET}")
     with stages("match"):
         ffns, refusals = find_ffns(model, weights_dir)
+    bound_mib = reservoir_bytes(ffns, config.max_samples) / 2**20
     if not ffns:
         reasons = "; ".join(f"{r.name}: {r.reason}" for r in refusals[:3])
         raise TardisError("no foldable GELU FFN found" + (f" ({reasons})" if reasons else ""))
@@ -164,9 +165,8 @@ def optimize_model(
             )
             warnings.append(RANDOM_FEEDS_WARNING)
         if progress and sys.stderr.isatty():  # the bound is in the report too
-            bound = reservoir_bytes(ffns, config.max_samples) / 2**20
             tqdm.write(
-                f"calibration keeps at most {config.max_samples} tokens per FFN: {bound:.0f} MiB", file=sys.stderr
+                f"calibration keeps at most {config.max_samples} tokens per FFN: {bound_mib:.0f} MiB", file=sys.stderr
             )
         with stages("calibrate"), _progress(progress, "calibrating", _length(calibration), "batch") as bar:
             samples = capture_ffn_inputs(
@@ -225,7 +225,7 @@ def optimize_model(
         "kept_tokens_per_ffn": max(s.x.shape[0] for s in samples),
         "fit_tokens_per_ffn": max(f.x.shape[0] for f, _ in fit_tokens),
         "heldout_tokens_per_ffn": max((0 if h is None else h.x.shape[0]) for _, h in fit_tokens),
-        "reservoir_bound_mib": round(reservoir_bytes(ffns, config.max_samples) / 2**20, 1),
+        "reservoir_bound_mib": round(bound_mib, 1),
     }
     result = OptimizeResult(model, rows, refusals, config, fallback, windows, predictors, flag_lines, summary, warnings)
     result.elapsed_s = time.perf_counter() - started
