@@ -40,12 +40,16 @@ def is_onnxruntime_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("onnxruntime")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def external_error(exc: BaseException, what: str) -> TardisError:
     """A :class:`TardisError` for a failure of ONNX Runtime or numpy on bad input: ``what``, then the first
     line of the library's message."""
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    first = first.replace("[ONNXRuntimeError] : ", "").strip()
+    first = first_line(exc).replace("[ONNXRuntimeError] : ", "").strip()
     return TardisError(f"{what}: {first}")
 
 

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, set_external_data, write_external_data_tensors
 
-from tardis_onnx.errors import TardisError
+from tardis_onnx.errors import TardisError, first_line
 from tardis_onnx.files import StagedWrites, all_tensors
 
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24  # protobuf's 2 GiB limit, with headroom
@@ -62,8 +62,7 @@ def _check(model: onnx.ModelProto, path: Path, by_path: bool = False) -> None:
         else:
             onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TardisError(f"{path}: invalid ONNX model ({first_line})") from None
+        raise TardisError(f"{path}: invalid ONNX model ({first_line(exc)})") from None
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:

@@ -44,6 +44,8 @@ from tardis_onnx.errors import (
     TardisError,
     check_environment,
     finite_float,
+    first_line,
+    is_onnxruntime_error,
     non_negative_int,
     parse_arguments,
     positive_int,
@@ -304,10 +306,9 @@ def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: li
     except Exception as exc:
         # ONNX Runtime refusing a timing model (e.g. a dtype without a CPU kernel, a model its quantizer
         # cannot read); anything else is a bug and propagates.
-        if not (type(exc).__module__.startswith("onnxruntime") or isinstance(exc, RuntimeError)):
+        if not (is_onnxruntime_error(exc) or isinstance(exc, RuntimeError)):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        warnings.append(f"{ffn.name}: not timed, rewrite kept ({first[:160]})")
+        warnings.append(f"{ffn.name}: not timed, rewrite kept ({first_line(exc)[:160]})")
         return None
 
 

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tardis_onnx import runtime
-from tardis_onnx.errors import TardisError, is_onnxruntime_error
+from tardis_onnx.errors import TardisError, first_line, is_onnxruntime_error
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.quantize import quantize_int8
 
@@ -153,7 +153,7 @@ def measure_pair(
     except Exception as exc:
         if not (is_onnxruntime_error(exc) or isinstance(exc, RuntimeError)):
             raise
-        raise RewriteFailed(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+        raise RewriteFailed(first_line(exc)) from None
     names = [s.get_inputs()[0].name for s in sessions]
     medians = []
     for inputs in inputs_per_shape:
