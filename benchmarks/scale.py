@@ -34,35 +34,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
 from models import gelu_decoder  # noqa: E402
 from tardis_onnx.files import all_tensors  # noqa: E402
 from tardis_onnx.session import create_session  # noqa: E402
+from tardis_onnx.text import embedding_rows  # noqa: E402
 
 STAGES = ("match", "calibrate", "fit", "emit", "save")
 
 
-def calibration_feeds(model: Path, path: Path, sequences: int, seq_len: int, batch: int, seed: int) -> Path:
-    """An ``.npz`` of feeds (``name/0``, ``name/1``, ...): random token ids, batches of ``batch`` sequences."""
-    session_inputs = onnx.load(str(model), load_external_data=False).graph.input
-    preset_vocab = vocabulary(model)
+def calibration_feeds(graph: onnx.ModelProto, path: Path, sequences: int, seq_len: int, batch: int, seed: int) -> Path:
+    """An ``.npz`` of feeds (``name/0``, ``name/1``, ...) for the model ``graph`` (its graph only): random
+    token ids, batches of ``batch`` sequences."""
+    vocabulary = embedding_rows(graph)
     rng = np.random.default_rng(seed)
     arrays = {}
     for k in range(-(-sequences // batch)):
         rows = min(batch, sequences - k * batch)
-        ids = rng.integers(0, preset_vocab, (rows, seq_len), dtype=np.int64)
+        ids = rng.integers(0, vocabulary, (rows, seq_len), dtype=np.int64)
         arrays[f"input_ids/{k}"] = ids
         arrays[f"attention_mask/{k}"] = np.ones_like(ids)
-        for value in session_inputs:
+        for value in graph.graph.input:
             if value.name.startswith("past_key_values."):
                 dims = value.type.tensor_type.shape.dim
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
                 arrays[f"{value.name}/{k}"] = np.zeros((rows, dims[1].dim_value, 0, dims[3].dim_value), dtype)
     np.savez(path, **arrays)
     return path
-
-
-def vocabulary(model: Path) -> int:
-    """Rows of the token embedding (the tensor a Gather reads)."""
-    graph = onnx.load(str(model), load_external_data=False).graph
-    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
-    return next(int(t.dims[0]) for t in graph.initializer if t.name in gathered and len(t.dims) == 2)
 
 
 def optimize(model: Path, output: Path, feeds: Path, extra: list[str]) -> dict:
@@ -84,9 +78,9 @@ def optimize(model: Path, output: Path, feeds: Path, extra: list[str]) -> dict:
     }
 
 
-def weight_bytes(model: Path) -> tuple[int, int]:
+def weight_bytes(model: onnx.ModelProto) -> tuple[int, int]:
     """(all weight bytes, those of the token embedding, which a token reads one row of)."""
-    graph = onnx.load(str(model), load_external_data=False).graph
+    graph = model.graph
     gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
     sizes = {
         t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
@@ -166,14 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     built_s = time.perf_counter() - started
     work = args.work or model.parent / "tardis"
     work.mkdir(parents=True, exist_ok=True)
-    feeds = calibration_feeds(model, work / "feeds.npz", args.sequences, args.seq_len, args.batch, seed=0)
+    graph = onnx.load(str(model), load_external_data=False)
+    feeds = calibration_feeds(graph, work / "feeds.npz", args.sequences, args.seq_len, args.batch, seed=0)
     rewritten = work / "model.tardis.onnx"
     optimized = optimize(model, rewritten, feeds, args.optimize_args.split())
-    total, embedding = weight_bytes(model)
+    total, embedding = weight_bytes(graph)
     per_token = total - embedding
     ffn = optimized["totals"]
     read = {"dense": per_token, "tardis": per_token - ffn["dense_bytes"] + ffn["total_read_bytes"]}
-    prompt = np.random.default_rng(1).integers(0, vocabulary(model), (1, args.prompt), dtype=np.int64)
+    prompt = np.random.default_rng(1).integers(0, embedding_rows(graph), (1, args.prompt), dtype=np.int64)
     decode = decode_times({"dense": model, "tardis": rewritten}, prompt, args.decode_steps, args.repeats)
     for name, row in decode.items():
         row["read_gib_per_token"] = read[name] / 2**30
