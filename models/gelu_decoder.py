@@ -50,7 +50,6 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
@@ -63,12 +62,13 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tardis_onnx f
 from optimum_zoo import _clean_stale_tmp, default_cache_dir  # noqa: E402
 
 from tardis_onnx.errors import TardisError, non_negative_int, parse_arguments, positive_int, report_error  # noqa: E402
+from tardis_onnx.io import ExternalDataWriter  # noqa: E402
 
 RECIPE_VERSION = 1
 OPSET = 17
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-ALIGN = 4096  # external-data offsets: a page, so ONNX Runtime can map each tensor
+ALIGN = ExternalDataWriter.ALIGNMENT  # external-data offsets: a page, so ONNX Runtime can map each tensor
 CHUNK = 1 << 24  # elements generated at a time (64 MiB of float32)
 DTYPES = {
     "float16": (np.dtype(np.float16), TensorProto.FLOAT16),
@@ -106,27 +106,27 @@ PRESETS = {
 
 
 class _Weights:
-    """Initializers streamed into one external-data file, each at an aligned offset."""
+    """Initializers streamed into one external-data file (:class:`tardis_onnx.io.ExternalDataWriter`), each at
+    an aligned offset."""
 
-    def __init__(self, out: BinaryIO, dtype: np.dtype, elem: int, seed: int) -> None:
+    def __init__(self, out: ExternalDataWriter, dtype: np.dtype, elem: int, seed: int) -> None:
         self.out, self.dtype, self.elem, self.seed = out, dtype, elem, seed
         self.tensors: list[TensorProto] = []
 
     def add(self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> str:
         """Append tensor ``name``: ``mean + std·N(0, 1)``, generated and written ``CHUNK`` elements at a time."""
-        end = self.out.tell()
-        offset = -(-end // ALIGN) * ALIGN
-        self.out.write(b"\0" * (offset - end))
         rng = np.random.default_rng([self.seed, len(self.tensors)])
         count = math.prod(shape)
-        for start in range(0, count, CHUNK):
-            chunk = rng.standard_normal(min(CHUNK, count - start), dtype=np.float32)
-            chunk *= std
-            chunk += mean
-            chunk.astype(self.dtype).tofile(self.out)
-        tensor = TensorProto(name=name, data_type=self.elem, dims=shape, data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", DATA_FILE), ("offset", offset), ("length", count * self.dtype.itemsize)):
-            tensor.external_data.add(key=key, value=str(value))
+
+        def chunks():
+            for start in range(0, count, CHUNK):
+                chunk = rng.standard_normal(min(CHUNK, count - start), dtype=np.float32)
+                chunk *= std
+                chunk += mean
+                yield chunk.astype(self.dtype)
+
+        tensor = TensorProto(name=name, data_type=self.elem, dims=shape)
+        self.out.append(tensor, chunks())
         self.tensors.append(tensor)
         return name
 
@@ -270,7 +270,7 @@ def write_model(preset: Preset, out_dir: Path, dtype: str = "float16", seed: int
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
     try:
         np_dtype, elem = DTYPES[dtype]
-        with open(tmp / DATA_FILE, "wb") as data:
+        with ExternalDataWriter(tmp / DATA_FILE) as data:
             graph = _graph(preset, dtype, _Weights(data, np_dtype, elem, seed))
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="tardis-onnx")
         model.ir_version = 8

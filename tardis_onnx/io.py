@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -211,29 +212,38 @@ class ExternalDataWriter:
             info = ExternalDataInfo(tensor)
             if weights_dir is None:
                 raise TardisError(f"tensor '{tensor.name}': its external data '{info.location}' has no folder")
-            offset = self._align()
-            with open(Path(weights_dir) / info.location, "rb") as source:
-                source.seek(info.offset or 0)
-                length = info.length if info.length is not None else os.fstat(source.fileno()).st_size - source.tell()
-                left = length
-                while left > 0:
-                    chunk = source.read(min(self.CHUNK, left))
-                    if not chunk:
-                        raise TardisError(f"tensor '{tensor.name}': '{info.location}' ends before its data does")
-                    self._file.write(chunk)
-                    left -= len(chunk)
+            self.append(tensor, self._copied(tensor.name, info, Path(weights_dir) / info.location))
         elif tensor.HasField("raw_data") and len(tensor.raw_data) >= self.min_bytes:
-            offset, length = self._align(), len(tensor.raw_data)
-            self._file.write(tensor.raw_data)
+            data = tensor.raw_data
             tensor.ClearField("raw_data")
-        else:
-            return
+            self.append(tensor, [data])
+
+    def append(self, tensor: onnx.TensorProto, chunks: Iterable) -> None:
+        """Write ``chunks`` (the tensor's bytes, any bytes-like objects) at the next aligned offset and make
+        ``tensor`` refer to them."""
+        offset = self._align()
+        for chunk in chunks:
+            self._file.write(chunk)
+        length = self._file.tell() - offset
         del tensor.external_data[:]
         for key, value in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         tensor.data_location = onnx.TensorProto.EXTERNAL
-        self.written.add(tensor.name)
+        if tensor.name:
+            self.written.add(tensor.name)
+
+    def _copied(self, name: str, info: ExternalDataInfo, path: Path) -> Iterator[bytes]:
+        """The bytes of an external tensor, a chunk at a time."""
+        with open(path, "rb") as source:
+            source.seek(info.offset or 0)
+            left = info.length if info.length is not None else os.fstat(source.fileno()).st_size - source.tell()
+            while left > 0:
+                chunk = source.read(min(self.CHUNK, left))
+                if not chunk:
+                    raise TardisError(f"tensor '{name}': '{info.location}' ends before its data does")
+                left -= len(chunk)
+                yield chunk
 
     def _align(self) -> int:
         offset = self._file.tell()
