@@ -202,16 +202,15 @@ def _bisect(costs, fractions, weights, budget, per_neuron=False):
 
 
 def gram_matrix(x: np.ndarray) -> np.ndarray:
-    """``[x 1]ᵀ[x 1]`` of one block of tokens (sums that stream over blocks)."""
+    """``[x 1]ᵀ[x 1]`` of the tokens ``x``."""
     a = np.concatenate([np.asarray(x, dtype=np.float64), np.ones((x.shape[0], 1))], axis=1)
     return a.T @ a
 
 
-def cross_terms(x: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, float]:
-    """``([x 1]ᵀ·target, Σ target²)`` of one block of tokens (sums that stream over blocks)."""
+def cross_terms(x: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``[x 1]ᵀ·target`` of the tokens ``x``."""
     x = np.asarray(x, dtype=np.float64)
-    cross = np.concatenate([x.T @ target, target.sum(axis=0, keepdims=True)], axis=0)
-    return cross, float((target * target).sum())
+    return np.concatenate([x.T @ target, target.sum(axis=0, keepdims=True)], axis=0)
 
 
 def refit_fold(
@@ -229,9 +228,3 @@ def refit_fold(
     b0 = np.concatenate([wf, bf[None, :]], axis=0)
     solution = np.linalg.solve(gram + rho * np.eye(gram.shape[0]), cross + rho * b0)
     return solution[:-1], solution[-1]
-
-
-def squared_error(gram: np.ndarray, cross: np.ndarray, target_sq: float, wf: np.ndarray, bf: np.ndarray) -> float:
-    """``Σ‖x·Wf + bf − target‖²`` from :func:`gram_matrix` and :func:`cross_terms` sums (no pass over tokens)."""
-    b = np.concatenate([wf, bf[None, :]], axis=0)
-    return max(float(np.sum(b * (gram @ b)) - 2.0 * np.sum(b * cross) + target_sq), 0.0)

@@ -14,6 +14,7 @@ lowrank: ``(x·U)·V`` with ``U [d, r]``, ``V [r, h]`` fitted on calibration inp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -66,18 +67,21 @@ class Predictor:
     def read_bytes(self, d: int, h: int, itemsize: int) -> int:
         return self.bytes_per_token(d, h, itemsize, self.rank)
 
-    def _z(self, x: np.ndarray, w1: np.ndarray) -> np.ndarray:
+    def prepare(self, w1: np.ndarray) -> np.ndarray | None:
+        """What :meth:`predict` multiplies by, made from ``w1`` (float64): W1 as the predictor reads it
+        (quantized and dequantized), made once per FFN when given to :meth:`predict` as ``weights``."""
+        return w1
+
+    def _z(self, x: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
-    def predict(self, x: np.ndarray, w1: np.ndarray, b1: np.ndarray | None) -> np.ndarray:
-        """``z_hat`` in float64 (the reference for the emitted graph)."""
-        z = self._z(np.asarray(x, dtype=np.float64), np.asarray(w1, dtype=np.float64))
+    def predict(
+        self, x: np.ndarray, w1: np.ndarray, b1: np.ndarray | None, weights: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``z_hat`` in float64 (the reference for the emitted graph); ``weights``: :meth:`prepare`'s, when made."""
+        weights = self.prepare(np.asarray(w1, dtype=np.float64)) if weights is None else weights
+        z = self._z(np.asarray(x, dtype=np.float64), weights)
         return z if b1 is None else z + b1
-
-    def error_scale(self, x: np.ndarray, w1: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
-        """Per-neuron standard deviation of ``z_hat − z`` on inputs ``x [n, d]`` (``z``: ``x·W1`` when known)."""
-        z = np.asarray(x, dtype=np.float64) @ w1 if z is None else z
-        return (self.predict(x, w1, None) - z).std(axis=0)
 
     def emit(self, b, ffn, standard_only: bool) -> str:
         """Nodes computing ``z_hat − b1`` from ``ffn.x`` through builder ``b`` (``b.constant``, ``b.op``);
@@ -94,11 +98,8 @@ class ExactPredictor(Predictor):
     def bytes_per_token(cls, d, h, itemsize, rank=0):
         return d * h * itemsize
 
-    def _z(self, x, w1):
-        return x @ w1
-
-    def error_scale(self, x, w1, z=None):
-        return np.zeros(np.shape(w1)[1])
+    def _z(self, x, weights):
+        return x @ weights
 
     def emit(self, b, ffn, standard_only):
         return b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Predictor/MatMul")
@@ -115,9 +116,11 @@ class Int4Predictor(Predictor):
         blocks = -(-d // INT4_BLOCK)
         return h * blocks * (INT4_BLOCK // 2) + h * blocks * itemsize
 
-    def _z(self, x, w1):
-        packed, scales = quantize_int4(w1)
-        return quantize_activations_int8(x) @ dequantize_int4(packed, scales, w1.shape[0])
+    def prepare(self, w1):
+        return dequantize_int4(*quantize_int4(w1), w1.shape[0])
+
+    def _z(self, x, weights):
+        return quantize_activations_int8(x) @ weights
 
     def emit(self, b, ffn, standard_only):
         d, h = ffn.w1_stored.shape
@@ -142,9 +145,12 @@ class Int8Predictor(Predictor):
     def bytes_per_token(cls, d, h, itemsize, rank=0):
         return d * h + h * itemsize
 
-    def _z(self, x, w1):
+    def prepare(self, w1):
         weights, scales = quantize_int8(w1)
-        return quantize_activations_uint8(x) @ (weights * scales)
+        return weights * scales
+
+    def _z(self, x, weights):
+        return quantize_activations_uint8(x) @ weights
 
     def emit(self, b, ffn, standard_only):
         weights, scales = quantize_int8(ffn.w1)
@@ -177,7 +183,10 @@ class LowRankPredictor(Predictor):
     def bytes_per_token(cls, d, h, itemsize, rank=0):
         return rank * (d + h) * itemsize
 
-    def _z(self, x, w1):
+    def prepare(self, w1):
+        return None
+
+    def _z(self, x, weights):
         return (x @ self.u) @ self.v
 
     def emit(self, b, ffn, standard_only):
@@ -279,20 +288,53 @@ def fit_lowrank(x: np.ndarray, w1: np.ndarray, rank: int, ridge: float = 1e-6) -
     """
     x = np.asarray(x, dtype=np.float64)
     w1 = np.asarray(w1, dtype=np.float64)
-    d, h = w1.shape
+    (n, d), h = x.shape, w1.shape[1]
     rank = min(rank, d, h)
-    second = x.T @ x / x.shape[0]
-    # Each neuron's pre-activation spread from the second moments (d²h, not n·d·h, operations).
-    variance = np.einsum("ki,kl,li->i", w1, second, w1, optimize=True) - (x.mean(axis=0) @ w1) ** 2
+    if n < d:  # fewer tokens than inputs (a 7B FFN): the same factors through the tokens' n × n Gram matrix
+        root, inverse_root, variance = _token_space_roots(x, w1, ridge)
+    else:
+        second = x.T @ x / n
+        # Each neuron's pre-activation spread from the second moments (d²h, not n·d·h, operations).
+        variance = np.einsum("ki,kl,li->i", w1, second, w1, optimize=True) - (x.mean(axis=0) @ w1) ** 2
+        eigenvalues, eigenvectors = np.linalg.eigh(second)
+        eigenvalues = np.maximum(eigenvalues, ridge * max(eigenvalues.max(), 1e-30))
+        root_matrix = (eigenvectors * np.sqrt(eigenvalues)) @ eigenvectors.T
+        inverse_root_matrix = (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
+
+        def root(a):
+            return root_matrix @ a
+
+        def inverse_root(a):
+            return inverse_root_matrix @ a
+
     sigma = np.maximum(np.sqrt(np.maximum(variance, 0.0)), 1e-12)
-    eigenvalues, eigenvectors = np.linalg.eigh(second)
-    eigenvalues = np.maximum(eigenvalues, ridge * max(eigenvalues.max(), 1e-30))
-    root = (eigenvectors * np.sqrt(eigenvalues)) @ eigenvectors.T
-    inverse_root = (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
-    left, singular, right = _top_singular(root @ w1 / sigma, rank)
-    u = inverse_root @ (left * singular)
+    left, singular, right = _top_singular(root(w1) / sigma, rank)
+    u = inverse_root(left * singular)
     v = right * sigma
     return u, v
+
+
+def _token_space_roots(x: np.ndarray, w1: np.ndarray, ridge: float):
+    """For ``n < d`` tokens: ``a ↦ C^½·a``, ``a ↦ C^-½·a`` and the pre-activations' variance, as
+    :func:`fit_lowrank` builds them from ``C = xᵀx / n`` but without a d × d eigendecomposition. ``C``'s
+    nonzero eigenvalues are those of ``x·xᵀ / n`` (eigenvectors ``xᵀp / √(nλ)``); the other ``d − n`` are 0,
+    raised to the floor like every eigenvalue below it: ``C^½ = E·diag(√λ − √floor)·Eᵀ + √floor·I``."""
+    n = x.shape[0]
+    z = x @ w1
+    variance = (z * z).mean(axis=0) - z.mean(axis=0) ** 2
+    eigenvalues, vectors = np.linalg.eigh(x @ x.T / n)
+    floor = ridge * max(eigenvalues.max(), 1e-30)
+    keep = eigenvalues > floor
+    basis = x.T @ (vectors[:, keep] / np.sqrt(n * eigenvalues[keep]))
+    scale, floor_scale = np.sqrt(eigenvalues[keep]), math.sqrt(floor)
+
+    def root(a):
+        return basis @ ((scale - floor_scale)[:, None] * (basis.T @ a)) + floor_scale * a
+
+    def inverse_root(a):
+        return basis @ ((1.0 / scale - 1.0 / floor_scale)[:, None] * (basis.T @ a)) + a / floor_scale
+
+    return root, inverse_root, variance
 
 
 def _top_singular(m: np.ndarray, rank: int, oversample: int = 16, iterations: int = 3):
@@ -323,18 +365,24 @@ def predictor_quality(
     flags: NeuronLines,
     margin: float = 0.0,
     z: np.ndarray | None = None,
+    z_hat: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """On tokens ``x [n, d]``: the fraction of neurons the predictor flags (through the ``flags``
-    windows), and its recall of the true outliers (outside the ``lines`` windows). ``z``: the
-    pre-activations ``x·W1 + b1`` when known."""
+    windows), and its recall of the true outliers (outside the ``lines`` windows). ``z``, ``z_hat``: the
+    pre-activations ``x·W1 + b1`` and the prediction when known."""
     flagged = hits = outliers = 0.0
     for start in range(0, x.shape[0], 4096):
         block = np.asarray(x[start : start + 4096], dtype=np.float64)
         bias = 0.0 if ffn.b1 is None else ffn.b1
         z_block = block @ ffn.w1 + bias if z is None else z[start : start + 4096]
-        z_hat = z_block if isinstance(predictor, ExactPredictor) else predictor.predict(block, ffn.w1, ffn.b1)
+        if z_hat is not None:
+            z_hat_block = z_hat[start : start + 4096]
+        elif isinstance(predictor, ExactPredictor):
+            z_hat_block = z_block
+        else:
+            z_hat_block = predictor.predict(block, ffn.w1, ffn.b1)
         true = outside_window(z_block, lines)
-        predicted = outside_window(z_hat, flags, margin)
+        predicted = outside_window(z_hat_block, flags, margin)
         flagged += predicted.sum()
         hits += (predicted & true).sum()
         outliers += true.sum()
@@ -351,16 +399,17 @@ def predicted_residual_errors(
     fold: tuple[np.ndarray, np.ndarray] | None = None,
     margin: float = 0.0,
     z: np.ndarray | None = None,
+    z_hat: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """On tokens ``x``: the rewritten FFN's error ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` with the neurons the predictor
-    flags getting their exact residual, and with their residual taken from the prediction (``z``: the
-    pre-activations ``x·W1 + b1`` when known)."""
+    flags getting their exact residual, and with their residual taken from the prediction (``z``, ``z_hat``:
+    the pre-activations ``x·W1 + b1`` and the prediction when known)."""
     x = np.asarray(x, dtype=np.float64)
     form = ffn.gelu.form
     z = x @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1) if z is None else z
     y = gelu(z, form) @ ffn.w2 + (0.0 if ffn.b2 is None else ffn.b2)
     wf, bf = fold if fold is not None else fold_weights(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
-    z_hat = predictor.predict(x, ffn.w1, ffn.b1)
+    z_hat = predictor.predict(x, ffn.w1, ffn.b1) if z_hat is None else z_hat
     flagged = outside_window(z_hat, flags, margin)
     base = x @ wf + bf
     spread = max(float(np.square(y - y.mean(axis=0)).sum()), 1e-300)
@@ -409,14 +458,15 @@ def rank_predictors(
     choices = []
     for kind in kinds:
         predictor = PREDICTOR_CLASSES[kind].fit(fit_x, ffn.w1, rank)
-        flags = flag_windows(lines, predictor.error_scale(error_x, ffn.w1, z_fit), uncertainty)
+        z_hat_fit, z_hat_check = _predictions(predictor, ffn, error_x, z_fit, check_x, z_check)
+        flags = flag_windows(lines, (z_hat_fit - z_fit).std(axis=0), uncertainty)
         if predictor.residual_from_prediction and len(kinds) > 1:  # asked for alone: taken as it is
             exact, predicted = predicted_residual_errors(
-                predictor, ffn, check_x[:4096], lines, flags, fold, margin, z_check[:4096]
+                predictor, ffn, check_x[:4096], lines, flags, fold, margin, z_check[:4096], z_hat_check[:4096]
             )
             if predicted > MAX_PREDICTED_RESIDUAL_ERROR * exact + 1e-9:
                 continue
-        flagged, recall = predictor_quality(predictor, ffn, check_x, lines, flags, margin, z_check)
+        flagged, recall = predictor_quality(predictor, ffn, check_x, lines, flags, margin, z_check, z_hat_check)
         rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
         cost = predictor.read_bytes(d, h, item) + flagged * rows * item
         choices.append(PredictorChoice(predictor, flags, flagged, recall, cost))
@@ -425,3 +475,16 @@ def rank_predictors(
         best_recall = max(c.recall for c in choices)
         good = [c for c in choices if c.recall >= best_recall - 1e-12]
     return sorted(good, key=lambda c: c.read_bytes)
+
+
+def _predictions(predictor: Predictor, ffn, error_x: np.ndarray, z_fit: np.ndarray, check_x, z_check: np.ndarray):
+    """The predictor's ``z_hat − b1`` on the error-scale tokens (beside their ``z_fit = x·W1``) and its ``z_hat``
+    on the check tokens (beside ``z_check = x·W1 + b1``, in blocks of 4096 tokens as
+    :func:`predictor_quality` rounds them), from one quantized copy of W1."""
+    if isinstance(predictor, ExactPredictor):
+        return z_fit, z_check
+    weights = predictor.prepare(ffn.w1)
+    z_hat_fit = predictor.predict(error_x, ffn.w1, None, weights)
+    blocks = range(0, check_x.shape[0], 4096)
+    z_hat_check = [predictor.predict(check_x[start : start + 4096], ffn.w1, ffn.b1, weights) for start in blocks]
+    return z_hat_fit, np.concatenate(z_hat_check) if z_hat_check else z_check

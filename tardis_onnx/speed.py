@@ -157,19 +157,24 @@ def measure_pair(
     names = [s.get_inputs()[0].name for s in sessions]
     medians = []
     for inputs in inputs_per_shape:
+        times: list[list[float]] = [[], []]
         started = time.perf_counter()
         for _ in range(WARMUP_RUNS):
-            for session, name in zip(sessions, names, strict=True):
+            for k, (session, name) in enumerate(zip(sessions, names, strict=True)):
+                t0 = time.perf_counter()
                 session.run(None, {name: inputs[0]})
+                times[k].append(time.perf_counter() - t0)
             # A shape whose runs take seconds (a 7B FFN over thousands of tokens) is steady from run to
-            # run: SLOW_RUNS each, after one warm-up.
+            # run: its warm-up run counts, and SLOW_RUNS in all.
             slow = time.perf_counter() - started > BUDGET_S
             if slow:
                 break
-        times: list[list[float]] = [[], []]
+        if not slow:
+            times = [[], []]
         started = time.perf_counter()
         for r in range(MAX_RUNS):
-            if r >= (SLOW_RUNS if slow else MIN_RUNS) and time.perf_counter() - started > BUDGET_S:
+            done = len(times[0])
+            if done >= (SLOW_RUNS if slow else MIN_RUNS) and time.perf_counter() - started > BUDGET_S:
                 break
             x = inputs[r % len(inputs)]
             order = (0, 1) if r % 2 == 0 else (1, 0)

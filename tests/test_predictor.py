@@ -140,6 +140,22 @@ def test_lowrank_is_exact_at_full_rank_and_beats_a_plain_svd():
     assert np.square(x @ (u @ v - w1)).sum() < 0.7 * np.square(x @ (plain - w1)).sum()
 
 
+def test_lowrank_with_fewer_tokens_than_inputs_equals_the_second_moment_construction():
+    """Below d tokens (a 7B FFN's calibration) the factors come from the n × n Gram matrix: the same predictor."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(50, 80)) * np.linspace(3, 0.1, 80)
+    w1 = rng.normal(size=(80, 200))
+    u, v = fit_lowrank(x, w1, 8)
+    second = x.T @ x / x.shape[0]
+    sigma = np.sqrt(np.einsum("ki,kl,li->i", w1, second, w1) - (x.mean(axis=0) @ w1) ** 2)
+    eigenvalues, vectors = np.linalg.eigh(second)
+    eigenvalues = np.maximum(eigenvalues, 1e-6 * eigenvalues.max())
+    root, inverse_root = (vectors * np.sqrt(eigenvalues)) @ vectors.T, (vectors / np.sqrt(eigenvalues)) @ vectors.T
+    left, s, right = np.linalg.svd(root @ w1 / sigma, full_matrices=False)
+    want = x @ (inverse_root @ (left[:, :8] * s[:8])) @ (right[:8] * sigma)
+    np.testing.assert_allclose(x @ u @ v, want, atol=1e-9 * np.abs(want).max())
+
+
 def test_flag_windows_narrow_by_the_error_scale_and_catch_more_outliers():
     lines = reference.NeuronLines(np.ones(2), np.zeros(2), np.array([-1.0, 0.0]), np.array([1.0, 0.1]))
     flags = flag_windows(lines, np.array([0.25, 0.1]), 2.0)
