@@ -42,15 +42,12 @@ from tardis_onnx.contract import DOMAIN, METADATA_CONFIG, METADATA_FFNS, METADAT
 from tardis_onnx.emit import MIN_OPSET, emit_ffn, replace_nodes
 from tardis_onnx.errors import (
     TardisError,
-    check_environment,
     finite_float,
     first_line,
     is_onnxruntime_error,
     non_negative_int,
-    parse_arguments,
     positive_int,
-    report_error,
-    translate_error,
+    run_command,
 )
 from tardis_onnx.feeds import load_feeds, random_feeds
 from tardis_onnx.files import StagedWrites, check_targets, delete_staged_files_on_terminate, model_files, strict_json
@@ -572,43 +569,37 @@ def config_from_args(args: argparse.Namespace) -> TardisConfig:
         raise TardisError(str(exc)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    delete_staged_files_on_terminate()
-    try:
-        args = parse_arguments(build_parser(), argv)
-        check_environment()
-        config = config_from_args(args)
-        output = args.output if args.output is not None else default_output(args.model)
-        check_targets([output], [])  # a name to derive the report's from ("" or "." is a folder)
-        report_path = args.report or output.with_name(output.name.removesuffix(".onnx") + ".json")
-        calib = Path(args.calib) if args.calib and args.calib != text.BUILTIN else None
-        tokenizer = text.tokenizer_files(args.tokenizer or args.model.parent)
-        # Before any work: no output may be an input (the model, its external data, the calibration
-        # file, the tokenizer's files) or another output; the model, its external data and the report
-        # are committed together.
-        check_targets([output, data_path(output), report_path], [*model_files(args.model), calib, *tokenizer])
-        model, weights_dir = open_model(args.model)
-        calibration = _calibration_feeds(args, model)
-        with StagedWrites() as staged:
-            # A model with external data is read graph-only and its new weights written out as they come.
-            weights = ExternalDataWriter.staged(staged, output) if weights_dir is not None else None
-            with weights or contextlib.nullcontext():
-                result = optimize_model(
-                    model, config, calibration, progress=not args.quiet, weights_dir=weights_dir, weights=weights
-                )
-                with result.stages("save"):
-                    save_model(result.model, output, staged, weights_dir, weights)
-            staged.write_text(report_path, strict_json(result.to_dict(), indent=2) + "\n")
-    except TardisError as exc:
-        return report_error(exc)
-    except Exception as exc:
-        translated = translate_error(exc)
-        if translated is None:
-            raise
-        return report_error(translated)
+def run(args: argparse.Namespace) -> None:
+    """Fold ``args.model`` as the parsed flags ask; write the model and its report, print the report."""
+    config = config_from_args(args)
+    output = args.output if args.output is not None else default_output(args.model)
+    check_targets([output], [])  # a name to derive the report's from ("" or "." is a folder)
+    report_path = args.report or output.with_name(output.name.removesuffix(".onnx") + ".json")
+    calib = Path(args.calib) if args.calib and args.calib != text.BUILTIN else None
+    tokenizer = text.tokenizer_files(args.tokenizer or args.model.parent)
+    # Before any work: no output may be an input (the model, its external data, the calibration
+    # file, the tokenizer's files) or another output; the model, its external data and the report
+    # are committed together.
+    check_targets([output, data_path(output), report_path], [*model_files(args.model), calib, *tokenizer])
+    model, weights_dir = open_model(args.model)
+    calibration = _calibration_feeds(args, model)
+    with StagedWrites() as staged:
+        # A model with external data is read graph-only and its new weights written out as they come.
+        weights = ExternalDataWriter.staged(staged, output) if weights_dir is not None else None
+        with weights or contextlib.nullcontext():
+            result = optimize_model(
+                model, config, calibration, progress=not args.quiet, weights_dir=weights_dir, weights=weights
+            )
+            with result.stages("save"):
+                save_model(result.model, output, staged, weights_dir, weights)
+        staged.write_text(report_path, strict_json(result.to_dict(), indent=2) + "\n")
     if not args.quiet:
         print_report(result, output, report_path)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    delete_staged_files_on_terminate()
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
