@@ -53,7 +53,7 @@ from tardis_onnx.feeds import load_feeds, random_feeds
 from tardis_onnx.files import StagedWrites, check_targets, delete_staged_files_on_terminate, model_files, strict_json
 from tardis_onnx.io import ExternalDataWriter, data_path, open_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
-from tardis_onnx.predictor import Predictor, rank_predictors
+from tardis_onnx.predictor import Predictor, predictor_candidates, rank_predictors
 from tardis_onnx.quantize import QUANTIZE_CHOICES, quantize_int8
 from tardis_onnx.report import FfnReport, print_report, speedup_text
 from tardis_onnx.schema import annotate_shapes
@@ -175,7 +175,7 @@ def optimize_model(
             warnings.append(f"skipped {stats.skipped_tokens} calibration tokens whose FFN inputs are not finite")
     source = getattr(calibration, "source", "samples given" if calibration is None else "feeds given")
     warnings.extend(_refit_warnings(config, ffns, samples))
-    kinds = _predictor_kinds(config.predictor, fallback)
+    classes = predictor_candidates(config.predictor, fallback == "custom")
     timing = config.speed_check and bool(config.shapes)
     replacements, rows, windows, predictors, flag_lines = [], [], [], [], []
     calibrations = calibrate_ffns(ffns, samples, config)
@@ -185,7 +185,7 @@ def optimize_model(
                 result = next(calibrations)
             with stages("emit"):
                 choice, nodes, initializers, row = _fold(
-                    ffn, result, kept, kinds, fallback, opset, timing, config, warnings
+                    ffn, result, kept, classes, fallback, opset, timing, config, warnings
                 )
                 if not row.kept_original:
                     for site in ffn.sites:
@@ -233,12 +233,12 @@ def optimize_model(
     return result
 
 
-def _fold(ffn, result, kept: FfnSamples, kinds, fallback: str, opset: int, timing: bool, config, warnings):
+def _fold(ffn, result, kept: FfnSamples, classes, fallback: str, opset: int, timing: bool, config, warnings):
     """The predictor candidates of one calibrated FFN, ranked, then the fastest rewrite (:func:`_fold_fastest`)."""
     fit, heldout = kept.split(config.holdout, config.seed)
     check = fit if heldout is None else heldout
     candidates = rank_predictors(
-        kinds,
+        classes,
         ffn,
         fit.x,
         check.x,
@@ -320,14 +320,6 @@ def _kept_warning(kept: list[FfnReport], total: int, shapes) -> str:
         f"({'; '.join(why(r) for r in kept[:3])}{more}); shapes timed: {', '.join(shape_name(s) for s in shapes)} "
         "(--shapes names yours, --no-speed-check folds them anyway)"
     )
-
-
-def _predictor_kinds(choice: str, fallback: str) -> tuple[str, ...]:
-    """The predictors ``auto`` chooses from: the 4-bit one only where it runs as a 4-bit kernel (the
-    portable form multiplies by the dequantized fp32 copy: no cheaper than the exact predictor)."""
-    if choice != "auto":
-        return (choice,)
-    return ("lowrank", "int4", "int8", "exact") if fallback == "custom" else ("lowrank", "exact")
 
 
 def _refit_warnings(config: TardisConfig, ffns, samples: list[FfnSamples]) -> list[str]:
