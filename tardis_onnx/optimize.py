@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from tardis_onnx import __version__, reference, runtime, text
+from tardis_onnx import __version__, reference, text
 from tardis_onnx.calibrate import (
     REFIT_TOKENS_PER_UNKNOWN,
     CalibrationData,
@@ -38,8 +38,8 @@ from tardis_onnx.config import (
     WINDOWS,
     TardisConfig,
 )
-from tardis_onnx.contract import DOMAIN, METADATA_CONFIG, METADATA_FFNS, METADATA_VERSION
-from tardis_onnx.emit import MIN_OPSET, emit_ffn, replace_nodes
+from tardis_onnx.contract import METADATA_CONFIG, METADATA_FFNS, METADATA_VERSION
+from tardis_onnx.emit import MIN_OPSET, emit_ffn, fallback_form, replace_nodes
 from tardis_onnx.errors import (
     TardisError,
     finite_float,
@@ -150,7 +150,8 @@ def optimize_model(
     if not ffns:
         reasons = "; ".join(f"{r.name}: {r.reason}" for r in refusals[:3])
         raise TardisError("no foldable GELU FFN found" + (f" ({reasons})" if reasons else ""))
-    fallback = _resolve_fallback(config.fallback)
+    form = fallback_form(config.fallback)
+    fallback = form.name
     warnings: list[str] = []
     stats = CaptureStats()
     if samples is None:
@@ -175,7 +176,7 @@ def optimize_model(
             warnings.append(f"skipped {stats.skipped_tokens} calibration tokens whose FFN inputs are not finite")
     source = getattr(calibration, "source", "samples given" if calibration is None else "feeds given")
     warnings.extend(_refit_warnings(config, ffns, samples))
-    classes = predictor_candidates(config.predictor, fallback == "custom")
+    classes = predictor_candidates(config.predictor, form.standard_only)
     timing = config.speed_check and bool(config.shapes)
     replacements, rows, windows, predictors, flag_lines = [], [], [], [], []
     calibrations = calibrate_ffns(ffns, samples, config)
@@ -185,7 +186,7 @@ def optimize_model(
                 result = next(calibrations)
             with stages("emit"):
                 choice, nodes, initializers, row = _fold(
-                    ffn, result, kept, classes, fallback, opset, timing, config, warnings
+                    ffn, result, kept, classes, form, opset, timing, config, warnings
                 )
                 if not row.kept_original:
                     for site in ffn.sites:
@@ -206,10 +207,8 @@ def optimize_model(
     if kept:
         warnings.append(_kept_warning(kept, len(rows), config.shapes))
     folded_predictors = [p for p, r in zip(predictors, rows, strict=True) if not r.kept_original]
-    needs_contrib = any(p.contrib_domain for p in folded_predictors) and fallback == "custom"
-    any_custom = fallback == "custom" and len(kept) < len(rows)
-    for domain, needed in {DOMAIN: any_custom, "com.microsoft": needs_contrib}.items():
-        if needed and not any(o.domain == domain for o in model.opset_import):
+    for domain in form.domains(folded_predictors):
+        if not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     if config.quantize == "int8":
         model.CopyFrom(quantize_int8(model))
@@ -233,7 +232,7 @@ def optimize_model(
     return result
 
 
-def _fold(ffn, result, kept: FfnSamples, classes, fallback: str, opset: int, timing: bool, config, warnings):
+def _fold(ffn, result, kept: FfnSamples, classes, form, opset: int, timing: bool, config, warnings):
     """The predictor candidates of one calibrated FFN, ranked, then the fastest rewrite (:func:`_fold_fastest`)."""
     fit, heldout = kept.split(config.holdout, config.seed)
     check = fit if heldout is None else heldout
@@ -251,7 +250,7 @@ def _fold(ffn, result, kept: FfnSamples, classes, fallback: str, opset: int, tim
     )
 
     def emit(c):
-        return emit_ffn(ffn, c.flags, fallback, opset, config.margin, result.coverage, c.predictor, fold=result.fold)
+        return emit_ffn(ffn, c.flags, form, opset, config.margin, result.coverage, c.predictor, fold=result.fold)
 
     return _fold_fastest(ffn, result, candidates, kept.x, timing, emit, config, warnings)
 
@@ -356,14 +355,6 @@ def is_rewritten(model: onnx.ModelProto) -> bool:
 
 def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _resolve_fallback(choice: str) -> str:
-    if choice == "auto":
-        return "custom" if runtime.library_available() else "portable"
-    if choice == "custom" and not runtime.library_available():
-        raise TardisError("--fallback custom needs the ai.tardis library: build it with `make lib`")
-    return choice
 
 
 def _set_metadata(model: onnx.ModelProto, config: TardisConfig, fallback: str, rows: list[FfnReport]) -> None:

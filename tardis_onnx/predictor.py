@@ -204,12 +204,12 @@ def predictor_class(kind: str) -> type[Predictor]:
     return PREDICTOR_CLASSES[kind]
 
 
-def predictor_candidates(choice: str, custom_form: bool) -> tuple[type[Predictor], ...]:
-    """The predictors ``--predictor choice`` tries: the one named, or for ``auto`` every predictor but those
-    whose portable form is dense when the fallback is not the custom op (``custom_form``)."""
+def predictor_candidates(choice: str, standard_only: bool) -> tuple[type[Predictor], ...]:
+    """The predictors ``--predictor choice`` tries: the one named, or for ``auto`` every predictor, but
+    those whose portable form is dense where the fallback uses standard ONNX ops only."""
     if choice != "auto":
         return (predictor_class(choice),)
-    return tuple(cls for cls in PREDICTOR_CLASSES.values() if custom_form or not cls.dense_when_portable)
+    return tuple(cls for cls in PREDICTOR_CLASSES.values() if not (standard_only and cls.dense_when_portable))
 
 
 def flag_windows(lines: NeuronLines, error_scale: np.ndarray, uncertainty: float) -> NeuronLines:

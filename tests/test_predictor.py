@@ -205,10 +205,10 @@ def test_lowrank_predict_and_unknown_kinds():
     np.testing.assert_allclose(z, x_cal[:2] @ predictor.u @ predictor.v + 1)
     with pytest.raises(ValueError, match="unknown predictor"):
         predictor_class("oracle")
-    assert predictor_class("lowrank") is LowRankPredictor and predictor_candidates("int4", False) == (Int4Predictor,)
+    assert predictor_class("lowrank") is LowRankPredictor and predictor_candidates("int4", True) == (Int4Predictor,)
     # auto: the quantized predictors only where they run as quantized kernels (the custom-op form)
-    assert predictor_candidates("auto", False) == (LowRankPredictor, ExactPredictor)
-    assert predictor_candidates("auto", True) == (LowRankPredictor, Int4Predictor, Int8Predictor, ExactPredictor)
+    assert predictor_candidates("auto", True) == (LowRankPredictor, ExactPredictor)
+    assert predictor_candidates("auto", False) == (LowRankPredictor, Int4Predictor, Int8Predictor, ExactPredictor)
 
 
 def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
