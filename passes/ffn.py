@@ -85,6 +85,20 @@ class FfnMatch:
         release(self.w1_stored)
         release(self.w2_stored)
 
+    def rewrite(
+        self, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]
+    ) -> list[tuple[list[onnx.NodeProto], list[onnx.NodeProto], list[onnx.TensorProto]]]:
+        """The rewrite of this FFN: ``nodes`` (computing ``output`` from ``x``) in place of each site's nodes, as
+        :func:`tardis_onnx.emit.replace_nodes` takes them (``initializers`` once); the Shape readers of removed
+        values are rewired to ``shape_source`` now."""
+        replacements = []
+        for site in self.sites:
+            site_nodes = nodes if site is self else _renamed(nodes, {self.x: site.x, self.output: site.output})
+            replacements.append((site.nodes, site_nodes, initializers if site is self else []))
+            for reader in site.shape_readers:
+                reader.input[0] = site.shape_source
+        return replacements
+
 
 @dataclass
 class Refusal:
@@ -101,6 +115,18 @@ class _Refuse(Exception):
         super().__init__(reason)
         self.rule = rule
         self.reason = reason
+
+
+def _renamed(nodes: list[onnx.NodeProto], names: dict[str, str]) -> list[onnx.NodeProto]:
+    """Copies of ``nodes`` reading and writing ``names``' values instead (another site of the same FFN)."""
+    copies = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for values in (copy.input, copy.output):
+            values[:] = [names.get(v, v) for v in values]
+        copies.append(copy)
+    return copies
 
 
 def find_ffns(model: onnx.ModelProto, weights_dir: Path | None = None) -> tuple[list[FfnMatch], list[Refusal]]:

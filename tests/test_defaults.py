@@ -14,8 +14,9 @@ from ffn_graphs import D, GraphBuilder, erf_div, ffn_model
 from tardis_onnx.calibrate import CalibrationData, capture_ffn_inputs
 from tardis_onnx.config import DEFAULT_TARGET_REDUCTION, TardisConfig
 from tardis_onnx.feeds import random_feeds
-from tardis_onnx.optimize import RANDOM_FEEDS_WARNING, main, optimize_model
+from tardis_onnx.optimize import main, optimize_model
 from tardis_onnx.passes import find_ffns
+from tardis_onnx.passes.capture import RANDOM_FEEDS_WARNING
 from tardis_onnx.predictor import ExactPredictor, LowRankPredictor, rank_predictors
 
 

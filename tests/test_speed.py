@@ -104,7 +104,7 @@ def _fake_timings(monkeypatch, slower: set[str], slow_ops: tuple[str, ...] = ())
         rewritten = {n: (1.2 if slow and n == "1x32" else 0.5) for n in names}
         return speed.SpeedCheck(dict.fromkeys(names, 1.0), rewritten)
 
-    monkeypatch.setattr("tardis_onnx.optimize.check_ffn", check_ffn)
+    monkeypatch.setattr("tardis_onnx.passes.rewrite.check_ffn", check_ffn)
     return timed
 
 
