@@ -69,7 +69,7 @@ def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: li
         return None
 
 
-def kept_warning(kept: list[FfnReport], total: int, shapes) -> str:
+def kept_warning(kept: list[FfnReport], total: int, shapes: tuple[tuple[int, int], ...]) -> str:
     """The warning naming the FFNs left as they were, where their rewrite ran slower."""
 
     def why(row: FfnReport) -> str:
