@@ -33,9 +33,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from tardis_onnx import reference, runtime
-from tardis_onnx.emit import emit_ffn, replace_nodes
+from tardis_onnx.emit import CustomFallback, emit_ffn, replace_nodes
 from tardis_onnx.passes import find_ffns
-from tardis_onnx.predictor import PREDICTORS, fit_lowrank, make_predictor, predictor_bytes
+from tardis_onnx.predictor import PREDICTORS, predictor_class
 
 
 def dense_model(d: int, h: int, rng: np.random.Generator) -> onnx.ModelProto:
@@ -66,11 +66,11 @@ def rewrite(model: onnx.ModelProto, x_cal: np.ndarray, fraction: float, kind: st
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     ffn = find_ffns(rewritten)[0][0]
-    predictor = make_predictor(kind, *(fit_lowrank(x_cal, ffn.w1, rank) if kind == "lowrank" else (None, None)))
+    predictor = predictor_class(kind).fit(x_cal, ffn.w1, rank)
     # Windows from tokens the predictor was not fitted on, as at inference.
     x_windows = np.random.default_rng(1).normal(size=x_cal.shape)
     lines = reference.calibrate_lines(predictor.predict(x_windows, ffn.w1, ffn.b1), 1.0 - fraction, "erf")
-    nodes, initializers = emit_ffn(ffn, lines, "custom", 20, margin, 1.0 - fraction, predictor)
+    nodes, initializers = emit_ffn(ffn, lines, CustomFallback(), 20, margin, 1.0 - fraction, predictor)
     replace_nodes(rewritten, [(ffn.nodes, nodes, initializers)])
     rewritten.opset_import.extend([helper.make_opsetid("ai.tardis", 1), helper.make_opsetid("com.microsoft", 1)])
     return rewritten, ffn, lines, predictor
@@ -172,7 +172,7 @@ def measure_point(d: int, fraction: float, args: argparse.Namespace) -> list[dic
     x_test = rng.normal(size=(2048, d))
     flagged = float(reference.outside_window(predictor.predict(x_test, ffn.w1, ffn.b1), lines, args.margin).mean())
     dense_bytes = 2 * d * h * 4
-    fixed_read = d * d * 4 + predictor_bytes(predictor.kind, d, h, 4, predictor.rank)
+    fixed_read = d * d * 4 + predictor.read_bytes(d, h, 4)
     copies = max(1, -(-args.stack_mib * 2**20 // int(fixed_read + flagged * dense_bytes)))
     if args.spinning:
         # Both sessions on one global pool (spinning by default), as a server hosting several models

@@ -5,6 +5,10 @@ An FFN is ``[Reshape] → MatMul|Gemm(x, W1) → [Add b1] → [Reshape|Cast] →
 and no intermediate value used outside it. Every GELU that is not such an FFN,
 and every ReLU/SiLU between two projections, is reported with the reason.
 
+The rule has the shape of a rewrite rule (onnxscript's, ORT's fusions): :func:`match_ffn` walks the pattern
+from a GELU (:mod:`tardis_onnx.passes.gelu`), :func:`check_ffn` says why a complete match cannot fold (or
+nothing), and :meth:`FfnMatch.rewrite` puts the emitted nodes in place of the matched ones.
+
 The main graph and every If/Loop/Scan subgraph are searched; weights may be initializers of an enclosing
 graph. An FFN whose weights several subgraphs read (Optimum's merged decoder: both branches of one ``If``)
 is one match, with the other occurrences as its ``copies``: calibrated on the tokens of all, folded once.
@@ -85,6 +89,20 @@ class FfnMatch:
         release(self.w1_stored)
         release(self.w2_stored)
 
+    def rewrite(
+        self, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]
+    ) -> list[tuple[list[onnx.NodeProto], list[onnx.NodeProto], list[onnx.TensorProto]]]:
+        """The rewrite of this FFN: ``nodes`` (computing ``output`` from ``x``) in place of each site's nodes, as
+        :func:`tardis_onnx.emit.replace_nodes` takes them (``initializers`` once); the Shape readers of removed
+        values are rewired to ``shape_source`` now."""
+        replacements = []
+        for site in self.sites:
+            site_nodes = nodes if site is self else _renamed(nodes, {self.x: site.x, self.output: site.output})
+            replacements.append((site.nodes, site_nodes, initializers if site is self else []))
+            for reader in site.shape_readers:
+                reader.input[0] = site.shape_source
+        return replacements
+
 
 @dataclass
 class Refusal:
@@ -101,6 +119,18 @@ class _Refuse(Exception):
         super().__init__(reason)
         self.rule = rule
         self.reason = reason
+
+
+def _renamed(nodes: list[onnx.NodeProto], names: dict[str, str]) -> list[onnx.NodeProto]:
+    """Copies of ``nodes`` reading and writing ``names``' values instead (another site of the same FFN)."""
+    copies = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for values in (copy.input, copy.output):
+            values[:] = [names.get(v, v) for v in values]
+        copies.append(copy)
+    return copies
 
 
 def find_ffns(model: onnx.ModelProto, weights_dir: Path | None = None) -> tuple[list[FfnMatch], list[Refusal]]:
@@ -150,10 +180,15 @@ def _find_in(index: GraphIndex, scope: Scope) -> tuple[list[FfnMatch], list[Refu
         claimed.update(id(n) for n in gelu.nodes)
         matched: list[onnx.NodeProto] = []
         try:
-            matches.append(_match_ffn(index, gelu, matched, scope))
+            match = match_ffn(index, gelu, matched, scope)
+            problem = check_ffn(index, match)
         except _Refuse as refusal:
+            problem = refusal.rule, refusal.reason
+        if problem is None:
+            matches.append(match)
+        else:
             labels = [node_label(n) for n in matched]
-            refusals.append(Refusal(_name_of(gelu.nodes[0].name), refusal.rule, refusal.reason, labels))
+            refusals.append(Refusal(_name_of(gelu.nodes[0].name), *problem, labels))
     for node in index.graph.node:
         kind = _OTHER_ACTIVATIONS.get(node.op_type)
         if kind and _between_projections(index, node):
@@ -250,8 +285,10 @@ def _same_ffn(a: FfnMatch, b: FfnMatch) -> bool:
     return a.gelu.form == b.gelu.form and a.dtype == b.dtype and all(equal(x, y) for x, y in arrays)
 
 
-def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto], scope: Scope) -> FfnMatch:
-    """The FFN around ``gelu``; ``nodes`` (filled in place) holds what matched so far when it refuses."""
+def match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto], scope: Scope) -> FfnMatch:
+    """The rule's pattern: the FFN around ``gelu``, walked up to the first projection and down to the second;
+    a :class:`_Refuse` where the graph is not shaped like one. ``nodes`` (filled in place) holds what
+    matched so far when it refuses."""
     nodes += gelu.nodes
     # Upstream: [bias Add] ← projection.
     value, b1_parts = gelu.input, []
@@ -306,17 +343,10 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto], 
             b2 = bias
             nodes.append(users[0])
             output = users[0].output[0]
-    # Shapes.
     d, h = w1.shape
     if min(d, h, w2.shape[1]) == 0:
         raise _Refuse("shape", f"W1 is {w1.shape} and W2 is {w2.shape}: an empty FFN has nothing to fold")
     b1 = _sum_biases(b1_parts, h)
-    if w2.shape[0] != h:
-        raise _Refuse("shape", f"W1 is {w1.shape} but W2 is {w2.shape}: hidden sizes differ")
-    for label, bias, size in (("first bias", b1, h), ("second bias", b2, w2.shape[1])):
-        if bias is not None and bias.shape != (size,):
-            raise _Refuse("shape", f"{label} has shape {bias.shape}, expected ({size},)")
-    _check_enclosed(index, nodes, output, allowed_readers=shape_readers)
     name = _name_of(_common_prefix(nodes[len(gelu.nodes) :]))
     return FfnMatch(
         name=name,
@@ -333,6 +363,20 @@ def _match_ffn(index: GraphIndex, gelu: GeluMatch, nodes: list[onnx.NodeProto], 
         shape_source=outer.input[0] if shape_readers else None,
         scope=scope,
     )
+
+
+def check_ffn(index: GraphIndex, match: FfnMatch) -> tuple[str, str] | None:
+    """The rule's check: why a matched FFN cannot fold, as ``(rule, reason)``, or None. Its shapes must
+    agree, and no value computed inside it (but its output) may be used outside it (but by its Shape
+    readers, rewired by :meth:`FfnMatch.rewrite`)."""
+    w1, w2, h = match.w1_stored, match.w2_stored, match.hidden
+    if w2.shape[0] != h:
+        return "shape", f"W1 is {w1.shape} but W2 is {w2.shape}: hidden sizes differ"
+    for label, bias, size in (("first bias", match.b1, h), ("second bias", match.b2, w2.shape[1])):
+        if bias is not None and bias.shape != (size,):
+            return "shape", f"{label} has shape {bias.shape}, expected ({size},)"
+    reason = _used_outside(index, match.nodes, match.output, match.shape_readers)
+    return None if reason is None else ("intermediate-used", reason)
 
 
 def _projection(index: GraphIndex, node: onnx.NodeProto, label: str) -> tuple[str, np.ndarray, np.ndarray | None]:
@@ -425,22 +469,22 @@ def _check_unshared(index: GraphIndex, value: str, user: onnx.NodeProto, label: 
         user, value = producer, producer.input[0]
 
 
-def _check_enclosed(
+def _used_outside(
     index: GraphIndex, nodes: list[onnx.NodeProto], output: str, allowed_readers: list[onnx.NodeProto]
-) -> None:
-    """No value computed inside the FFN (except its output) is used outside it (but by ``allowed_readers``)."""
+) -> str | None:
+    """How a value computed inside the FFN (except its output) is used outside it (but by ``allowed_readers``),
+    or None."""
     inside = {id(n) for n in nodes} | {id(n) for n in allowed_readers}
     for node in nodes:
         for value in node.output:
             if value == output:
                 continue
             if value in index.graph_outputs:
-                raise _Refuse("intermediate-used", f"intermediate value '{value}' is a graph output")
+                return f"intermediate value '{value}' is a graph output"
             for user in index.consumers_of(value):
                 if id(user) not in inside:
-                    raise _Refuse(
-                        "intermediate-used", f"intermediate value '{value}' is also used by node {node_label(user)}"
-                    )
+                    return f"intermediate value '{value}' is also used by node {node_label(user)}"
+    return None
 
 
 def _between_projections(index: GraphIndex, node: onnx.NodeProto, depth: int = 4) -> bool:

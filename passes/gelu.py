@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -38,31 +39,79 @@ class GeluMatch:
     bias: str | None = None  # BiasGelu/FastGelu fold the first bias into the op
 
 
+class GeluRule:
+    """One family of GELU spellings, in the shape of a rewrite rule: the ops it anchors on, and
+    :meth:`match`, the GELU around an anchor or the reason it is not one. Adding a spelling is adding a
+    rule to ``GELU_RULES``; the FFN around the GELU is :mod:`tardis_onnx.passes.ffn`'s."""
+
+    anchors: ClassVar[frozenset[tuple[str, str]]]  # (domain, op type); "" is the standard domain
+
+    def match(self, index: GraphIndex, anchor: onnx.NodeProto) -> GeluMatch | str:
+        raise NotImplementedError
+
+
+class OnnxGelu(GeluRule):
+    """The standard ``Gelu`` op (opset 20), either form."""
+
+    anchors = frozenset({("", "Gelu")})
+
+    def match(self, index, anchor):
+        form = "tanh" if attribute(anchor, "approximate", b"none") in (b"tanh", "tanh") else "erf"
+        return GeluMatch(form, f"onnx.Gelu({form})", anchor.input[0], anchor.output[0], [anchor])
+
+
+class ContribGelu(GeluRule):
+    """ONNX Runtime's fused ops (what its transformer optimizer writes): ``Gelu``, ``FastGelu`` (tanh) and
+    ``BiasGelu``, the last two with the first bias folded in."""
+
+    anchors = frozenset({(MS, "Gelu"), (MS, "FastGelu"), (MS, "BiasGelu")})
+
+    def match(self, index, anchor):
+        form = "tanh" if anchor.op_type == "FastGelu" else "erf"
+        bias = anchor.input[1] if len(anchor.input) > 1 and anchor.input[1] else None
+        return GeluMatch(form, f"com.microsoft.{anchor.op_type}", anchor.input[0], anchor.output[0], [anchor], bias)
+
+
+class DecomposedGelu(GeluRule):
+    """GELU spelled in elementwise ops around ``Erf`` or ``Tanh``. The pattern: a closed elementwise region
+    computed from one upstream value (the nearest that works) containing the anchor; the check
+    (:meth:`check`): evaluated numerically, it is GELU of that value."""
+
+    anchors = frozenset({("", "Erf"), ("", "Tanh")})
+
+    def match(self, index, anchor):
+        form = "erf" if anchor.op_type == "Erf" else "tanh"
+        refused = None
+        for candidate in _upstream_values(index, anchor):
+            region = _region(index, candidate, anchor)
+            if region is None:
+                continue
+            nodes, output = region
+            refused = self.check(index, nodes, candidate, output, form)
+            if refused is None:
+                return GeluMatch(form, f"{form}-decomposed", candidate, output, nodes)
+        why = f" ({refused})" if refused else ""
+        return f"{anchor.op_type} '{anchor.name}' is not part of a GELU spelling{why}"
+
+    def check(self, index: GraphIndex, nodes: list[onnx.NodeProto], h: str, output: str, form: str) -> str | None:
+        """Why the region ``nodes`` (from ``h`` to ``output``) is not GELU of ``h`` in ``form``, or None."""
+        if _computes_gelu(index, nodes, h, output, form):
+            return None
+        return f"the region from '{h}' to '{output}' does not compute {form} GELU"
+
+
+GELU_RULES: tuple[GeluRule, ...] = (OnnxGelu(), ContribGelu(), DecomposedGelu())
+_RULE_OF = {kind: rule for rule in GELU_RULES for kind in rule.anchors}
+
+
 def anchors(index: GraphIndex) -> list[onnx.NodeProto]:
-    """Nodes a GELU can be recognised from."""
-    kinds = {("", "Erf"), ("", "Tanh"), ("", "Gelu"), (MS, "Gelu"), (MS, "FastGelu"), (MS, "BiasGelu")}
-    return [n for n in index.graph.node if (_domain(n), n.op_type) in kinds]
+    """Nodes a GELU can be recognised from, in graph order."""
+    return [n for n in index.graph.node if (_domain(n), n.op_type) in _RULE_OF]
 
 
 def match_gelu(index: GraphIndex, anchor: onnx.NodeProto) -> GeluMatch | str:
     """The GELU around ``anchor``, or a one-line reason why it is not one."""
-    domain = _domain(anchor)
-    if domain == "" and anchor.op_type == "Gelu":
-        form = "tanh" if attribute(anchor, "approximate", b"none") in (b"tanh", "tanh") else "erf"
-        return GeluMatch(form, f"onnx.Gelu({form})", anchor.input[0], anchor.output[0], [anchor])
-    if domain == MS and anchor.op_type in ("Gelu", "FastGelu", "BiasGelu"):
-        form = "tanh" if anchor.op_type == "FastGelu" else "erf"
-        bias = anchor.input[1] if len(anchor.input) > 1 and anchor.input[1] else None
-        return GeluMatch(form, f"com.microsoft.{anchor.op_type}", anchor.input[0], anchor.output[0], [anchor], bias)
-    form = "erf" if anchor.op_type == "Erf" else "tanh"
-    for candidate in _upstream_values(index, anchor):
-        region = _region(index, candidate, anchor)
-        if region is None:
-            continue
-        nodes, output = region
-        if _computes_gelu(index, nodes, candidate, output, form):
-            return GeluMatch(form, f"{form}-decomposed", candidate, output, nodes)
-    return f"{anchor.op_type} '{anchor.name}' is not part of a GELU spelling"
+    return _RULE_OF[(_domain(anchor), anchor.op_type)].match(index, anchor)
 
 
 def _domain(node: onnx.NodeProto) -> str:

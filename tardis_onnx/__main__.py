@@ -38,14 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"tardis-onnx {__version__}")
         return 0
+    from tardis_onnx import errors
+
     if not argv or argv[0] not in COMMANDS:
         unknown = f"unknown command '{argv[0]}'; " if argv else ""
-        print(f"error: {unknown}{usage}", file=sys.stderr)
-        return 2
+        return errors.report_error(errors.TardisError(f"{unknown}{usage}"))
     import importlib
     from pathlib import Path
-
-    from tardis_onnx import errors
 
     console = Path(sys.argv[0]).name == "tardis-onnx"
     errors.invoked_as = f"{'tardis-onnx' if console else 'python -m tardis_onnx'} {argv[0]}"
@@ -55,11 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError as exc:
             if exc.name != COMMANDS[argv[0]].split(".")[0]:
                 raise
-            print(
-                f"error: {argv[0]} runs from a checkout of the repository (python -m {COMMANDS[argv[0]]})",
-                file=sys.stderr,
-            )
-            return 2
+            checkout = f"{argv[0]} runs from a checkout of the repository (python -m {COMMANDS[argv[0]]})"
+            return errors.report_error(errors.TardisError(checkout))
         return module.main(argv[1:])
     finally:
         errors.invoked_as = None

@@ -6,10 +6,11 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from tardis_onnx.emit import FALLBACK_FORMS
 from tardis_onnx.predictor import PREDICTORS
 from tardis_onnx.quantize import QUANTIZE_CHOICES
 
-FALLBACKS = ("auto", "portable", "custom")
+FALLBACKS = ("auto", *FALLBACK_FORMS)
 WINDOWS = ("narrowest", "least-error")
 ALLOCATIONS = ("uniform", "layer", "global")
 DEFAULT_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 1.0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from tardis_onnx.contract import ffn_of
-from tardis_onnx.errors import TardisError, parse_arguments, report_error
+from tardis_onnx.errors import run_command
 from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
 from tardis_onnx.graph import node_label
 from tardis_onnx.inspect_model import human_bytes, op_name, tensor_bytes
@@ -339,20 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_arguments(build_parser(), argv)
-        check_targets([args.html, args.json], [*model_files(args.original), *model_files(args.rewritten)])
-        result = compare(args.original, args.rewritten)
-        with StagedWrites() as staged:
-            if args.html is not None:
-                staged.write_text(args.html, format_html(result) + "\n")
-            if args.json is not None:
-                staged.write_text(args.json, strict_json(result.to_dict()) + "\n")
-    except TardisError as exc:
-        return report_error(exc)
+def run(args: argparse.Namespace) -> None:
+    check_targets([args.html, args.json], [*model_files(args.original), *model_files(args.rewritten)])
+    result = compare(args.original, args.rewritten)
+    with StagedWrites() as staged:
+        if args.html is not None:
+            staged.write_text(args.html, format_html(result) + "\n")
+        if args.json is not None:
+            staged.write_text(args.json, strict_json(result.to_dict()) + "\n")
     print(format_text(result, args.nodes))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

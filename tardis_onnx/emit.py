@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from tardis_onnx import reference
+from tardis_onnx import reference, runtime
 from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MATMUL, ffn_prefix
+from tardis_onnx.errors import TardisError
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.predictor import ExactPredictor, LowRankPredictor, Predictor
 from tardis_onnx.subgraphs import Scope, walk
@@ -46,14 +48,14 @@ class _Builder:
 def emit_ffn(
     ffn: FfnMatch,
     lines: reference.NeuronLines,
-    fallback: str,
+    form: FallbackForm,
     opset: int,
     margin: float,
     coverage: float,
     predictor: Predictor | None = None,
     fold: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes and initializers computing ``ffn.output`` from ``ffn.x``: folded map + outlier fallback.
+    """Nodes and initializers computing ``ffn.output`` from ``ffn.x``: folded map + outlier fallback in ``form``.
 
     The fallback flags neuron ``i`` when the predictor's ``z_hat_i`` is outside its window and adds
     the exact residual ``GELU(z_i) − (a_i z_i + c_i)`` times ``W2[i, :]``. ``fold`` overrides the
@@ -71,7 +73,61 @@ def emit_ffn(
     )
     b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
     w2 = b.constant("w2", ffn.w2)
-    if fallback == "custom":
+    form.emit(b, ffn, lines, predictor, wf=wf, bf=bf, b1=b1, w2=w2, doc=doc, margin=margin, opset=opset)
+    return b.nodes, b.initializers
+
+
+class FallbackForm:
+    """How the outlier fallback is written into the graph: one subclass per form, named on the command line
+    (``--fallback``) and in the report by ``name``; adding a form is adding a class to ``FALLBACK_FORMS``."""
+
+    name: ClassVar[str]
+    standard_only: ClassVar[bool]  # standard ONNX ops only: predictors emit their portable form
+
+    def missing(self) -> str | None:
+        """Why this form cannot be emitted here (a one-line message), or None."""
+        return None
+
+    def domains(self, predictors: list[Predictor]) -> list[str]:
+        """The domains, beyond the standard one, a model whose FFNs were folded with ``predictors`` declares."""
+        return []
+
+    def emit(
+        self,
+        b: _Builder,
+        ffn: FfnMatch,
+        lines: reference.NeuronLines,
+        predictor: Predictor,
+        *,
+        wf: np.ndarray,
+        bf: np.ndarray,
+        b1: np.ndarray,
+        w2: str,
+        doc: str,
+        margin: float,
+        opset: int,
+    ) -> None:
+        """Through ``b``: the folded MatMul ``x·wf + bf`` (``doc`` its doc string) and the fallback writing
+        ``ffn.output`` (``w2``: W2's initializer)."""
+        raise NotImplementedError
+
+
+class CustomFallback(FallbackForm):
+    """The ``ai.tardis::FfnFallback`` kernel (C++ CPU, CUDA): reads only the flagged neurons' rows."""
+
+    name = "custom"
+    standard_only = False
+
+    def missing(self):
+        if runtime.library_available():
+            return None
+        return "--fallback custom needs the ai.tardis library: build it with `make lib`"
+
+    def domains(self, predictors):
+        contrib = [p.contrib_domain for p in predictors if p.contrib_domain]
+        return [DOMAIN, *dict.fromkeys(contrib)] if predictors else []
+
+    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, w2, doc, margin, opset):
         # The flag test compares z_hat without b1 against windows shifted by −b1: one Add fewer.
         if isinstance(predictor, LowRankPredictor):
             # x·[Wf | U] in one MatMul: the folded output and the predictor's code, which the op reads
@@ -90,7 +146,7 @@ def emit_ffn(
         else:
             folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], FOLDED_MATMUL, doc_string=doc)
             folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
-            z_hat, fused_v = predictor.emit(b, ffn, standard_only=False), []
+            z_hat, fused_v = predictor.emit(b, ffn, self.standard_only), []
         shifted = reference.NeuronLines(lines.slope, lines.intercept, lines.lo - b1, lines.hi - b1)
         packed = b.constant("lines", reference.pack_lines(shifted), np.float32)
         # An accurate predictor stands for the pre-activation: no W1ᵀ, the residual is taken from z_hat.
@@ -112,38 +168,60 @@ def emit_ffn(
             approximate=approximate,
             doc_string=fallback_doc,
         )
-        return b.nodes, b.initializers
-    folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], FOLDED_MATMUL, doc_string=doc)
-    folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
-    b1_name = b.constant("b1", b1)
-    z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Fallback/PreActivationMatMul")
-    z = b.op("Add", [z, b1_name], "Fallback/PreActivation")
-    if not isinstance(predictor, ExactPredictor):
-        z_hat = b.op("Add", [predictor.emit(b, ffn, standard_only=True), b1_name], "Predictor/Bias")
-    else:
-        z_hat = z
-    inside = b.op(
-        "And",
-        [
-            b.op("GreaterOrEqual", [z_hat, b.constant("lo", lines.lo - margin)], "Fallback/AboveLow"),
-            b.op("LessOrEqual", [z_hat, b.constant("hi", lines.hi + margin)], "Fallback/BelowHigh"),
-        ],
-        "Fallback/InsideWindow",
-    )
-    gelu = _gelu(b, z, ffn.gelu.form, opset)
-    line = b.op(
-        "Add",
-        [
-            b.op("Mul", [z, b.constant("slope", lines.slope)], "Fallback/LineSlope"),
-            b.constant("intercept", lines.intercept),
-        ],
-        "Fallback/Line",
-    )
-    residual = b.op("Sub", [gelu, line], "Fallback/Residual")
-    outliers = b.op("Where", [inside, b.constant("zero", np.zeros(())), residual], "Fallback/OutliersOnly")
-    correction = b.op("MatMul", [outliers, w2], "Fallback/Correction")
-    b.op("Add", [folded, correction], "Output", output=ffn.output)
-    return b.nodes, b.initializers
+
+
+class PortableFallback(FallbackForm):
+    """Standard ONNX ops only (runs in any ONNX Runtime and in ``onnx.reference``): every neuron's residual
+    computed, the inliers' masked out."""
+
+    name = "portable"
+    standard_only = True
+
+    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, w2, doc, margin, opset):
+        folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], FOLDED_MATMUL, doc_string=doc)
+        folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
+        b1_name = b.constant("b1", b1)
+        z = b.op("MatMul", [ffn.x, b.constant("w1", ffn.w1)], "Fallback/PreActivationMatMul")
+        z = b.op("Add", [z, b1_name], "Fallback/PreActivation")
+        if not isinstance(predictor, ExactPredictor):
+            z_hat = b.op("Add", [predictor.emit(b, ffn, self.standard_only), b1_name], "Predictor/Bias")
+        else:
+            z_hat = z
+        inside = b.op(
+            "And",
+            [
+                b.op("GreaterOrEqual", [z_hat, b.constant("lo", lines.lo - margin)], "Fallback/AboveLow"),
+                b.op("LessOrEqual", [z_hat, b.constant("hi", lines.hi + margin)], "Fallback/BelowHigh"),
+            ],
+            "Fallback/InsideWindow",
+        )
+        gelu = _gelu(b, z, ffn.gelu.form, opset)
+        line = b.op(
+            "Add",
+            [
+                b.op("Mul", [z, b.constant("slope", lines.slope)], "Fallback/LineSlope"),
+                b.constant("intercept", lines.intercept),
+            ],
+            "Fallback/Line",
+        )
+        residual = b.op("Sub", [gelu, line], "Fallback/Residual")
+        outliers = b.op("Where", [inside, b.constant("zero", np.zeros(())), residual], "Fallback/OutliersOnly")
+        correction = b.op("MatMul", [outliers, w2], "Fallback/Correction")
+        b.op("Add", [folded, correction], "Output", output=ffn.output)
+
+
+FALLBACK_FORMS: dict[str, FallbackForm] = {form.name: form for form in (PortableFallback(), CustomFallback())}
+
+
+def fallback_form(choice: str) -> FallbackForm:
+    """The form ``--fallback choice`` names; ``auto``: the custom op when its library is built."""
+    if choice == "auto":
+        return FALLBACK_FORMS["custom" if runtime.library_available() else "portable"]
+    form = FALLBACK_FORMS[choice]
+    problem = form.missing()
+    if problem is not None:
+        raise TardisError(problem)
+    return form
 
 
 def _gelu(b: _Builder, z: str, form: str, opset: int) -> str:

@@ -96,18 +96,19 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
 def run_command(
     parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], object], argv: list[str] | None
 ) -> int:
-    """Parse ``argv`` and ``run`` it: exit code 0, or the one-line error of a :class:`TardisError`
-    (ONNX Runtime's errors included)."""
+    """Every command's ``main``: parse ``argv`` and ``run`` it. The exit code ``run`` returns (an int; else 0),
+    or the one-line ``error:`` of a :class:`TardisError` (ONNX Runtime's errors and running out of memory
+    included) and its exit code 2; anything else is a bug and raises."""
     try:
         args = parse_arguments(parser, argv)
         check_environment()
-        run(args)
+        status = run(args)
     except Exception as exc:
         translated = translate_error(exc)
         if translated is None:
             raise
         return report_error(translated)
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 # --- environment ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from tardis_onnx.contract import (
     ffn_prefix,
     is_emitted,
 )
-from tardis_onnx.errors import TardisError, parse_arguments, report_error
+from tardis_onnx.errors import run_command
 from tardis_onnx.files import strict_json
 from tardis_onnx.graph import node_label
 from tardis_onnx.io import load_model
@@ -302,17 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_arguments(build_parser(), argv)
-        report = inspect(load_model(args.model))
-    except TardisError as exc:
-        return report_error(exc)
+def run(args: argparse.Namespace) -> None:
+    report = inspect(load_model(args.model))
     if args.json:
         print(strict_json({"model": str(args.model), **report}, indent=2))
     else:
         print_inspection(args.model, report, args.why)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """``python -m tardis_onnx.optimize MODEL``: fold every GELU FFN of an ONNX model (TARDIS).
 
-Pipeline: load → match (passes) → calibrate → fold and emit the fallback → save + report.
+:func:`optimize_model` is the driver: it composes the pass's steps (``passes/``), in the method's order:
+prepare → match → calibrate → fit → emit → finish. The command loads the model, builds its calibration
+data, runs the driver, saves the model and the report.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,18 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from tqdm.auto import tqdm
 
-from tardis_onnx import __version__, reference, runtime, text
-from tardis_onnx.calibrate import (
-    REFIT_TOKENS_PER_UNKNOWN,
-    CalibrationData,
-    CaptureStats,
-    FfnSamples,
-    calibrate_ffns,
-    capture_ffn_inputs,
-    reservoir_bytes,
-)
+from tardis_onnx import __version__, reference, text
+from tardis_onnx.calibrate import CalibrationData, FfnSamples
 from tardis_onnx.config import (
     ALLOCATIONS,
     DEFAULT_SHAPES,
@@ -38,30 +30,22 @@ from tardis_onnx.config import (
     WINDOWS,
     TardisConfig,
 )
-from tardis_onnx.contract import DOMAIN, METADATA_CONFIG, METADATA_FFNS, METADATA_VERSION
-from tardis_onnx.emit import MIN_OPSET, emit_ffn, replace_nodes
-from tardis_onnx.errors import (
-    TardisError,
-    check_environment,
-    finite_float,
-    first_line,
-    is_onnxruntime_error,
-    non_negative_int,
-    parse_arguments,
-    positive_int,
-    report_error,
-    translate_error,
-)
-from tardis_onnx.feeds import load_feeds, random_feeds
+from tardis_onnx.emit import fallback_form
+from tardis_onnx.errors import TardisError, finite_float, non_negative_int, positive_int, run_command
+from tardis_onnx.feeds import load_feeds
 from tardis_onnx.files import StagedWrites, check_targets, delete_staged_files_on_terminate, model_files, strict_json
 from tardis_onnx.io import ExternalDataWriter, data_path, open_model, save_model
 from tardis_onnx.passes import Refusal, find_ffns
-from tardis_onnx.predictor import Predictor, rank_predictors
-from tardis_onnx.quantize import QUANTIZE_CHOICES, quantize_int8
-from tardis_onnx.report import FfnReport, print_report, speedup_text
-from tardis_onnx.schema import annotate_shapes
-from tardis_onnx.speed import RewriteFailed, SpeedCheck, check_ffn, parse_shapes, shape_name
-from tardis_onnx.stages import Stages, peak_rss_mib
+from tardis_onnx.passes.capture import capture
+from tardis_onnx.passes.finish import finish
+from tardis_onnx.passes.fit import fit_ffns, refit_warnings
+from tardis_onnx.passes.prepare import prepare
+from tardis_onnx.passes.rewrite import emit_fastest, kept_warning
+from tardis_onnx.predictor import Predictor
+from tardis_onnx.quantize import QUANTIZE_CHOICES
+from tardis_onnx.report import FfnReport, print_report
+from tardis_onnx.speed import parse_shapes, shape_name
+from tardis_onnx.stages import Stages, peak_rss_mib, progress_bar
 
 
 @dataclass
@@ -108,12 +92,6 @@ def default_output(model_path: Path) -> Path:
     return model_path.with_name(model_path.name.removesuffix(".onnx") + ".tardis.onnx")
 
 
-RANDOM_FEEDS_WARNING = (
-    "calibrating on random inputs (no calibration data, and no tokenizer beside the model): accuracy will be "
-    "poor; pass --calib builtin|TEXT_FILE|FEEDS.npz (with --tokenizer DIR when the tokenizer is elsewhere)"
-)
-
-
 def optimize_model(
     model: onnx.ModelProto,
     config: TardisConfig,
@@ -135,259 +113,51 @@ def optimize_model(
     A model read graph-only (:func:`tardis_onnx.io.open_model`) is rewritten FFN by FFN: ``weights_dir`` is
     where its weights are memory-mapped from (each FFN's only while it is folded), and ``weights`` receives
     each FFN's new tensors as soon as they are chosen (pass the same writer to :func:`tardis_onnx.io.save_model`).
+
+    The pass, step by step (``passes/``): prepare → match → calibrate → fit → emit → finish.
     """
     started = time.perf_counter()
     stages = Stages()
-    if is_rewritten(model):
-        raise TardisError("the model was already rewritten by tardis-onnx: nothing to do")
-    if weights_dir is not None and config.quantize != "none":
-        raise TardisError(
-            f"--quantize {config.quantize} needs the model's weights in memory: not for a model with external data"
-        )
-    opset = _default_opset(model)
-    if opset < MIN_OPSET:
-        raise TardisError(f"the model uses opset {opset}; tardis-onnx needs opset >= {MIN_OPSET}")
+    opset = prepare(model, config, weights_dir)
     with stages("match"):
         ffns, refusals = find_ffns(model, weights_dir)
-    bound_mib = reservoir_bytes(ffns, config.max_samples) / 2**20
     if not ffns:
         reasons = "; ".join(f"{r.name}: {r.reason}" for r in refusals[:3])
         raise TardisError("no foldable GELU FFN found" + (f" ({reasons})" if reasons else ""))
-    fallback = _resolve_fallback(config.fallback)
-    warnings: list[str] = []
-    stats = CaptureStats()
-    if samples is None:
-        if calibration is None:
-            calibration = CalibrationData(
-                [
-                    random_feeds(model, config.calib_batch, config.calib_sequence, seed=config.seed + i)
-                    for i in range(config.calib_batches)
-                ],
-                f"random feeds ({config.calib_batches} batches of {config.calib_batch}×{config.calib_sequence})",
-            )
-            warnings.append(RANDOM_FEEDS_WARNING)
-        if progress and sys.stderr.isatty():  # the bound is in the report too
-            tqdm.write(
-                f"calibration keeps at most {config.max_samples} tokens per FFN: {bound_mib:.0f} MiB", file=sys.stderr
-            )
-        with stages("calibrate"), _progress(progress, "calibrating", _length(calibration), "batch") as bar:
-            samples = capture_ffn_inputs(
-                model, ffns, calibration, config.max_samples, config.seed, stats, bar.update, weights_dir
-            )
-        if stats.skipped_tokens:
-            warnings.append(f"skipped {stats.skipped_tokens} calibration tokens whose FFN inputs are not finite")
-    source = getattr(calibration, "source", "samples given" if calibration is None else "feeds given")
-    warnings.extend(_refit_warnings(config, ffns, samples))
-    kinds = _predictor_kinds(config.predictor, fallback)
+    form = fallback_form(config.fallback)
+    captured = capture(model, ffns, config, calibration, samples, stages, progress=progress, weights_dir=weights_dir)
+    warnings = captured.warnings + refit_warnings(config, ffns, captured.samples)
     timing = config.speed_check and bool(config.shapes)
+    fitted = fit_ffns(ffns, captured.samples, config, form.standard_only)
     replacements, rows, windows, predictors, flag_lines = [], [], [], [], []
-    calibrations = calibrate_ffns(ffns, samples, config)
-    with _progress(progress, "folding", len(ffns), "FFN") as bar:
-        for ffn, kept in zip(ffns, samples, strict=True):
+    with progress_bar(progress, "folding", len(ffns), "FFN") as bar:
+        for ffn in ffns:
             with stages("fit"):
-                result = next(calibrations)
+                fit = next(fitted)
             with stages("emit"):
-                choice, nodes, initializers, row = _fold(
-                    ffn, result, kept, kinds, fallback, opset, timing, config, warnings
-                )
+                choice, nodes, initializers, row = emit_fastest(fit, form, opset, timing, config, warnings)
                 if not row.kept_original:
-                    for site in ffn.sites:
-                        site_nodes = nodes if site is ffn else _renamed(nodes, {ffn.x: site.x, ffn.output: site.output})
-                        replacements.append((site.nodes, site_nodes, initializers if site is ffn else []))
-                        for reader in site.shape_readers:
-                            reader.input[0] = site.shape_source
+                    replacements += ffn.rewrite(nodes, initializers)
                     for tensor in initializers if weights is not None else ():
                         weights.add(tensor)  # out of memory, into the output's external data
                 ffn.release()
-            windows.append(result.lines)
+            windows.append(fit.calibration.lines)
             predictors.append(choice.predictor)
             flag_lines.append(choice.flags)
             rows.append(row)
             bar.update(1)
-    replace_nodes(model, replacements)
     kept = [r for r in rows if r.kept_original]
     if kept:
-        warnings.append(_kept_warning(kept, len(rows), config.shapes))
-    folded_predictors = [p for p, r in zip(predictors, rows, strict=True) if not r.kept_original]
-    needs_contrib = any(p.contrib_domain for p in folded_predictors) and fallback == "custom"
-    any_custom = fallback == "custom" and len(kept) < len(rows)
-    for domain, needed in {DOMAIN: any_custom, "com.microsoft": needs_contrib}.items():
-        if needed and not any(o.domain == domain for o in model.opset_import):
-            model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    if config.quantize == "int8":
-        model.CopyFrom(quantize_int8(model))
-    _set_metadata(model, config, fallback, rows)
-    annotate_shapes(model)
-    fit_tokens = [s.split(config.holdout, config.seed) for s in samples]
-    summary = {
-        "source": source,
-        "batches": stats.batches,
-        "tokens": stats.tokens or max(s.seen for s in samples),
-        "skipped_tokens": stats.skipped_tokens,
-        "kept_tokens_per_ffn": max(s.x.shape[0] for s in samples),
-        "fit_tokens_per_ffn": max(f.x.shape[0] for f, _ in fit_tokens),
-        "heldout_tokens_per_ffn": max((0 if h is None else h.x.shape[0]) for _, h in fit_tokens),
-        "reservoir_bound_mib": round(bound_mib, 1),
-    }
-    result = OptimizeResult(model, rows, refusals, config, fallback, windows, predictors, flag_lines, summary, warnings)
+        warnings.append(kept_warning(kept, len(rows), config.shapes))
+    finish(model, replacements, rows, predictors, form, config)
+    summary = captured.summary(config)
+    result = OptimizeResult(
+        model, rows, refusals, config, form.name, windows, predictors, flag_lines, summary, warnings
+    )
     result.elapsed_s = time.perf_counter() - started
     result.peak_rss_mib = peak_rss_mib()
     result.stages = stages
     return result
-
-
-def _fold(ffn, result, kept: FfnSamples, kinds, fallback: str, opset: int, timing: bool, config, warnings):
-    """The predictor candidates of one calibrated FFN, ranked, then the fastest rewrite (:func:`_fold_fastest`)."""
-    fit, heldout = kept.split(config.holdout, config.seed)
-    check = fit if heldout is None else heldout
-    candidates = rank_predictors(
-        kinds,
-        ffn,
-        fit.x,
-        check.x,
-        result.lines,
-        rank=config.predictor_rank,
-        uncertainty=config.predictor_uncertainty,
-        margin=config.margin,
-        min_recall=config.min_recall,
-        fold=result.fold,
-    )
-
-    def emit(c):
-        return emit_ffn(ffn, c.flags, fallback, opset, config.margin, result.coverage, c.predictor, fold=result.fold)
-
-    return _fold_fastest(ffn, result, candidates, kept.x, timing, emit, config, warnings)
-
-
-def _renamed(nodes: list[onnx.NodeProto], names: dict[str, str]) -> list[onnx.NodeProto]:
-    """Copies of ``nodes`` reading and writing ``names``' values instead (another site of the same FFN)."""
-    copies = []
-    for node in nodes:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        for values in (copy.input, copy.output):
-            values[:] = [names.get(v, v) for v in values]
-        copies.append(copy)
-    return copies
-
-
-def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: TardisConfig, warnings: list[str]):
-    """The first predictor choice (cheapest first) whose rewrite is not slower than the original at any
-    serving shape, with its nodes, initializers and report row. Untimed: the cheapest. Where none pays:
-    the one closest to paying, without nodes, its row marked kept (the original FFN stays)."""
-    tried, refused = [], None
-    for choice in candidates:
-        nodes, initializers = emit(choice)
-        row = FfnReport.of(ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall)
-        try:
-            check = _check_speed(ffn, nodes, initializers, x, config, warnings) if timing else None
-        except RewriteFailed as exc:
-            warnings.append(
-                f"{ffn.name}: ONNX Runtime cannot run the rewrite with the {choice.predictor.kind} predictor ({exc})"
-            )
-            refused = (choice, row)
-            continue
-        if check is None:
-            return choice, nodes, initializers, row
-        row.speedups = check.speedups
-        if check.pays:
-            return choice, nodes, initializers, row
-        tried.append((choice, row))  # its nodes and initializers are dropped: a kept FFN emits none
-    choice, row = max(tried, key=lambda t: t[1].slowest()[1]) if tried else refused
-    return choice, [], [], row.kept()
-
-
-def _check_speed(ffn, nodes, initializers, x, config: TardisConfig, warnings: list[str]) -> SpeedCheck | None:
-    """The FFN timed against its rewrite (None, with a warning, where ONNX Runtime cannot run one of them)."""
-    try:
-        return check_ffn(ffn, nodes, initializers, x, config.shapes, quantize=config.quantize)
-    except (TardisError, RewriteFailed):
-        raise
-    except Exception as exc:
-        # ONNX Runtime refusing a timing model (e.g. a dtype without a CPU kernel, a model its quantizer
-        # cannot read); anything else is a bug and propagates.
-        if not (is_onnxruntime_error(exc) or isinstance(exc, RuntimeError)):
-            raise
-        warnings.append(f"{ffn.name}: not timed, rewrite kept ({first_line(exc)[:160]})")
-        return None
-
-
-def _kept_warning(kept: list[FfnReport], total: int, shapes) -> str:
-    def why(row: FfnReport) -> str:
-        shape, speedup = row.slowest()
-        return f"{row.name} {speedup_text(speedup)} at {shape}" if row.speedups else f"{row.name}: no rewrite runs"
-
-    more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
-    return (
-        f"kept {len(kept)} of {total} FFN(s) as they were: their rewrite ran slower here at a serving shape "
-        f"({'; '.join(why(r) for r in kept[:3])}{more}); shapes timed: {', '.join(shape_name(s) for s in shapes)} "
-        "(--shapes names yours, --no-speed-check folds them anyway)"
-    )
-
-
-def _predictor_kinds(choice: str, fallback: str) -> tuple[str, ...]:
-    """The predictors ``auto`` chooses from: the 4-bit one only where it runs as a 4-bit kernel (the
-    portable form multiplies by the dequantized fp32 copy: no cheaper than the exact predictor)."""
-    if choice != "auto":
-        return (choice,)
-    return ("lowrank", "int4", "int8", "exact") if fallback == "custom" else ("lowrank", "exact")
-
-
-def _refit_warnings(config: TardisConfig, ffns, samples: list[FfnSamples]) -> list[str]:
-    """One line when the fit tokens are fewer than the refit needs (``REFIT_TOKENS_PER_UNKNOWN · (d + 1)``)."""
-    if not config.refit:
-        return []
-    fit = min(s.split(config.holdout, config.seed)[0].x.shape[0] for s in samples)
-    d = max(f.w1_stored.shape[0] for f in ffns)
-    needed = REFIT_TOKENS_PER_UNKNOWN * (d + 1)
-    if fit >= needed:
-        return []
-    checked = "kept only where it lowers the held-out error" if config.holdout > 0 else "not checked (holdout 0)"
-    return [
-        f"{fit} calibration tokens fit each FFN, fewer than the {needed} ({REFIT_TOKENS_PER_UNKNOWN}·(d+1), "
-        f"d = {d}) a trustworthy refit needs: the refit is {checked}; pass more text (--calib, --calib-samples)"
-    ]
-
-
-def _length(calibration) -> int | None:
-    try:
-        return len(calibration)
-    except TypeError:
-        return None
-
-
-def _progress(enabled: bool, description: str, total: int | None, unit: str):
-    """A tqdm bar on stderr (tqdm itself stays silent when stderr is not a terminal)."""
-    return tqdm(total=total, desc=description, unit=unit, disable=None if enabled else True, leave=False)
-
-
-def is_rewritten(model: onnx.ModelProto) -> bool:
-    return any(p.key == METADATA_VERSION for p in model.metadata_props)
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _resolve_fallback(choice: str) -> str:
-    if choice == "auto":
-        return "custom" if runtime.library_available() else "portable"
-    if choice == "custom" and not runtime.library_available():
-        raise TardisError("--fallback custom needs the ai.tardis library: build it with `make lib`")
-    return choice
-
-
-def _set_metadata(model: onnx.ModelProto, config: TardisConfig, fallback: str, rows: list[FfnReport]) -> None:
-    settings = json.dumps({**config.to_dict(), "fallback": fallback}, sort_keys=True)
-    ffns = json.dumps(
-        [
-            {"name": r.name, "gelu": r.gelu, "d": r.d, "hidden": r.hidden, "coverage": r.coverage}
-            | {"predictor": r.predictor, "kept": r.kept_original}
-            for r in rows
-        ]
-    )
-    for key, value in ((METADATA_VERSION, __version__), (METADATA_CONFIG, settings), (METADATA_FFNS, ffns)):
-        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
 
 def _calibration_feeds(args: argparse.Namespace, model: onnx.ModelProto) -> CalibrationData | None:
@@ -572,43 +342,37 @@ def config_from_args(args: argparse.Namespace) -> TardisConfig:
         raise TardisError(str(exc)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    delete_staged_files_on_terminate()
-    try:
-        args = parse_arguments(build_parser(), argv)
-        check_environment()
-        config = config_from_args(args)
-        output = args.output if args.output is not None else default_output(args.model)
-        check_targets([output], [])  # a name to derive the report's from ("" or "." is a folder)
-        report_path = args.report or output.with_name(output.name.removesuffix(".onnx") + ".json")
-        calib = Path(args.calib) if args.calib and args.calib != text.BUILTIN else None
-        tokenizer = text.tokenizer_files(args.tokenizer or args.model.parent)
-        # Before any work: no output may be an input (the model, its external data, the calibration
-        # file, the tokenizer's files) or another output; the model, its external data and the report
-        # are committed together.
-        check_targets([output, data_path(output), report_path], [*model_files(args.model), calib, *tokenizer])
-        model, weights_dir = open_model(args.model)
-        calibration = _calibration_feeds(args, model)
-        with StagedWrites() as staged:
-            # A model with external data is read graph-only and its new weights written out as they come.
-            weights = ExternalDataWriter.staged(staged, output) if weights_dir is not None else None
-            with weights or contextlib.nullcontext():
-                result = optimize_model(
-                    model, config, calibration, progress=not args.quiet, weights_dir=weights_dir, weights=weights
-                )
-                with result.stages("save"):
-                    save_model(result.model, output, staged, weights_dir, weights)
-            staged.write_text(report_path, strict_json(result.to_dict(), indent=2) + "\n")
-    except TardisError as exc:
-        return report_error(exc)
-    except Exception as exc:
-        translated = translate_error(exc)
-        if translated is None:
-            raise
-        return report_error(translated)
+def run(args: argparse.Namespace) -> None:
+    """Fold ``args.model`` as the parsed flags ask; write the model and its report, print the report."""
+    config = config_from_args(args)
+    output = args.output if args.output is not None else default_output(args.model)
+    check_targets([output], [])  # a name to derive the report's from ("" or "." is a folder)
+    report_path = args.report or output.with_name(output.name.removesuffix(".onnx") + ".json")
+    calib = Path(args.calib) if args.calib and args.calib != text.BUILTIN else None
+    tokenizer = text.tokenizer_files(args.tokenizer or args.model.parent)
+    # Before any work: no output may be an input (the model, its external data, the calibration
+    # file, the tokenizer's files) or another output; the model, its external data and the report
+    # are committed together.
+    check_targets([output, data_path(output), report_path], [*model_files(args.model), calib, *tokenizer])
+    model, weights_dir = open_model(args.model)
+    calibration = _calibration_feeds(args, model)
+    with StagedWrites() as staged:
+        # A model with external data is read graph-only and its new weights written out as they come.
+        weights = ExternalDataWriter.staged(staged, output) if weights_dir is not None else None
+        with weights or contextlib.nullcontext():
+            result = optimize_model(
+                model, config, calibration, progress=not args.quiet, weights_dir=weights_dir, weights=weights
+            )
+            with result.stages("save"):
+                save_model(result.model, output, staged, weights_dir, weights)
+        staged.write_text(report_path, strict_json(result.to_dict(), indent=2) + "\n")
     if not args.quiet:
         print_report(result, output, report_path)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    delete_staged_files_on_terminate()
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

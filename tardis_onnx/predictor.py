@@ -44,7 +44,7 @@ class Predictor:
     """What computes an FFN's ``z_hat − b1`` for the fallback's flag test. One subclass per kind holds
     everything about it: the float64 reference (:meth:`predict`), the bytes it reads per token, the
     nodes that compute it in the rewritten graph (:meth:`emit`); adding a predictor is adding a class
-    to ``PREDICTOR_CLASSES``."""
+    to ``PREDICTOR_CLASSES``. Its ``kind`` names it on the command line and in the report only."""
 
     kind: ClassVar[str]
     # The fallback takes a flagged neuron's residual from z_hat (no W1 row read): the prediction must
@@ -52,6 +52,9 @@ class Predictor:
     residual_from_prediction: ClassVar[bool] = False
     # ONNX Runtime contrib domain its node needs in the custom-op form (declared in the model's opsets).
     contrib_domain: ClassVar[str | None] = None
+    # Its portable form multiplies by a dequantized float copy of W1: no cheaper than the exact predictor,
+    # so ``auto`` tries it only with the custom-op fallback.
+    dense_when_portable: ClassVar[bool] = False
     rank = 0
 
     @classmethod
@@ -110,6 +113,7 @@ class Int4Predictor(Predictor):
 
     kind = "int4"
     contrib_domain = "com.microsoft"
+    dense_when_portable = True
 
     @classmethod
     def bytes_per_token(cls, d, h, itemsize, rank=0):
@@ -140,6 +144,7 @@ class Int8Predictor(Predictor):
     kind = "int8"
     contrib_domain = "com.microsoft"
     residual_from_prediction = True
+    dense_when_portable = True
 
     @classmethod
     def bytes_per_token(cls, d, h, itemsize, rank=0):
@@ -194,21 +199,26 @@ class LowRankPredictor(Predictor):
         return b.op("MatMul", [t, b.constant("predictor_v", self.v)], "Predictor/LowRankUp")
 
 
+# Every predictor, in the order ``auto`` fits them (then ranked by bytes read).
 PREDICTOR_CLASSES: dict[str, type[Predictor]] = {
-    cls.kind: cls for cls in (ExactPredictor, Int4Predictor, Int8Predictor, LowRankPredictor)
+    cls.kind: cls for cls in (LowRankPredictor, Int4Predictor, Int8Predictor, ExactPredictor)
 }
-PREDICTORS = tuple(PREDICTOR_CLASSES)
+PREDICTORS = tuple(sorted(PREDICTOR_CLASSES))  # the kinds, as the command line lists them
 
 
-def make_predictor(kind: str, u: np.ndarray | None = None, v: np.ndarray | None = None) -> Predictor:
-    """The predictor of ``kind`` (``lowrank`` with its factors ``u``, ``v``)."""
+def predictor_class(kind: str) -> type[Predictor]:
+    """The predictor class named ``kind`` (the command line's and the report's name for it)."""
     if kind not in PREDICTOR_CLASSES:
         raise ValueError(f"unknown predictor {kind!r}; expected one of {PREDICTORS}")
-    if kind == "lowrank":
-        if u is None or v is None:
-            raise ValueError("a lowrank predictor needs its fitted factors u and v")
-        return LowRankPredictor(u, v)
-    return PREDICTOR_CLASSES[kind]()
+    return PREDICTOR_CLASSES[kind]
+
+
+def predictor_candidates(choice: str, standard_only: bool) -> tuple[type[Predictor], ...]:
+    """The predictors ``--predictor choice`` tries: the one named, or for ``auto`` every predictor, but
+    those whose portable form is dense where the fallback uses standard ONNX ops only."""
+    if choice != "auto":
+        return (predictor_class(choice),)
+    return tuple(cls for cls in PREDICTOR_CLASSES.values() if not (standard_only and cls.dense_when_portable))
 
 
 def flag_windows(lines: NeuronLines, error_scale: np.ndarray, uncertainty: float) -> NeuronLines:
@@ -350,13 +360,6 @@ def _top_singular(m: np.ndarray, rank: int, oversample: int = 16, iterations: in
     return (q @ left)[:, :rank], singular[:rank], right[:rank]
 
 
-def predictor_bytes(kind: str, d: int, h: int, itemsize: int, rank: int = 0) -> int:
-    """Bytes the predictor of ``kind`` reads per token."""
-    if kind not in PREDICTOR_CLASSES:
-        raise ValueError(f"unknown predictor {kind!r}; expected one of {PREDICTORS}")
-    return PREDICTOR_CLASSES[kind].bytes_per_token(d, h, itemsize, rank)
-
-
 def predictor_quality(
     predictor: Predictor,
     ffn,
@@ -432,7 +435,7 @@ class PredictorChoice:
 
 
 def rank_predictors(
-    kinds: tuple[str, ...],
+    classes: tuple[type[Predictor], ...],
     ffn,
     fit_x: np.ndarray,
     check_x: np.ndarray,
@@ -444,7 +447,7 @@ def rank_predictors(
     min_recall: float = 0.95,
     fold: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[PredictorChoice]:
-    """The predictor ``kinds`` fitted on ``fit_x`` and measured on ``check_x``, best first: those with
+    """The predictor ``classes`` fitted on ``fit_x`` and measured on ``check_x``, best first: those with
     recall ≥ ``min_recall`` (or, when none has it, those with the best recall) by bytes read per token;
     ``optimize`` takes the first, or with its never-slower check the first whose rewrite runs no slower.
     A predictor the residuals are taken from (int8) is left out where that raises the FFN's error on
@@ -456,11 +459,11 @@ def rank_predictors(
     z_fit = error_x @ ffn.w1
     z_check = np.asarray(check_x, dtype=np.float64) @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1)
     choices = []
-    for kind in kinds:
-        predictor = PREDICTOR_CLASSES[kind].fit(fit_x, ffn.w1, rank)
+    for cls in classes:
+        predictor = cls.fit(fit_x, ffn.w1, rank)
         z_hat_fit, z_hat_check = _predictions(predictor, ffn, error_x, z_fit, check_x, z_check)
         flags = flag_windows(lines, (z_hat_fit - z_fit).std(axis=0), uncertainty)
-        if predictor.residual_from_prediction and len(kinds) > 1:  # asked for alone: taken as it is
+        if predictor.residual_from_prediction and len(classes) > 1:  # asked for alone: taken as it is
             exact, predicted = predicted_residual_errors(
                 predictor, ffn, check_x[:4096], lines, flags, fold, margin, z_check[:4096], z_hat_check[:4096]
             )

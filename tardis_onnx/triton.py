@@ -26,7 +26,7 @@ from pathlib import Path
 
 import onnx
 
-from tardis_onnx.errors import TardisError, non_negative_int, parse_arguments, positive_int, report_error
+from tardis_onnx.errors import TardisError, non_negative_int, positive_int, run_command
 from tardis_onnx.files import model_files
 from tardis_onnx.io import load_model
 from tardis_onnx.runtime import CPU_LIBRARY, CUDA_LIBRARY, library_path
@@ -178,14 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_arguments(build_parser(), argv)
-        target = write_repository(args.model, args.out, args.name, args.max_batch, args.instances, args.kind)
-    except TardisError as exc:
-        return report_error(exc)
+def run(args: argparse.Namespace) -> None:
+    target = write_repository(args.model, args.out, args.name, args.max_batch, args.instances, args.kind)
     print(f"wrote {target} (serve with: tritonserver --model-repository {target.parent})")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tardis_onnx.errors import (
-    TardisError,
-    check_environment,
-    non_negative_float,
-    non_negative_int,
-    parse_arguments,
-    positive_int,
-    report_error,
-    translate_error,
-)
+from tardis_onnx.errors import TardisError, non_negative_float, non_negative_int, positive_int, run_command
 from tardis_onnx.feeds import Feeds, load_feeds, random_feeds
 from tardis_onnx.files import StagedWrites, check_targets, model_files, strict_json
 from tardis_onnx.io import load_model
@@ -125,32 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_arguments(build_parser(), argv)
-        check_environment()
-        inputs = [*model_files(args.original), *model_files(args.rewritten), args.feeds]
-        check_targets([args.json], inputs)
-        original = load_model(args.original, load_weights=False)
-        load_model(args.rewritten, load_weights=False)
-        if args.feeds:
-            feeds = load_feeds(args.feeds, original, label="feeds")[0]
-        else:
-            feeds = random_feeds(original, args.batch, args.sequence, args.past, args.seed)
-        expected, actual = run_models(args.original, args.rewritten, feeds, args.ort_optimization)
-        results = compare_outputs(expected, actual, args.atol, args.rtol, args.check_error_stat)
-        tolerance = f"atol={args.atol:g} rtol={args.rtol:g} ({args.check_error_stat})"
-        if args.json:
-            with StagedWrites() as staged:
-                document = {"tolerance": tolerance, "outputs": [asdict(r) for r in results]}
-                staged.write_text(args.json, strict_json(document, indent=2))
-    except TardisError as exc:
-        return report_error(exc)
-    except Exception as exc:
-        translated = translate_error(exc)
-        if translated is None:
-            raise
-        return report_error(translated)
+def run(args: argparse.Namespace) -> int:
+    inputs = [*model_files(args.original), *model_files(args.rewritten), args.feeds]
+    check_targets([args.json], inputs)
+    original = load_model(args.original, load_weights=False)
+    load_model(args.rewritten, load_weights=False)
+    if args.feeds:
+        feeds = load_feeds(args.feeds, original, label="feeds")[0]
+    else:
+        feeds = random_feeds(original, args.batch, args.sequence, args.past, args.seed)
+    expected, actual = run_models(args.original, args.rewritten, feeds, args.ort_optimization)
+    results = compare_outputs(expected, actual, args.atol, args.rtol, args.check_error_stat)
+    tolerance = f"atol={args.atol:g} rtol={args.rtol:g} ({args.check_error_stat})"
+    if args.json:
+        with StagedWrites() as staged:
+            document = {"tolerance": tolerance, "outputs": [asdict(r) for r in results]}
+            staged.write_text(args.json, strict_json(document, indent=2))
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
     print(f"inputs: {shapes}")
     header = ("output", "max abs", "mean abs", "max rel", "mean rel", "result")
@@ -165,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"PASSED: all {len(results)} outputs match within {tolerance}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ from ffn_graphs import D, GraphBuilder, erf_div, ffn_model
 from tardis_onnx.calibrate import CalibrationData, capture_ffn_inputs
 from tardis_onnx.config import DEFAULT_TARGET_REDUCTION, TardisConfig
 from tardis_onnx.feeds import random_feeds
-from tardis_onnx.optimize import RANDOM_FEEDS_WARNING, main, optimize_model
+from tardis_onnx.optimize import main, optimize_model
 from tardis_onnx.passes import find_ffns
-from tardis_onnx.predictor import rank_predictors
+from tardis_onnx.passes.capture import RANDOM_FEEDS_WARNING
+from tardis_onnx.predictor import ExactPredictor, LowRankPredictor, rank_predictors
 
 
 def _narrow_ffn_model(h: int = D) -> onnx.ModelProto:
@@ -81,11 +82,12 @@ def test_auto_predictor_is_the_cheapest_one_with_enough_recall():
     result = optimize_model(ffn_model("erf_div"), TardisConfig(fallback="portable", holdout=0.2), samples=[samples])
     lines = result.lines[0]
     for min_recall in (0.5, 0.95, 1.0):
+        classes = (LowRankPredictor, ExactPredictor)
         options = {
-            kind: rank_predictors((kind,), ffn, fit.x, held.x, lines, rank=8, min_recall=min_recall)[0]
-            for kind in ("lowrank", "exact")
+            cls.kind: rank_predictors((cls,), ffn, fit.x, held.x, lines, rank=8, min_recall=min_recall)[0]
+            for cls in classes
         }
-        chosen = rank_predictors(("lowrank", "exact"), ffn, fit.x, held.x, lines, rank=8, min_recall=min_recall)[0]
+        chosen = rank_predictors(classes, ffn, fit.x, held.x, lines, rank=8, min_recall=min_recall)[0]
         eligible = [o for o in options.values() if o.recall >= min_recall]
         assert options["exact"].recall == 1.0 and eligible
         assert chosen.read_bytes == min(o.read_bytes for o in eligible)

@@ -16,12 +16,16 @@ from tardis_onnx.predictor import (
     INT4_ACCURACY_LEVEL,
     PREDICTOR_CLASSES,
     PREDICTORS,
+    ExactPredictor,
+    Int4Predictor,
+    Int8Predictor,
+    LowRankPredictor,
     dequantize_int4,
     fit_lowrank,
     flag_windows,
-    make_predictor,
     predicted_residual_errors,
-    predictor_bytes,
+    predictor_candidates,
+    predictor_class,
     quantize_activations_int8,
     quantize_activations_uint8,
     quantize_int4,
@@ -77,7 +81,7 @@ def test_the_int4_reference_models_matmulnbits_int8_activations_as_emitted():
     w4 = dequantize_int4(packed, scales.astype(np.float32), d)
     emulated = np.abs(got - quantize_activations_int8(x) @ w4).max()
     assert emulated < 0.3 * np.abs(got - x.astype(np.float64) @ w4).max()
-    np.testing.assert_allclose(make_predictor("int4").predict(x, w, None), quantize_activations_int8(x) @ w4, atol=1e-5)
+    np.testing.assert_allclose(Int4Predictor().predict(x, w, None), quantize_activations_int8(x) @ w4, atol=1e-5)
 
 
 def test_the_int8_reference_is_dynamic_quantize_matmul_in_onnxruntime():
@@ -98,7 +102,7 @@ def test_the_int8_reference_is_dynamic_quantize_matmul_in_onnxruntime():
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     got = create_session(helper.make_model(graph, opset_imports=opsets)).run(None, {"x": x})[0]
-    want = make_predictor("int8").predict(x.reshape(-1, d), w, None).reshape(2, 7, h)
+    want = Int8Predictor().predict(x.reshape(-1, d), w, None).reshape(2, 7, h)
     exact = x.astype(np.float64) @ w
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
     assert np.abs(got - exact).max() > 100 * np.abs(got - want).max()  # the rounding is modelled, not ignored
@@ -118,7 +122,7 @@ def test_with_int8_every_flagged_residual_comes_from_the_prediction():
     assert row.predictor == "int8" and row.fallback_read_bytes == row.fold_bytes + ffn.w2_stored.size * 4
     feeds = random_feeds(model, seed=5)
     x = feeds["x"].astype(np.float64)
-    z_hat = make_predictor("int8").predict(x.reshape(-1, x.shape[-1]), ffn.w1, ffn.b1).reshape(*x.shape[:-1], -1)
+    z_hat = Int8Predictor().predict(x.reshape(-1, x.shape[-1]), ffn.w1, ffn.b1).reshape(*x.shape[:-1], -1)
     folded = x @ arrays["folded_weight"] + arrays["folded_bias"]
     want = folded + reference.residual(z_hat, result.lines[0]) @ ffn.w2 + x  # the model adds its input back
     got = create_session(model).run(None, feeds)[0]
@@ -211,12 +215,16 @@ def test_lowrank_predict_and_unknown_kinds():
     rng = np.random.default_rng(3)
     x_cal = rng.normal(size=(500, 16))
     w1 = rng.normal(size=(16, 64))
-    predictor = make_predictor("lowrank", *fit_lowrank(x_cal, w1, 4))
+    predictor = LowRankPredictor(*fit_lowrank(x_cal, w1, 4))
     z = predictor.predict(x_cal[:2], w1, np.ones(64))
     assert z.shape == (2, 64)
     np.testing.assert_allclose(z, x_cal[:2] @ predictor.u @ predictor.v + 1)
     with pytest.raises(ValueError, match="unknown predictor"):
-        make_predictor("oracle")
+        predictor_class("oracle")
+    assert predictor_class("lowrank") is LowRankPredictor and predictor_candidates("int4", True) == (Int4Predictor,)
+    # auto: the quantized predictors only where they run as quantized kernels (the custom-op form)
+    assert predictor_candidates("auto", True) == (LowRankPredictor, ExactPredictor)
+    assert predictor_candidates("auto", False) == (LowRankPredictor, Int4Predictor, Int8Predictor, ExactPredictor)
 
 
 def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
@@ -228,11 +236,11 @@ def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
     lines = reference.NeuronLines(
         np.zeros(ffn.hidden), np.zeros(ffn.hidden), np.full(ffn.hidden, np.inf), np.zeros(ffn.hidden)
     )
-    exact, predicted = predicted_residual_errors(make_predictor("int8"), ffn, x, lines, lines)
+    exact, predicted = predicted_residual_errors(Int8Predictor(), ffn, x, lines, lines)
     assert exact < 1e-20 < 1e-6 < predicted
-    kinds = [c.predictor.kind for c in rank_predictors(("int8", "exact"), ffn, x, x, lines)]
+    kinds = [c.predictor.kind for c in rank_predictors((Int8Predictor, ExactPredictor), ffn, x, x, lines)]
     assert kinds == ["exact"]
-    assert [c.predictor.kind for c in rank_predictors(("int8",), ffn, x, x, lines)] == ["int8"]
+    assert [c.predictor.kind for c in rank_predictors((Int8Predictor,), ffn, x, x, lines)] == ["int8"]
     feeds = random_feeds(model, seed=8)
     want = create_session(ffn_model("erf_div")).run(None, feeds)[0]
     result = optimize_model(model, TardisConfig(coverage=0.0, fallback="custom"))
@@ -270,4 +278,4 @@ def test_each_predictor_class_emits_what_its_reference_computes(kind):
     want = x @ dequantized[kind]() if kind in dequantized else predictor.predict(x, ffn.w1, None)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     d, h = ffn.w1_stored.shape
-    assert predictor.read_bytes(d, h, 4) == predictor_bytes(kind, d, h, 4, predictor.rank) > 0
+    assert predictor.read_bytes(d, h, 4) == type(predictor).bytes_per_token(d, h, 4, predictor.rank) > 0

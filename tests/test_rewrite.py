@@ -12,8 +12,9 @@ from tardis_onnx import reference
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.errors import TardisError
 from tardis_onnx.feeds import random_feeds
-from tardis_onnx.optimize import is_rewritten, optimize_model
+from tardis_onnx.optimize import optimize_model
 from tardis_onnx.passes import find_ffns
+from tardis_onnx.passes.prepare import is_rewritten
 from tardis_onnx.session import create_session
 
 BUILDERS = {name: (lambda name=name: ffn_model(name)) for name in SPELLINGS}

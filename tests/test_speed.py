@@ -12,7 +12,7 @@ from ffn_graphs import SPELLINGS, D, GraphBuilder, ffn_model
 
 from tardis_onnx import reference, runtime, speed
 from tardis_onnx.config import TardisConfig
-from tardis_onnx.emit import emit_ffn
+from tardis_onnx.emit import CustomFallback, emit_ffn
 from tardis_onnx.errors import TardisError
 from tardis_onnx.feeds import random_feeds
 from tardis_onnx.optimize import main, optimize_model
@@ -51,7 +51,7 @@ def test_the_timing_models_compute_the_ffn_and_its_rewrite(spelling):
     assert np.abs(dense - want).max() <= 1e-5 * np.abs(want).max()
     lines = reference.NeuronLines(*(np.zeros(ffn.hidden) for _ in range(2)), np.zeros(ffn.hidden), np.zeros(ffn.hidden))
     # Windows of width zero: every neuron falls back, so the rewrite is the FFN itself.
-    nodes, inits = emit_ffn(ffn, lines, "custom", 17, 0.0, 0.0)
+    nodes, inits = emit_ffn(ffn, lines, CustomFallback(), 17, 0.0, 0.0)
     rewritten = runtime.make_session(speed.rewritten_ffn_model(ffn, nodes, inits)).run(None, {ffn.x: x})[0]
     assert np.abs(rewritten - want).max() <= 1e-5 * np.abs(want).max()
 
@@ -59,7 +59,7 @@ def test_the_timing_models_compute_the_ffn_and_its_rewrite(spelling):
 def test_real_timings_are_medians_of_alternated_runs():
     model = ffn_model("erf_div")
     (ffn,), _ = find_ffns(model)
-    nodes, inits = emit_ffn(ffn, reference.NeuronLines(*(np.zeros(ffn.hidden),) * 4), "custom", 17, 0.0, 0.0)
+    nodes, inits = emit_ffn(ffn, reference.NeuronLines(*(np.zeros(ffn.hidden),) * 4), CustomFallback(), 17, 0.0, 0.0)
     x = np.random.default_rng(0).standard_normal((100, D)).astype(np.float32)
     check = speed.check_ffn(ffn, nodes, inits, x, [(4, 8), (1, 1)])
     timed = list(check.speedups)  # fewest tokens first, up to the first shape where the rewrite is slower
@@ -104,7 +104,7 @@ def _fake_timings(monkeypatch, slower: set[str], slow_ops: tuple[str, ...] = ())
         rewritten = {n: (1.2 if slow and n == "1x32" else 0.5) for n in names}
         return speed.SpeedCheck(dict.fromkeys(names, 1.0), rewritten)
 
-    monkeypatch.setattr("tardis_onnx.optimize.check_ffn", check_ffn)
+    monkeypatch.setattr("tardis_onnx.passes.rewrite.check_ffn", check_ffn)
     return timed
 
 

@@ -1,0 +1,52 @@
+"""Finish, the pass's last step: the rewrites put into the graph, the domains they use declared, the model
+quantized when asked (``--quantize int8``), what was done recorded in the metadata, and the new tensors'
+shapes annotated (:func:`tardis_onnx.schema.annotate_shapes`)."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from tardis_onnx import __version__
+from tardis_onnx.config import TardisConfig
+from tardis_onnx.contract import METADATA_CONFIG, METADATA_FFNS, METADATA_VERSION
+from tardis_onnx.emit import FallbackForm, replace_nodes
+from tardis_onnx.predictor import Predictor
+from tardis_onnx.quantize import quantize_int8
+from tardis_onnx.report import FfnReport
+from tardis_onnx.schema import annotate_shapes
+
+
+def finish(
+    model: onnx.ModelProto,
+    replacements: list,
+    rows: list[FfnReport],
+    predictors: list[Predictor],
+    form: FallbackForm,
+    config: TardisConfig,
+) -> None:
+    """In place: ``replacements`` (:meth:`FfnMatch.rewrite`) made; ``rows`` and ``predictors``: per FFN, its
+    report row and predictor (the FFNs kept as they were included)."""
+    replace_nodes(model, replacements)
+    folded_predictors = [p for p, r in zip(predictors, rows, strict=True) if not r.kept_original]
+    for domain in form.domains(folded_predictors):
+        if not any(o.domain == domain for o in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    if config.quantize == "int8":
+        model.CopyFrom(quantize_int8(model))
+    _set_metadata(model, config, form.name, rows)
+    annotate_shapes(model)
+
+
+def _set_metadata(model: onnx.ModelProto, config: TardisConfig, fallback: str, rows: list[FfnReport]) -> None:
+    settings = json.dumps({**config.to_dict(), "fallback": fallback}, sort_keys=True)
+    ffns = json.dumps(
+        [
+            {"name": r.name, "gelu": r.gelu, "d": r.d, "hidden": r.hidden, "coverage": r.coverage}
+            | {"predictor": r.predictor, "kept": r.kept_original}
+            for r in rows
+        ]
+    )
+    for key, value in ((METADATA_VERSION, __version__), (METADATA_CONFIG, settings), (METADATA_FFNS, ffns)):
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

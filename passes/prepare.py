@@ -1,0 +1,39 @@
+"""Prepare, the pass's first step: refuse what it cannot take before any work, and read the opset it emits for.
+
+Nothing is canonicalized: the matcher (:mod:`tardis_onnx.passes.gelu`, :mod:`tardis_onnx.passes.ffn`) reads
+every exporter's spelling as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from tardis_onnx.config import TardisConfig
+from tardis_onnx.contract import METADATA_VERSION
+from tardis_onnx.emit import MIN_OPSET
+from tardis_onnx.errors import TardisError
+
+
+def prepare(model: onnx.ModelProto, config: TardisConfig, weights_dir: Path | None) -> int:
+    """The model's standard opset; a :class:`TardisError` for a model already rewritten, an opset the
+    fallback cannot be written in, or ``--quantize`` on a model read graph-only (``weights_dir``)."""
+    if is_rewritten(model):
+        raise TardisError("the model was already rewritten by tardis-onnx: nothing to do")
+    if weights_dir is not None and config.quantize != "none":
+        raise TardisError(
+            f"--quantize {config.quantize} needs the model's weights in memory: not for a model with external data"
+        )
+    opset = _default_opset(model)
+    if opset < MIN_OPSET:
+        raise TardisError(f"the model uses opset {opset}; tardis-onnx needs opset >= {MIN_OPSET}")
+    return opset
+
+
+def is_rewritten(model: onnx.ModelProto) -> bool:
+    return any(p.key == METADATA_VERSION for p in model.metadata_props)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
