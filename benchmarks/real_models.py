@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # models/
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ffn_latency import median_times  # noqa: E402
+from quantizers import quantize_int4, quantize_int8  # noqa: E402
 
 from experiments.data import data_dir  # noqa: E402
 from experiments.evaluate import STSB, StsEvaluator, read_stsb  # noqa: E402
@@ -47,20 +48,6 @@ from tardis_onnx import optimize, runtime, text  # noqa: E402
 
 SHAPES = ((1, 12), (1, 33), (32, 17))
 INPUTS_PER_SHAPE = 8
-
-
-def quantize_int8(source: Path, target: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
-
-
-def quantize_int4(source: Path, target: Path) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    quantizer = MatMulNBitsQuantizer(onnx.load(source), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
-    quantizer.process()
-    onnx.save(quantizer.model.model, target)
 
 
 def build_variants(source: Path, folder: Path) -> dict[str, Path]:

@@ -10,14 +10,22 @@ as Cast + fp32 MatMul), one session alive at a time, whole decodes alternated, m
 Beside the speed: the weight bytes a decoded token reads (the embedding row aside), dense and rewritten
 (the FFNs' from the report: fold, predictor and flagged rows).
 
+Side by side, decoded in the same alternation, what users would pick instead (``benchmarks/quantizers.py``):
+``int8`` (``quantize_dynamic`` of the same preset built in float32, as it refuses fp16 models), ``int4``
+(``MatMulNBits``, ``accuracy_level=4``, of the fp16 model) and ``tardis+int4`` (the same quantizer on the
+rewrite: the folded and attention MatMuls; the fallback op's rows stay fp16). Each is built in memory, so
+a baseline that would not fit in this machine's memory is skipped, and said so (at 7B: all three).
+
     python benchmarks/scale.py --out out/scale --plot docs/scale.png
     python benchmarks/scale.py --layers 2 --sequences 4 --decode-steps 2 --repeats 1   # a quick look
+    python benchmarks/scale.py --layers 4 --rewritten /tmp/s4/model.tardis.onnx   # decode an existing rewrite
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -30,6 +38,9 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quantizers import model_file_bytes, quantize_int4, quantize_int8  # noqa: E402
 
 from models import gelu_decoder  # noqa: E402
 from tardis_onnx.files import all_tensors  # noqa: E402
@@ -37,6 +48,9 @@ from tardis_onnx.session import create_session  # noqa: E402
 from tardis_onnx.text import embedding_rows  # noqa: E402
 
 STAGES = ("match", "calibrate", "fit", "emit", "save")
+BASELINES = ("int8", "int4", "tardis+int4")
+# A baseline is built in memory: the fp32 model (int8) or the fp16 one (int4) must fit in this share of it.
+MEMORY_SHARE = 0.6
 
 
 def calibration_feeds(graph: onnx.ModelProto, path: Path, sequences: int, seq_len: int, batch: int, seed: int) -> Path:
@@ -59,23 +73,31 @@ def calibration_feeds(graph: onnx.ModelProto, path: Path, sequences: int, seq_le
     return path
 
 
-def optimize(model: Path, output: Path, feeds: Path, extra: list[str]) -> dict:
-    """The plain command on ``model`` in a subprocess: its report, wall seconds and peak RSS."""
+def optimize(model: Path, output: Path, feeds: Path, extra: list[str], reuse: bool = False) -> dict:
+    """The plain command on ``model`` in a subprocess: its report, wall seconds and peak RSS (``reuse``: the
+    rewrite ``output`` exists; its report's own time and memory)."""
     command = [sys.executable, "-m", "tardis_onnx.optimize", str(model), "-o", str(output), "--calib", str(feeds)]
     started = time.perf_counter()
-    subprocess.run([*command, *extra], check=True)
+    if not reuse:
+        subprocess.run([*command, *extra], check=True)
     wall = time.perf_counter() - started
     report = json.loads(output.with_name(output.name.removesuffix(".onnx") + ".json").read_text())
     return {
         "command": " ".join(["python", *command[1:], *extra]),
-        "wall_s": round(wall, 1),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "wall_s": round(report["elapsed_s"] if reuse else wall, 1),
+        "peak_rss_mib": round(
+            report["peak_rss_mib"] if reuse else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
+        ),
         "stages": report["stages"],
         "totals": report["totals"],
         "predictors": sorted({row["predictor"] for row in report["ffns"]}),
         "flagged_fraction": statistics.mean(row["flagged_fraction"] for row in report["ffns"]),
         "warnings": report["warnings"],
     }
+
+
+def peak_child_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def weight_bytes(model: onnx.ModelProto) -> tuple[int, int]:
@@ -87,6 +109,27 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[int, int]:
         for t in all_tensors(graph)
     }
     return sum(sizes.values()), sum(size for name, size in sizes.items() if name in gathered)
+
+
+def baselines(names: list[str], preset: str, layers: int | None, model: Path, rewritten: Path, work: Path):
+    """Baseline name → model file, built in ``work`` (or a line saying why it was skipped)."""
+    weights = model_file_bytes(model)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    files, skipped = {}, {}
+    for name in names:
+        need = 2 * weights if name == "int8" else weights  # the fp32 model, or the fp16 one, in memory
+        if need > MEMORY_SHARE * memory:
+            skipped[name] = f"needs about {need / 2**30:.0f} GiB in memory to build, {memory / 2**30:.0f} GiB here"
+            print(f"{name}: skipped ({skipped[name]})", flush=True)
+            continue
+        started, target = time.perf_counter(), work / f"{name}.onnx"
+        if name == "int8":
+            quantize_int8(gelu_decoder.build(preset, "float32", layers), target)
+        else:
+            quantize_int4(rewritten if name == "tardis+int4" else model, target)
+        print(f"{name}: built in {time.perf_counter() - started:.0f} s", flush=True)
+        files[name] = target
+    return files, skipped
 
 
 def decode_times(paths: dict[str, Path], prompt: np.ndarray, steps: int, repeats: int) -> dict[str, dict]:
@@ -128,10 +171,14 @@ def plot(result: dict, path: Path) -> None:
     twin.set_ylabel("peak RSS so far, GiB (dashed: the weights)")
     left.set_title(f"optimize {result['model']['name']}: {result['optimize']['wall_s'] / 60:.1f} min")
     decode = result["decode"]
-    right.bar(list(decode), [1 / d["s_per_token"] for d in decode.values()], color=["gray", "tab:green"])
+    right.bar(
+        list(decode),
+        [1 / d["s_per_token"] for d in decode.values()],
+        color=["gray", "tab:green", "tab:orange", "tab:purple", "tab:olive"][: len(decode)],
+    )
     right.set_ylabel("tokens/s (KV cache, ONNX Runtime CPU)")
     for i, d in enumerate(decode.values()):
-        right.annotate(f"{d['read_gib_per_token']:.1f} GiB/token", (i, 1 / d["s_per_token"]), ha="center", va="bottom")
+        right.annotate(f"{d['read_gib_per_token']:.2f} GiB", (i, 1 / d["s_per_token"]), ha="center", va="bottom")
     right.set_title("decode")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -151,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="an existing model.onnx written by models/gelu_decoder.py")
     parser.add_argument("--work", type=Path, help="folder for the feeds and the rewrite (default: beside the model)")
     parser.add_argument("--optimize-args", default="", help="extra flags for optimize, e.g. '--shapes 1x1'")
+    parser.add_argument("--rewritten", type=Path, help="an existing rewrite of the model (and its report beside it)")
+    parser.add_argument(
+        "--baselines", default=",".join(BASELINES), help=f"decoded beside: some of {','.join(BASELINES)}, or none"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/scale"))
     parser.add_argument("--plot", type=Path, help="write a PNG (e.g. docs/scale.png)")
     args = parser.parse_args(argv)
@@ -162,22 +213,35 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     graph = onnx.load(str(model), load_external_data=False)
     feeds = calibration_feeds(graph, work / "feeds.npz", args.sequences, args.seq_len, args.batch, seed=0)
-    rewritten = work / "model.tardis.onnx"
-    optimized = optimize(model, rewritten, feeds, args.optimize_args.split())
+    rewritten = args.rewritten or work / "model.tardis.onnx"
+    optimized = optimize(model, rewritten, feeds, args.optimize_args.split(), reuse=args.rewritten is not None)
     total, embedding = weight_bytes(graph)
     per_token = total - embedding
     ffn = optimized["totals"]
     read = {"dense": per_token, "tardis": per_token - ffn["dense_bytes"] + ffn["total_read_bytes"]}
+    wanted = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",")]
+    if unknown := set(wanted) - set(BASELINES):
+        parser.error(f"unknown baselines: {', '.join(sorted(unknown))}")
+    built, skipped = baselines(wanted, args.preset, args.layers, model, rewritten, work)
+    tardis_total = weight_bytes(onnx.load(str(rewritten), load_external_data=False))[0]
+    for name, path in built.items():
+        quantized, quantized_embedding = weight_bytes(onnx.load(str(path), load_external_data=False))
+        # tardis+int4 reads what the rewrite reads, less what the quantizer took off its every-token MatMuls.
+        read[name] = (
+            read["tardis"] - (tardis_total - quantized) if name == "tardis+int4" else quantized - quantized_embedding
+        )
     prompt = np.random.default_rng(1).integers(0, embedding_rows(graph), (1, args.prompt), dtype=np.int64)
-    decode = decode_times({"dense": model, "tardis": rewritten}, prompt, args.decode_steps, args.repeats)
+    decode = decode_times({"dense": model, "tardis": rewritten, **built}, prompt, args.decode_steps, args.repeats)
     for name, row in decode.items():
         row["read_gib_per_token"] = read[name] / 2**30
+        row["speedup"] = decode["dense"]["s_per_token"] / row["s_per_token"]
     result = {
         "model": {"name": args.preset + (f" ({args.layers} layers)" if args.layers else ""), "path": str(model)}
         | {"dtype": args.dtype, "weight_bytes": total, "built_or_cached_s": round(built_s, 1)},
         "calibration": {"sequences": args.sequences, "seq_len": args.seq_len, "batch": args.batch},
         "optimize": optimized,
         "decode": decode,
+        "skipped_baselines": skipped,
         "speedup": decode["dense"]["s_per_token"] / decode["tardis"]["s_per_token"],
         "bytes_bound": read["dense"] / read["tardis"],
         "same_tokens": decode["dense"]["tokens"] == decode["tardis"]["tokens"],
@@ -189,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"optimize: {optimized['wall_s'] / 60:.1f} min, peak RSS {optimized['peak_rss_mib'] / 1024:.1f} GiB")
     print(f"  weights {total / 2**30:.1f} GiB; " + ", ".join(f"{s} {stages[s]['seconds']:.0f} s" for s in stages))
     for name, row in decode.items():
-        print(f"decode {name}: {1 / row['s_per_token']:.3f} tok/s, {row['read_gib_per_token']:.2f} GiB/token")
+        print(
+            f"decode {name}: {1 / row['s_per_token']:.3f} tok/s ({row['speedup']:.2f}x), "
+            f"{row['read_gib_per_token']:.2f} GiB/token"
+        )
     speedup, bound, same = result["speedup"], result["bytes_bound"], result["same_tokens"]
     print(f"speedup {speedup:.2f}x (bytes bound {bound:.2f}x); same tokens: {same}")
     if args.plot:

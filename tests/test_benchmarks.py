@@ -141,3 +141,9 @@ def test_the_scale_benchmark_runs_end_to_end_on_the_tiny_decoder(tmp_path, monke
     assert len(dense["tokens"]) == len(tardis["tokens"]) == 3 and dense["s_per_token"] > 0
     saved = result["optimize"]["totals"]["dense_bytes"] - result["optimize"]["totals"]["total_read_bytes"]
     assert dense["read_gib_per_token"] - tardis["read_gib_per_token"] == pytest.approx(saved / 2**30)
+    # What users would pick instead, decoded beside: fewer bytes than what each quantizes.
+    decode = result["decode"]
+    assert set(decode) == {"dense", "tardis", *scale.BASELINES} and not result["skipped_baselines"]
+    assert decode["int4"]["read_gib_per_token"] < dense["read_gib_per_token"]
+    assert decode["tardis+int4"]["read_gib_per_token"] < tardis["read_gib_per_token"]
+    assert all(len(row["tokens"]) == 3 and row["s_per_token"] > 0 for row in decode.values())

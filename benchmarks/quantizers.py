@@ -1,0 +1,38 @@
+"""What users would pick instead of TARDIS, built the way they would build it, for the benchmarks:
+
+- ``int8``: ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights, activations rounded at run time),
+  what a CPU user picks today; it takes float32 models only (an fp16 model comes out invalid);
+- ``int4``: ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric, ``accuracy_level=4``: int8 activations),
+  weight-only; fp32 and fp16 models.
+
+A model past protobuf's 2 GB limit is written with external data beside ``target``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def model_file_bytes(path: Path) -> int:
+    """Bytes of the model file and of its external data files beside it (``name.onnx*``)."""
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    large = model_file_bytes(source) > EXTERNAL_DATA_BYTES
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, use_external_data_format=large)
+
+
+def quantize_int4(source: Path, target: Path) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    large = model_file_bytes(source) > EXTERNAL_DATA_BYTES
+    quantizer = MatMulNBitsQuantizer(onnx.load(source), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
