@@ -28,7 +28,8 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     large = model_bytes(model) >= EXTERNAL_DATA_THRESHOLD  # past protobuf's 2 GB limit: external data
     with tempfile.TemporaryDirectory(prefix="tardis-quantize-") as folder:
         out = Path(folder) / "quantized.onnx"
-        # The custom op has no schema ONNX Runtime's quantizer sees: tensors it cannot type are float.
-        options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        # The custom op has no schema ONNX Runtime's quantizer sees: tensors it cannot type are float. The
+        # MatMuls inside If/Loop branches (Optimum's merged decoders) are quantized too.
+        options = {"DefaultTensorType": onnx.TensorProto.FLOAT, "EnableSubgraph": True}
         quantize_dynamic(model, out, weight_type=QuantType.QInt8, use_external_data_format=large, extra_options=options)
         return onnx.load(out)

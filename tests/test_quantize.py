@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from ffn_graphs import ffn_model
+from ffn_graphs import D, ffn_model, if_model
 from test_speed import _fake_timings, two_ffn_model
 
 from tardis_onnx import runtime
@@ -68,3 +68,21 @@ def test_the_speed_check_compares_with_the_int8_ffn(monkeypatch):
         ffn_model("erf_div"), TardisConfig(coverage=0.9, quantize="int8", speed_check=True, shapes=((1, 4),))
     )
     assert seen and all("MatMul" not in ops and "MatMulInteger" in ops for ops in seen)
+
+
+def test_matmuls_inside_branches_are_quantized_too():
+    """Optimum's merged decoder keeps both decoders in the branches of an If: quantize_dynamic leaves those
+    float unless asked (EnableSubgraph); --quantize int8 asks."""
+
+    def op_types(graph: onnx.GraphProto) -> list[str]:
+        return [n.op_type for n in graph.node] + [t for n in graph.node for a in n.attribute for t in op_types(a.g)]
+
+    original = if_model()
+    quantized = quantize_int8(if_model())
+    assert op_types(original.graph).count("MatMul") == 4
+    assert "MatMul" not in op_types(quantized.graph) and op_types(quantized.graph).count("MatMulInteger") == 4
+    for cond in (True, False):
+        feeds = {"x": np.random.default_rng(1).normal(size=(2, 8, D)).astype(np.float32), "cond": np.array([cond])}
+        want = create_session(original).run(None, feeds)[0]
+        got = create_session(quantized).run(None, feeds)[0]
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
