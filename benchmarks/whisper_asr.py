@@ -31,9 +31,11 @@ writes ``<out>/whisper_asr.json`` (per utterance: reference, hypothesis, errors,
   ``decoder_model.onnx`` and ``decoder_with_past_model.onnx`` (default settings: never-slower check on);
 - ``tardis-nospeed``: the same with ``--no-speed-check`` (every FFN folded);
 - ``tardis-r75``: the ``tardis`` encoder, decoders with ``--target-reduction 0.75`` (``--no-r75`` skips it);
-- ``int8``: ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights) on the three files.
+- ``int8``: ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights) on the three files;
+- ``tardis-merged``, ``int8-merged``, ``tardis-merged+int8`` (``--quantize int8``): the same on Optimum's default
+  layout, ``encoder_model.onnx`` and ``decoder_model_merged.onnx`` (both decoders in the branches of one ``If``).
 
-The folders hold no ``decoder_model_merged.onnx`` (the variants rewrite the two non-merged decoders instead), so
+The other folders hold no ``decoder_model_merged.onnx`` (they rewrite the two non-merged decoders instead), so
 Optimum runs ``decoder_model.onnx`` for the first step and ``decoder_with_past_model.onnx`` after it. Calibration
 uses the LJ Speech clips with an odd number (LJ001-0001, -0003, ..., -0031: 16 utterances); WER is reported on all
 33 utterances, on the 17 held out of calibration (the even clips and JFK) and on the 16 calibration ones. With
@@ -73,6 +75,7 @@ SIDE_FILES = (".json", ".txt")
 # ----------------------------------------------------------------------------------------------- data
 
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+MERGED_FILES = ("encoder_model.onnx", "decoder_model_merged.onnx")  # Optimum's default layout
 DECODER_FFN_DENSE_BYTES = 6 * 2 * 512 * 2048 * 4  # Whisper-base: 6 decoder FFNs, d=512, h=2048, fp32
 
 
@@ -259,7 +262,11 @@ TARDIS_VARIANTS: dict[str, dict[str, list[str] | None]] = {
         "decoder_model.onnx": ["--target-reduction", "0.75"],
         "decoder_with_past_model.onnx": ["--target-reduction", "0.75"],
     },
+    # Optimum's default layout: both decoders in the branches of one If (its FFNs folded once, emitted in each)
+    "tardis-merged": {f: [] for f in MERGED_FILES},
+    "tardis-merged+int8": {f: ["--quantize", "int8"] for f in MERGED_FILES},
 }
+INT8_VARIANTS = {"int8": ONNX_FILES, "int8-merged": MERGED_FILES}
 
 
 def build_tardis(dense: Path, out: Path, name: str, manifest: Path) -> tuple[Path, dict[str, Any]]:
@@ -305,28 +312,32 @@ def build_tardis(dense: Path, out: Path, name: str, manifest: Path) -> tuple[Pat
     return folder, record
 
 
-def build_int8(dense: Path, out: Path) -> tuple[Path, dict[str, Any]]:
-    """``quantize_dynamic`` (QInt8 weights, per tensor) of the three files: what a CPU user would pick."""
+def build_int8(dense: Path, out: Path, name: str = "int8") -> tuple[Path, dict[str, Any]]:
+    """``quantize_dynamic`` (QInt8 weights, per tensor; the MatMuls inside the merged decoder's branches too) of
+    the variant's files: what a CPU user would pick."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    folder = out / "variants" / "int8"
+    folder = out / "variants" / name
     folder.mkdir(parents=True, exist_ok=True)
-    for file in ONNX_FILES:
+    for file in INT8_VARIANTS[name]:
         if not (folder / file).is_file():
-            print(f"[int8] quantize_dynamic {file}", flush=True)
+            print(f"[{name}] quantize_dynamic {file}", flush=True)
             tmp = folder / f".tmp-{file}"
-            quantize_dynamic(dense / file, tmp, weight_type=QuantType.QInt8)
+            options = {"EnableSubgraph": True}
+            quantize_dynamic(dense / file, tmp, weight_type=QuantType.QInt8, extra_options=options)
             tmp.rename(folder / file)
     copy_side_files(dense, folder)
-    return folder, {"command": "onnxruntime.quantization.quantize_dynamic(file, out, weight_type=QuantType.QInt8)"}
+    command = "onnxruntime.quantization.quantize_dynamic(file, out, weight_type=QuantType.QInt8, "
+    return folder, {"command": command + "extra_options={'EnableSubgraph': True})"}
 
 
 def decoder_ffn_read_bytes(name: str, record: dict[str, Any] | None) -> float:
     """FFN weight bytes the with-past decoder reads per token (its 6 FFNs): dense fp32, int8 a quarter, tardis
     variants from the optimize report (fold + flagged rows + predictor; kept FFNs count dense)."""
-    if record and "decoder_with_past_model.onnx" in record:
-        return float(record["decoder_with_past_model.onnx"]["totals"]["total_read_bytes"])
-    if name == "int8":
+    for file in ("decoder_with_past_model.onnx", "decoder_model_merged.onnx"):
+        if record and file in record:
+            return float(record[file]["totals"]["total_read_bytes"])
+    if name.startswith("int8"):
         return DECODER_FFN_DENSE_BYTES / 4
     return float(DECODER_FFN_DENSE_BYTES)
 
@@ -439,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tardis", action="store_true", help="also build (cached) and measure the tardis-onnx and int8 variants"
     )
     ap.add_argument("--no-r75", action="store_true", help="with --tardis: skip the --target-reduction 0.75 variant")
+    everything = [*TARDIS_VARIANTS, *INT8_VARIANTS]
+    ap.add_argument(
+        "--tardis-variants",
+        default=",".join(everything),
+        help=f"with --tardis: the variants built and measured (default: all of {','.join(everything)})",
+    )
     args = ap.parse_args(argv)
     _quiet()
     import torch
@@ -468,10 +485,15 @@ def main(argv: list[str] | None = None) -> int:
     all_items = read_manifest(args.data)
     if args.tardis:
         manifest = calibration_manifest(all_items, args.out)
-        names = [n for n in TARDIS_VARIANTS if not (args.no_r75 and n == "tardis-r75")]
+        names = [n.strip() for n in args.tardis_variants.split(",") if not (args.no_r75 and n.strip() == "tardis-r75")]
+        if unknown := set(names) - set(everything):
+            print(f"error: unknown --tardis-variants {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
         for name in names:
-            variants[name], records[name] = build_tardis(dense, args.out, name, manifest)
-        variants["int8"], records["int8"] = build_int8(dense, args.out)
+            if name in INT8_VARIANTS:
+                variants[name], records[name] = build_int8(dense, args.out, name)
+            else:
+                variants[name], records[name] = build_tardis(dense, args.out, name, manifest)
     for spec in args.variant:
         name, sep, folder = spec.partition("=")
         if not sep or not Path(folder).is_dir():
