@@ -54,7 +54,8 @@ class TardisConfig:
         "auto" (custom when the library is built).
     margin: widen each window by this much when flagging outliers.
     predictor: what computes the pre-activations the outlier test reads: "exact" (x·W1: the exact
-        outlier set, reads all of W1), "int4" (a 4-bit copy of W1, ``MatMulNBits``), "int8" (an int8
+        outlier set, reads all of W1), "int4" (a 4-bit copy of W1, ``MatMulNBits``), "int2" (a 2-bit copy,
+        ``MatMulNBits``, rounded on the calibration inputs; not tried by auto), "int8" (an int8
         copy of W1, ``DynamicQuantizeMatMul``; the fallback takes flagged residuals from it), "lowrank"
         (``(x·U)·V`` of rank ``predictor_rank`` fitted on the calibration inputs) or "auto" (per FFN,
         the one reading the fewest bytes, rows of flagged neurons included, whose recall of the true

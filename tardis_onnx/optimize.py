@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PREDICTOR_CHOICES,
         default=TardisConfig.predictor,
         help="what predicts the outliers: exact (x·W1), int8 (DynamicQuantizeMatMul copy of W1; flagged "
-        "residuals taken from it), int4 (MatMulNBits copy of W1), lowrank, or auto (per FFN, the fewest bytes "
+        "residuals taken from it), int4 (MatMulNBits copy of W1), int2 (2-bit MatMulNBits copy; not in auto), "
+        "lowrank, or auto (per FFN, the fewest bytes "
         "read with recall >= --min-recall on held-out tokens, and no slower than the original)",
     )
     parser.add_argument(

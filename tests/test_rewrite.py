@@ -56,7 +56,7 @@ def test_coverage_zero_fp16_within_half_precision(build):
     assert np.abs(_run(rewritten, feeds) - want).max() <= 3e-3 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("predictor", ["exact", "int8", "int4", "lowrank"])
+@pytest.mark.parametrize("predictor", ["exact", "int8", "int4", "int2", "lowrank"])
 def test_every_predictor_runs_on_an_fp16_model_with_the_custom_op(predictor):
     """Each predictor's nodes accept the model's fp16 activations (DynamicQuantizeMatMul is float32 only:
     it gets Casts), and at coverage 0 the rewrite stays within half precision of the original (within the

@@ -11,7 +11,14 @@ from tardis_onnx.optimize import optimize_model
 from tardis_onnx.schema import annotate_shapes, emitted_tensors, register_schemas
 from tardis_onnx.session import create_session
 
-FORMS = [("portable", "exact"), ("portable", "int4"), ("custom", "exact"), ("custom", "int4"), ("custom", "lowrank")]
+FORMS = [
+    ("portable", "exact"),
+    ("portable", "int4"),
+    ("custom", "exact"),
+    ("custom", "int4"),
+    ("custom", "int2"),
+    ("custom", "lowrank"),
+]
 
 
 def _rewrite(model, fallback, predictor="exact"):
