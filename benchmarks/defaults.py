@@ -31,6 +31,7 @@ from experiments.data import data_dir  # noqa: E402
 from experiments.evaluate import STSB, StsEvaluator  # noqa: E402
 from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, text  # noqa: E402
+from tardis_onnx.errors import positive_int, run_command  # noqa: E402
 from tardis_onnx.feeds import random_feeds  # noqa: E402
 
 WIKITEXT = Path("wikitext-2-raw/wiki.test.raw")
@@ -59,13 +60,16 @@ def variants(folder: Path, data: Path, model: onnx.ModelProto) -> dict[str, list
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
     ap.add_argument("--out", type=Path, default=Path("out/defaults"))
-    ap.add_argument("--limit", type=int, default=None, help="STS-B dev pairs (default: all 1500)")
+    ap.add_argument("--limit", type=positive_int, default=None, help="STS-B dev pairs (default: all 1500)")
     ap.add_argument("--only", default="", help="run only the variants whose label contains this")
-    args = ap.parse_args()
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
     data = data_dir(args.data)
     source = export_minilm()
     original = onnx.load(source)
@@ -115,6 +119,10 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps({"stsb_dev": str(data / STSB), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out / 'results.json'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

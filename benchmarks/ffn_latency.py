@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tardis_onnx import reference, runtime
 from tardis_onnx.emit import CustomFallback, emit_ffn, replace_nodes
+from tardis_onnx.errors import finite_float, fraction, non_negative_int, positive_int, run_command
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.predictor import PREDICTORS, predictor_class
 
@@ -153,10 +154,10 @@ def median_times(sessions: dict, feeds: list[dict], repeats: int, warmup: int = 
 def grid_parser(doc: str) -> argparse.ArgumentParser:
     """The arguments of the issue's grid (widths, token counts, outlier fractions), shared by the CUDA script."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--dims", type=int, nargs="+", default=[768, 1024, 1280])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 128, 512])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.10])
-    parser.add_argument("--rank", type=int, default=64, help="rank of the low-rank predictor")
+    parser.add_argument("--dims", type=positive_int, nargs="+", default=[768, 1024, 1280])
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 128, 512])
+    parser.add_argument("--fractions", type=fraction, nargs="+", default=[0.02, 0.05, 0.10])
+    parser.add_argument("--rank", type=positive_int, default=64, help="rank of the low-rank predictor")
     return parser
 
 
@@ -232,12 +233,12 @@ def measure_point(d: int, fraction: float, args: argparse.Namespace) -> list[dic
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = grid_parser(__doc__)
     parser.add_argument("--predictor", choices=PREDICTORS, default="lowrank")
-    parser.add_argument("--margin", type=float, default=0.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--margin", type=finite_float, default=0.0)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument(
         "--spinning",
         action="store_true",
@@ -247,13 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--stack-mib",
-        type=int,
+        type=non_negative_int,
         default=128,
-        help="copies of the FFN per model until one run reads this many MiB of rewritten weights (default: four "
-        "times a 32 MiB last-level cache); 0: one copy, whose weights then stay in cache between runs",
+        help="copies of the FFN per model until one run reads this many MiB of rewritten weights (the default: "
+        "four times a 32 MiB last-level cache); 0: one copy, whose weights then stay in cache between runs",
     )
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -296,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, args.out / "ffn_latency.png")
     print(f"wrote {args.out / 'ffn_latency.json'} and {args.out / 'ffn_latency.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 def plot(rows: list[dict], path: Path) -> None:

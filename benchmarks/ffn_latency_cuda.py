@@ -20,6 +20,7 @@ every configuration checks that the rewrite with all neurons falling back equals
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 from functools import partial
@@ -29,6 +30,7 @@ import numpy as np
 from ffn_latency import grid_parser, plot  # this script's folder is on sys.path
 
 from tardis_onnx import reference, runtime
+from tardis_onnx.errors import TardisError, positive_int, run_command
 from tardis_onnx.predictor import fit_lowrank
 
 L2_BYTES = 60 << 20  # the H200's
@@ -150,19 +152,22 @@ def median_ms(torch, graphs: dict, repeats: int) -> dict[str, float]:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = grid_parser(__doc__)
     parser.add_argument("--dtypes", nargs="+", choices=["fp16", "fp32"], default=["fp16", "fp32"])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument(
         "--form", choices=["z_hat", "fused"], default="z_hat", help="z_hat from a second MatMul, or in the kernel"
     )
     parser.add_argument("--out", type=Path, default=Path("out/bench-cuda"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        raise SystemExit("error: no CUDA device")
+        raise TardisError("no CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
     fused = args.form == "fused"
     rng = np.random.default_rng(0)
@@ -236,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         plot([r for r in rows if r["dtype"] == dtype_name], args.out / f"ffn_latency_cuda_{dtype_name}.png")
     print(f"wrote {args.out}/ffn_latency_cuda.json and a plot per dtype")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from experiments.data import data_dir  # noqa: E402
 from experiments.evaluate import STSB, StsEvaluator, read_stsb  # noqa: E402
 from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, runtime, text  # noqa: E402
+from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 
 SHAPES = ((1, 12), (1, 33), (32, 17))
 INPUTS_PER_SHAPE = 8
@@ -59,7 +60,7 @@ def build_variants(source: Path, folder: Path) -> dict[str, Path]:
     files["tardis"] = folder / "tardis.onnx"
     t0 = time.perf_counter()
     if optimize.main([str(source), "-o", str(files["tardis"]), "--tokenizer", str(source.parent), "-q"]):
-        raise SystemExit("optimize failed")
+        raise TardisError("optimize failed")
     print(f"tardis: the plain command took {time.perf_counter() - t0:.0f} s", flush=True)
     for name, quantize in (("tardis+int8", quantize_int8), ("tardis+int4", quantize_int4)):
         files[name] = folder / f"{name}.onnx"
@@ -90,14 +91,17 @@ def weight_bytes(path: Path) -> int:
     return sum(len(t.raw_data) for t in onnx.load(path).graph.initializer)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
     ap.add_argument("--out", type=Path, default=Path("out/real_models"))
     ap.add_argument("--plot", type=Path, help="PNG of the speedups")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20, help="timed runs per input (batch shapes: a quarter)")
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--repeats", type=positive_int, default=20, help="timed runs per input (batch shapes: a quarter)")
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
     data = data_dir(args.data)
     source = export_minilm()
     tokenizer = text.load_tokenizer(source.parent)
@@ -136,6 +140,10 @@ def main() -> int:
     if args.plot:
         plot(rows, meta["shapes"], args.plot)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 def plot(rows: dict, shapes: list[str], path: Path) -> None:

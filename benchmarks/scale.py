@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantizers import model_file_bytes, quantize_int4, quantize_int8  # noqa: E402
 
 from models import gelu_decoder  # noqa: E402
+from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 from tardis_onnx.files import all_tensors  # noqa: E402
 from tardis_onnx.session import create_session  # noqa: E402
 from tardis_onnx.text import embedding_rows  # noqa: E402
@@ -184,17 +185,17 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="falcon-7b", choices=sorted(gelu_decoder.PRESETS))
-    parser.add_argument("--layers", type=int, help="override the preset's depth (a quicker run)")
+    parser.add_argument("--layers", type=positive_int, help="override the preset's depth (a quicker run)")
     parser.add_argument("--dtype", default="float16", choices=sorted(gelu_decoder.DTYPES))
-    parser.add_argument("--sequences", type=int, default=32, help="calibration sequences")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
-    parser.add_argument("--batch", type=int, default=4, help="calibration sequences per batch")
-    parser.add_argument("--decode-steps", type=int, default=4, help="tokens decoded after the prompt")
-    parser.add_argument("--prompt", type=int, default=8, help="prompt tokens")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sequences", type=positive_int, default=32, help="calibration sequences")
+    parser.add_argument("--seq-len", type=positive_int, default=128, help="tokens per calibration sequence")
+    parser.add_argument("--batch", type=positive_int, default=4, help="calibration sequences per batch")
+    parser.add_argument("--decode-steps", type=positive_int, default=4, help="tokens decoded after the prompt")
+    parser.add_argument("--prompt", type=positive_int, default=8, help="prompt tokens")
+    parser.add_argument("--repeats", type=positive_int, default=2)
     parser.add_argument("--model", type=Path, help="an existing model.onnx written by models/gelu_decoder.py")
     parser.add_argument("--work", type=Path, help="folder for the feeds and the rewrite (default: beside the model)")
     parser.add_argument("--optimize-args", default="", help="extra flags for optimize, e.g. '--shapes 1x1'")
@@ -204,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("out/scale"))
     parser.add_argument("--plot", type=Path, help="write a PNG (e.g. docs/scale.png)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def run(args: argparse.Namespace) -> int:
+    wanted = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",")]
+    if unknown := set(wanted) - set(BASELINES):
+        raise TardisError(f"unknown baselines: {', '.join(sorted(unknown))}")
     started = time.perf_counter()
     model = args.model or gelu_decoder.build(args.preset, args.dtype, args.layers)
     built_s = time.perf_counter() - started
@@ -219,9 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     per_token = total - embedding
     ffn = optimized["totals"]
     read = {"dense": per_token, "tardis": per_token - ffn["dense_bytes"] + ffn["total_read_bytes"]}
-    wanted = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",")]
-    if unknown := set(wanted) - set(BASELINES):
-        parser.error(f"unknown baselines: {', '.join(sorted(unknown))}")
     built, skipped = baselines(wanted, args.preset, args.layers, model, rewritten, work)
     tardis_total = weight_bytes(onnx.load(str(rewritten), load_external_data=False))[0]
     for name, path in built.items():
@@ -262,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(result, args.plot)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from experiments.data import data_dir  # noqa: E402
 from experiments.evaluate import STSB, read_stsb  # noqa: E402
 from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, text, triton  # noqa: E402
+from tardis_onnx.errors import TardisError, non_negative_float, positive_int, run_command  # noqa: E402
 from tardis_onnx.session import create_session  # noqa: E402
 
 OUTPUT = "last_hidden_state"
@@ -108,15 +109,20 @@ def drive(url: str, model: str, feeds: list[dict], clients: int, seconds: float,
     }
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
     ap.add_argument("--out", type=Path, default=Path("out/triton_load"))
-    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients")
-    ap.add_argument("--seconds", type=float, default=20.0, help="per model and level")
-    ap.add_argument("--soak", type=float, default=180.0, help="seconds of checked load on the rewritten model")
-    ap.add_argument("--soak-clients", type=int, default=8)
-    args = ap.parse_args()
+    ap.add_argument("--levels", type=positive_int, nargs="+", default=[1, 4, 16], help="concurrent clients")
+    ap.add_argument("--seconds", type=non_negative_float, default=20.0, help="per model and level")
+    ap.add_argument(
+        "--soak", type=non_negative_float, default=180.0, help="seconds of checked load on the rewritten model"
+    )
+    ap.add_argument("--soak-clients", type=positive_int, default=8)
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
     data = data_dir(args.data)
     source = export_minilm()
     feeds = requests_for(source, data)
@@ -125,13 +131,13 @@ def main() -> int:
         folder = Path(tmp)
         rewritten = folder / "minilm.tardis.onnx"
         if optimize.main([str(source), "-o", str(rewritten), "-q"]):
-            raise SystemExit("optimize failed")
+            raise TardisError("optimize failed")
         session = create_session(rewritten, optimization="all")
         expected = [session.run([OUTPUT], f)[0] for f in feeds]
         models = {"dense": ("minilm", source), "tardis": ("minilm_tardis", rewritten)}
         for name, path in models.values():
             if triton.main([str(path), "--out", str(folder / "repo"), "--name", name]):
-                raise SystemExit("writing the repository failed")
+                raise TardisError("writing the repository failed")
         with start(folder / "repo") as server:
             for clients in args.levels:
                 for label, (name, _) in models.items():
@@ -155,6 +161,10 @@ def main() -> int:
     print(f"wrote {args.out / 'triton_load.json'}")
     failed = sum(r["failed"] for r in rows) + (soak["failed"] + soak["mismatched"] if soak else 0)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # models/
 
 from experiments.data import data_dir  # noqa: E402
+from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 
 SAMPLE_RATE = 16_000
 THREADS = 2
@@ -267,6 +268,7 @@ TARDIS_VARIANTS: dict[str, dict[str, list[str] | None]] = {
     "tardis-merged+int8": {f: ["--quantize", "int8"] for f in MERGED_FILES},
 }
 INT8_VARIANTS = {"int8": ONNX_FILES, "int8-merged": MERGED_FILES}
+BUILT_VARIANTS = (*TARDIS_VARIANTS, *INT8_VARIANTS)  # what --tardis can build
 
 
 def build_tardis(dense: Path, out: Path, name: str, manifest: Path) -> tuple[Path, dict[str, Any]]:
@@ -295,7 +297,7 @@ def build_tardis(dense: Path, out: Path, name: str, manifest: Path) -> tuple[Pat
             log = proc.stdout + proc.stderr
             (reports / f"{stem}.log").write_text(log)
             if proc.returncode != 0:
-                raise RuntimeError(f"optimize failed for {name}/{file}: {log.strip().splitlines()[-1:]}")
+                raise TardisError(f"optimize failed for {name}/{file}: {log.strip().splitlines()[-1:]}")
             print(proc.stdout + proc.stderr, flush=True)
             report = json.loads((reports / f"{stem}.json").read_text())
             summary = {
@@ -438,25 +440,25 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="holds speech/ (default: $TARDIS_DATA or ../shared/data)")
     ap.add_argument("--out", type=Path, default=Path("out/whisper"))
     ap.add_argument("--cache-dir", type=Path, default=None, help="default: $TARDIS_CACHE or ~/.cache/tardis-onnx")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=DIR", help="another ONNX folder")
-    ap.add_argument("--threads", type=int, default=THREADS)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N utterances")
+    ap.add_argument("--threads", type=positive_int, default=THREADS)
+    ap.add_argument("--limit", type=positive_int, default=None, help="only the first N utterances")
     ap.add_argument(
         "--tardis", action="store_true", help="also build (cached) and measure the tardis-onnx and int8 variants"
     )
     ap.add_argument("--no-r75", action="store_true", help="with --tardis: skip the --target-reduction 0.75 variant")
-    everything = [*TARDIS_VARIANTS, *INT8_VARIANTS]
     ap.add_argument(
-        "--tardis-variants",
-        default=",".join(everything),
-        help=f"with --tardis: the variants built and measured (default: all of {','.join(everything)})",
+        "--tardis-variants", default=",".join(BUILT_VARIANTS), help="with --tardis: the variants built and measured"
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
     _quiet()
     import torch
 
@@ -464,31 +466,24 @@ def main(argv: list[str] | None = None) -> int:
     # ONNX Runtime's for the 2 cores (a 1 ms torch.isin on the suppressed tokens took 150 ms).
     torch.set_num_threads(1)
 
-    from models.whisper_base import WhisperUnavailable, export_whisper
+    from models.whisper_base import export_whisper
 
     args.data = data_dir(args.data)
     if not (args.data / "speech" / "manifest.json").is_file():
-        print(f"error: no speech/manifest.json under {args.data} (--data)", file=sys.stderr)
-        return 2
+        raise TardisError(f"no speech/manifest.json under {args.data} (--data)")
     try:
         import soundfile  # noqa: F401
     except ImportError:
-        print("error: reading audio needs soundfile: pip install soundfile", file=sys.stderr)
-        return 2
-    try:
-        dense = export_whisper(args.cache_dir)
-    except WhisperUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise TardisError("reading audio needs soundfile: pip install soundfile") from None
+    dense = export_whisper(args.cache_dir)
     variants = {"dense": dense}
     records: dict[str, Any] = {}
     all_items = read_manifest(args.data)
     if args.tardis:
         manifest = calibration_manifest(all_items, args.out)
         names = [n.strip() for n in args.tardis_variants.split(",") if not (args.no_r75 and n.strip() == "tardis-r75")]
-        if unknown := set(names) - set(everything):
-            print(f"error: unknown --tardis-variants {', '.join(sorted(unknown))}", file=sys.stderr)
-            return 2
+        if unknown := set(names) - set(BUILT_VARIANTS):
+            raise TardisError(f"unknown --tardis-variants {', '.join(sorted(unknown))}")
         for name in names:
             if name in INT8_VARIANTS:
                 variants[name], records[name] = build_int8(dense, args.out, name)
@@ -497,8 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.variant:
         name, sep, folder = spec.partition("=")
         if not sep or not Path(folder).is_dir():
-            print(f"error: --variant {spec!r}: expected NAME=DIR with an existing DIR", file=sys.stderr)
-            return 2
+            raise TardisError(f"--variant {spec!r}: expected NAME=DIR with an existing DIR")
         variants[name] = Path(folder)
 
     from transformers import WhisperProcessor
@@ -544,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(path)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

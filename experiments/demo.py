@@ -12,17 +12,23 @@ Run from the repository root (it uses ``models/``).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 import onnx
 
 from tardis_onnx import optimize, text, verify
+from tardis_onnx.errors import run_command
 
 OUT = Path("out/demo")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n\n")[0])
+
+
+def run(args: argparse.Namespace) -> int:
     from models.minilm import export_minilm
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -42,6 +48,10 @@ def main() -> int:
         return status
     print("\n== 4. accuracy: STS-B dev Spearman x 100 (mean pooling, cosine), 500 pairs")
     return score_stsb(source, rewritten)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 def score_stsb(source: Path, rewritten: Path) -> int:

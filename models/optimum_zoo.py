@@ -29,6 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tardis_onnx from a checkout
+
+from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
+
 # Bump when a recipe changes so stale cache entries are not reused.
 RECIPE_VERSION = 1
 
@@ -401,11 +405,11 @@ def export(
     is only logged by Optimum, so tests should compare outputs themselves).
     """
     if arch not in ARCHITECTURES:
-        raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+        raise TardisError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     recipe = ARCHITECTURES[arch]
     task = task or recipe.task
     if task not in recipe.tasks:
-        raise ValueError(f"{arch}: task {task!r} not in {recipe.tasks}")
+        raise TardisError(f"{arch}: task {task!r} not in {recipe.tasks}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = cache_dir / cache_key(arch, task, opset)
     if final.is_dir():
@@ -460,29 +464,36 @@ def _optimum_export(src: Path, out: Path, task: str, opset: int | None, validate
             lg.setLevel(level)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("archs", nargs="*", metavar="ARCH", help=f"one of: {', '.join(ARCHITECTURES)}")
     ap.add_argument("--all", action="store_true", help="every tiny architecture (that supports --task, if given)")
     ap.add_argument("--task", default=None, help="override the default task (e.g. text-generation-with-past)")
-    ap.add_argument("--opset", type=int, default=None)
+    ap.add_argument("--opset", type=positive_int, default=None)
     ap.add_argument(
         "--cache-dir", type=Path, default=None, help="default: $TARDIS_CACHE or ~/.cache/tardis-onnx/exports"
     )
     ap.add_argument("--validate", action="store_true", help="run Optimum's output validation")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
     if args.all:
         archs = [a for a, r in ARCHITECTURES.items() if r.tiny and (args.task is None or args.task in r.tasks)]
     else:
         archs = args.archs
     if not archs:
-        ap.error("give ARCH names or --all")
+        raise TardisError("give ARCH names or --all")
     for arch in archs:
         t0 = time.perf_counter()
         path = export(arch, args.task, args.cache_dir, args.opset, validate=args.validate)
         task = args.task or ARCHITECTURES[arch].task
         print(f"{arch}\t{task}\t{time.perf_counter() - t0:.1f}s\t{path}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

