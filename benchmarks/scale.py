@@ -11,14 +11,17 @@ Beside the speed: the weight bytes a decoded token reads (the embedding row asid
 (the FFNs' from the report: fold, predictor and flagged rows).
 
 Side by side, decoded in the same alternation, what users would pick instead (``benchmarks/quantizers.py``):
-``int8`` (``quantize_dynamic`` of the same preset built in float32, as it refuses fp16 models), ``int4``
-(``MatMulNBits``, ``accuracy_level=4``, of the fp16 model) and ``tardis+int4`` (the same quantizer on the
-rewrite: the folded and attention MatMuls; the fallback op's rows stay fp16). Each is built in memory, so
-a baseline that would not fit in this machine's memory is skipped, and said so (at 7B: all three).
+``float32`` (the same preset built in float32: no casts, twice the bytes), ``int8`` (``quantize_dynamic`` of
+the float32 model, as it refuses fp16 ones), ``int4`` (``MatMulNBits``, ``accuracy_level=4``) and the
+rewrite composed with them: ``tardis+int8`` (``quantize_dynamic`` of the rewrite, so ``--dtype float32``
+only) and ``tardis+int4`` (the folded and attention MatMuls quantized; the fallback op's rows and the
+predictor stay as they are). Each is built in memory, so a baseline that would not fit in this machine's
+memory is skipped, and said so (at 7B: all but float32), as is one the model's dtype rules out.
 
     python benchmarks/scale.py --out out/scale --plot docs/scale.png
     python benchmarks/scale.py --layers 2 --sequences 4 --decode-steps 2 --repeats 1   # a quick look
     python benchmarks/scale.py --layers 4 --rewritten /tmp/s4/model.tardis.onnx   # decode an existing rewrite
+    python benchmarks/scale.py --layers 4 --dtype float32 --out out/scale-fp32     # TARDIS composed with int8
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ from tardis_onnx.session import create_session  # noqa: E402
 from tardis_onnx.text import embedding_rows  # noqa: E402
 
 STAGES = ("match", "calibrate", "fit", "emit", "save")
-BASELINES = ("int8", "int4", "tardis+int4")
-# A baseline is built in memory: the fp32 model (int8) or the fp16 one (int4) must fit in this share of it.
+BASELINES = ("float32", "int8", "int4", "tardis+int8", "tardis+int4")
+# A baseline is built in memory: the model it quantizes must fit in this share of it.
 MEMORY_SHARE = 0.6
 
 
@@ -112,22 +115,37 @@ def weight_bytes(model: onnx.ModelProto) -> tuple[int, int]:
     return sum(sizes.values()), sum(size for name, size in sizes.items() if name in gathered)
 
 
-def baselines(names: list[str], preset: str, layers: int | None, model: Path, rewritten: Path, work: Path):
-    """Baseline name → model file, built in ``work`` (or a line saying why it was skipped)."""
-    weights = model_file_bytes(model)
+def per_token_bytes(path: Path) -> int:
+    """The weight bytes of the model at ``path``, less its token embedding's."""
+    total, embedding = weight_bytes(onnx.load(str(path), load_external_data=False))
+    return total - embedding
+
+
+def baselines(names: list[str], args: argparse.Namespace, model: Path, rewritten: Path, work: Path):
+    """Baseline name → model file, built in ``work`` (or, per skipped one, a line saying why)."""
+    float32 = args.dtype == "float32"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     files, skipped = {}, {}
     for name in names:
-        need = 2 * weights if name == "int8" else weights  # the fp32 model, or the fp16 one, in memory
-        if need > MEMORY_SHARE * memory:
+        quantized = model if name in ("int8", "int4") else rewritten
+        need = model_file_bytes(quantized) * (1 if float32 or name != "int8" else 2)  # int8 quantizes fp32
+        if name == "float32" and float32:
+            skipped[name] = "the model is float32"
+        elif name == "tardis+int8" and not float32:
+            skipped[name] = "quantize_dynamic takes float32 models only: run with --dtype float32"
+        elif name != "float32" and need > MEMORY_SHARE * memory:
             skipped[name] = f"needs about {need / 2**30:.0f} GiB in memory to build, {memory / 2**30:.0f} GiB here"
+        if name in skipped:
             print(f"{name}: skipped ({skipped[name]})", flush=True)
             continue
         started, target = time.perf_counter(), work / f"{name}.onnx"
-        if name == "int8":
-            quantize_int8(gelu_decoder.build(preset, "float32", layers), target)
+        if name == "float32":
+            target = gelu_decoder.build(args.preset, "float32", args.layers)
+        elif name.endswith("int8"):
+            source = quantized if float32 or name != "int8" else gelu_decoder.build(args.preset, "float32", args.layers)
+            quantize_int8(source, target)
         else:
-            quantize_int4(rewritten if name == "tardis+int4" else model, target)
+            quantize_int4(quantized, target)
         print(f"{name}: built in {time.perf_counter() - started:.0f} s", flush=True)
         files[name] = target
     return files, skipped
@@ -175,7 +193,7 @@ def plot(result: dict, path: Path) -> None:
     right.bar(
         list(decode),
         [1 / d["s_per_token"] for d in decode.values()],
-        color=["gray", "tab:green", "tab:orange", "tab:purple", "tab:olive"][: len(decode)],
+        color=["gray", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:red", "tab:olive"][: len(decode)],
     )
     right.set_ylabel("tokens/s (KV cache, ONNX Runtime CPU)")
     for i, d in enumerate(decode.values()):
@@ -225,14 +243,13 @@ def run(args: argparse.Namespace) -> int:
     per_token = total - embedding
     ffn = optimized["totals"]
     read = {"dense": per_token, "tardis": per_token - ffn["dense_bytes"] + ffn["total_read_bytes"]}
-    built, skipped = baselines(wanted, args.preset, args.layers, model, rewritten, work)
-    tardis_total = weight_bytes(onnx.load(str(rewritten), load_external_data=False))[0]
+    built, skipped = baselines(wanted, args, model, rewritten, work)
+    tardis_per_token = per_token_bytes(rewritten)
     for name, path in built.items():
-        quantized, quantized_embedding = weight_bytes(onnx.load(str(path), load_external_data=False))
-        # tardis+int4 reads what the rewrite reads, less what the quantizer took off its every-token MatMuls.
-        read[name] = (
-            read["tardis"] - (tardis_total - quantized) if name == "tardis+int4" else quantized - quantized_embedding
-        )
+        # tardis+int8/int4 read what the rewrite reads, less what the quantizer took off its every-token MatMuls
+        # (the fallback op's tensors, of which a token reads the flagged rows, are left as they are).
+        quantized = per_token_bytes(path)
+        read[name] = read["tardis"] - (tardis_per_token - quantized) if name.startswith("tardis+") else quantized
     prompt = np.random.default_rng(1).integers(0, embedding_rows(graph), (1, args.prompt), dtype=np.int64)
     decode = decode_times({"dense": model, "tardis": rewritten, **built}, prompt, args.decode_steps, args.repeats)
     for name, row in decode.items():

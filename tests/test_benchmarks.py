@@ -123,17 +123,20 @@ def test_cuda_benchmark_plumbing_on_cpu(monkeypatch):
     assert (fused_form - unflagged).abs().max() > 1e-3  # some neurons were flagged
 
 
-def test_the_scale_benchmark_runs_end_to_end_on_the_tiny_decoder(tmp_path, monkeypatch):
-    """benchmarks/scale.py on the generator's tiny fp16 decoder: the plain command's stages, both decodes,
-    and bytes per token consistent with the report."""
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_the_scale_benchmark_runs_end_to_end_on_the_tiny_decoder(tmp_path, monkeypatch, dtype):
+    """benchmarks/scale.py on the generator's tiny decoder: the plain command's stages, both decodes,
+    and bytes per token consistent with the report; beside them what users would pick instead, each
+    baseline the dtype rules out skipped with its reason."""
     import json
 
     import scale
 
     monkeypatch.setenv("TARDIS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    argv = ["--preset", "tiny", "--sequences", "4", "--seq-len", "16", "--decode-steps", "2", "--repeats", "1"]
-    assert scale.main([*argv, "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(out / "s.png")]) == 0
+    argv = ["--preset", "tiny", "--dtype", dtype, "--sequences", "4", "--seq-len", "16", "--decode-steps", "2"]
+    argv += ["--repeats", "1", "--work", str(tmp_path / "work"), "--out", str(out), "--plot", str(out / "s.png")]
+    assert scale.main(argv) == 0
     result = json.loads((out / "scale.json").read_text())
     assert set(result["optimize"]["stages"]) == set(scale.STAGES)
     assert result["optimize"]["totals"]["ffns"] == 2 and (out / "s.png").stat().st_size > 0
@@ -142,8 +145,14 @@ def test_the_scale_benchmark_runs_end_to_end_on_the_tiny_decoder(tmp_path, monke
     saved = result["optimize"]["totals"]["dense_bytes"] - result["optimize"]["totals"]["total_read_bytes"]
     assert dense["read_gib_per_token"] - tardis["read_gib_per_token"] == pytest.approx(saved / 2**30)
     # What users would pick instead, decoded beside: fewer bytes than what each quantizes.
-    decode = result["decode"]
-    assert set(decode) == {"dense", "tardis", *scale.BASELINES} and not result["skipped_baselines"]
+    decode, skipped = result["decode"], result["skipped_baselines"]
+    ruled_out = "tardis+int8" if dtype == "float16" else "float32"
+    assert set(skipped) == {ruled_out} and set(decode) == {"dense", "tardis", *scale.BASELINES} - {ruled_out}
     assert decode["int4"]["read_gib_per_token"] < dense["read_gib_per_token"]
+    assert decode["int8"]["read_gib_per_token"] < dense["read_gib_per_token"]
     assert decode["tardis+int4"]["read_gib_per_token"] < tardis["read_gib_per_token"]
+    if dtype == "float16":
+        assert decode["float32"]["read_gib_per_token"] == pytest.approx(2 * dense["read_gib_per_token"], rel=0.01)
+    else:
+        assert decode["tardis+int8"]["read_gib_per_token"] < tardis["read_gib_per_token"]
     assert all(len(row["tokens"]) == 3 and row["s_per_token"] > 0 for row in decode.values())
