@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from native_build import ort_headers
 from onnx import TensorProto, helper
 
 from tardis_onnx import runtime
@@ -559,19 +560,6 @@ def test_build_without_headers_fails_clearly(tmp_path):
     assert result.returncode == 1
     assert "ORT_INCLUDE_DIR" in result.stderr and "onnxruntime_c_api.h" in result.stderr
     assert not (tmp_path / "lib" / runtime.CPU_LIBRARY).exists()
-
-
-def ort_headers() -> Path | None:
-    """ONNX Runtime's C/C++ headers the build used ($ORT_INCLUDE_DIR or its fetched copy), never fetching."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tardis_build", ROOT / "custom_ops" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    try:
-        return build.headers_at_hand()
-    except build.BuildError:
-        return None
 
 
 def test_cpp_host_runs_a_rewritten_export(tmp_path):
