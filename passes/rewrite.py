@@ -35,7 +35,9 @@ def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: Tardis
     tried, refused = [], None
     for choice in candidates:
         nodes, initializers = emit(choice)
-        row = FfnReport.of(ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall)
+        row = FfnReport.of(
+            ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall, config.quantize
+        )
         try:
             check = _check_speed(ffn, nodes, initializers, x, config, warnings) if timing else None
         except RewriteFailed as exc:

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 class FfnReport:
     """One folded FFN. Bytes are FFN weight bytes in the model's dtype.
 
-    dense_bytes: W1 + W2 (what the original reads per token).
-    fold_bytes: the folded matrix.
+    dense_bytes: W1 + W2 (what the original reads per token), one byte a weight under ``--quantize int8``.
+    fold_bytes: the folded matrix (likewise).
     outlier_fraction: true outliers (pre-activation outside the window) on the calibration tokens.
     predictor, flagged_fraction, recall: the predictor, the fraction of neurons it flags (what the
         fallback reads rows for) and the share of true outliers among them, on the calibration tokens.
@@ -88,12 +88,18 @@ class FfnReport:
         predictor: Predictor,
         flagged_fraction: float,
         recall: float,
+        quantize: str = "none",
     ) -> FfnReport:
+        """``quantize="int8"``: the MatMuls run in int8 afterwards, so the original FFN and the fold count one
+        byte a weight (the fallback op's rows stay in the model's dtype)."""
         item = np.dtype(ffn.dtype).itemsize
+        matmul_item = 1 if quantize == "int8" else item
         d, h = ffn.w1_stored.shape
-        dense = (ffn.w1_stored.size + ffn.w2_stored.size) * item
-        fold = d * ffn.w2_stored.shape[1] * item
-        rows = ffn.w2_stored.size * item if predictor.residual_from_prediction else dense  # flagged neurons' rows read
+        dense = (ffn.w1_stored.size + ffn.w2_stored.size) * matmul_item
+        fold = d * ffn.w2_stored.shape[1] * matmul_item
+        rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
+        rows *= item  # the flagged neurons' rows read
+        stored = sum(len(t.raw_data) for t in initializers) - d * ffn.w2_stored.shape[1] * (item - matmul_item)
         return cls(
             name=ffn.name,
             gelu=ffn.gelu.spelling,
@@ -109,7 +115,7 @@ class FfnReport:
             predictor=predictor.kind + (f"-{predictor.rank}" if predictor.rank else ""),
             flagged_fraction=flagged_fraction,
             recall=recall,
-            storage_bytes=sum(len(t.raw_data) for t in initializers),
+            storage_bytes=stored,
             calibration_error=getattr(result, "calibration_error", None),
             heldout_error=getattr(result, "heldout_error", None),
             recipe=getattr(result, "recipe", "plain"),

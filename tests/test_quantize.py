@@ -37,6 +37,10 @@ def test_folded_and_quantized_where_it_pays(monkeypatch):
     ops = [n.op_type for n in model.graph.node]
     assert not any(r.kept_original for r in result.ffns)
     assert ops.count("FfnFallback") == 2 and "MatMul" not in ops  # every MatMul runs in int8
+    for row in result.ffns:  # bytes as the int8 model reads them: a byte per W1, W2 and fold weight
+        assert row.dense_bytes == 2 * row.d * row.hidden and row.fold_bytes == row.d * row.d
+        matrices = 1 if row.predictor == "int8" else 2  # W2's rows, or W1's and W2's, in the op's own fp32 copy
+        assert row.fallback_read_bytes - row.fold_bytes == int(row.flagged_fraction * matrices * row.hidden * row.d * 4)
     assert any(n.name.startswith("tardis/") and "MatMul" in n.op_type for n in model.graph.node)
     assert {p.key for p in model.metadata_props} >= {"tardis_onnx.version", "tardis_onnx.config"}
     got = create_session(model).run(None, feeds)[0]
@@ -48,6 +52,7 @@ def test_where_no_rewrite_beats_int8_the_model_is_quantize_dynamic_of_the_origin
     model = two_ffn_model()
     result = optimize_model(model, TardisConfig(coverage=0.9, quantize="int8", speed_check=True))
     assert all(r.kept_original for r in result.ffns)
+    assert all(r.fallback_read_bytes == r.dense_bytes == 2 * r.d * r.hidden for r in result.ffns)  # int8 FFNs
     baseline = quantize_int8(two_ffn_model())
     assert [n.op_type for n in model.graph.node] == [n.op_type for n in baseline.graph.node]
     feeds = random_feeds(model, seed=6)
