@@ -420,31 +420,28 @@ def fit_lowrank(x: np.ndarray, w1: np.ndarray, rank: int, ridge: float = 1e-6) -
     (n, d), h = x.shape, w1.shape[1]
     rank = min(rank, d, h)
     if n < d:  # fewer tokens than inputs (a 7B FFN): the same factors through the tokens' n × n Gram matrix
-        root, inverse_root, variance = _token_space_roots(x, w1, ridge)
+        rooted, inverse_root, variance = _token_space_roots(x, w1, ridge)
     else:
         second = x.T @ x / n
         # Each neuron's pre-activation spread from the second moments (d²h, not n·d·h, operations).
         variance = np.einsum("ki,kl,li->i", w1, second, w1, optimize=True) - (x.mean(axis=0) @ w1) ** 2
         eigenvalues, eigenvectors = np.linalg.eigh(second)
         eigenvalues = np.maximum(eigenvalues, ridge * max(eigenvalues.max(), 1e-30))
-        root_matrix = (eigenvectors * np.sqrt(eigenvalues)) @ eigenvectors.T
+        rooted = (eigenvectors * np.sqrt(eigenvalues)) @ eigenvectors.T @ w1
         inverse_root_matrix = (eigenvectors / np.sqrt(eigenvalues)) @ eigenvectors.T
-
-        def root(a):
-            return root_matrix @ a
 
         def inverse_root(a):
             return inverse_root_matrix @ a
 
     sigma = np.maximum(np.sqrt(np.maximum(variance, 0.0)), 1e-12)
-    left, singular, right = _top_singular(root(w1) / sigma, rank)
+    left, singular, right = _top_singular(rooted / sigma, rank)
     u = inverse_root(left * singular)
     v = right * sigma
     return u, v
 
 
 def _token_space_roots(x: np.ndarray, w1: np.ndarray, ridge: float):
-    """For ``n < d`` tokens: ``a ↦ C^½·a``, ``a ↦ C^-½·a`` and the pre-activations' variance, as
+    """For ``n < d`` tokens: ``C^½·W1``, ``a ↦ C^-½·a`` and the pre-activations' variance, as
     :func:`fit_lowrank` builds them from ``C = xᵀx / n`` but without a d × d eigendecomposition. ``C``'s
     nonzero eigenvalues are those of ``x·xᵀ / n`` (eigenvectors ``xᵀp / √(nλ)``); the other ``d − n`` are 0,
     raised to the floor like every eigenvalue below it: ``C^½ = E·diag(√λ − √floor)·Eᵀ + √floor·I``."""
@@ -454,16 +451,16 @@ def _token_space_roots(x: np.ndarray, w1: np.ndarray, ridge: float):
     eigenvalues, vectors = np.linalg.eigh(x @ x.T / n)
     floor = ridge * max(eigenvalues.max(), 1e-30)
     keep = eigenvalues > floor
-    basis = x.T @ (vectors[:, keep] / np.sqrt(n * eigenvalues[keep]))
+    token_basis = vectors[:, keep] / np.sqrt(n * eigenvalues[keep])  # basis = xᵀ·token_basis
+    basis = x.T @ token_basis
     scale, floor_scale = np.sqrt(eigenvalues[keep]), math.sqrt(floor)
-
-    def root(a):
-        return basis @ ((scale - floor_scale)[:, None] * (basis.T @ a)) + floor_scale * a
+    # basisᵀ·W1 = token_basisᵀ·z: an n × n × h product instead of a d × n × h one
+    rooted = basis @ ((scale - floor_scale)[:, None] * (token_basis.T @ z)) + floor_scale * w1
 
     def inverse_root(a):
         return basis @ ((1.0 / scale - 1.0 / floor_scale)[:, None] * (basis.T @ a)) + a / floor_scale
 
-    return root, inverse_root, variance
+    return rooted, inverse_root, variance
 
 
 def _top_singular(m: np.ndarray, rank: int, oversample: int = 16, iterations: int = 3):
