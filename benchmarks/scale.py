@@ -188,7 +188,8 @@ def plot(result: dict, path: Path) -> None:
     twin.plot(names, [stages[s]["peak_rss_mib"] / 1024 for s in names], "o-", color="tab:red")
     twin.axhline(result["model"]["weight_bytes"] / 2**30, color="gray", ls="--", lw=1)
     twin.set_ylabel("peak RSS so far, GiB (dashed: the weights)")
-    left.set_title(f"optimize {result['model']['name']}: {result['optimize']['wall_s'] / 60:.1f} min")
+    model = result["model"]
+    left.set_title(f"optimize {model['name']}, {model['dtype']}: {result['optimize']['wall_s'] / 60:.1f} min")
     decode = result["decode"]
     right.bar(
         list(decode),
