@@ -21,6 +21,7 @@ on ``f``, not on which neurons fall back.
     python benchmarks/decode_tokens.py --out out/decode --plot docs/decode_tokens.png
     python benchmarks/decode_tokens.py --models gpt2_124m --new-tokens 16 --repeats 2 --calib-samples 16
     python benchmarks/decode_tokens.py --variants "" "--target-reduction 0.8 --predictor lowrank"
+    python benchmarks/decode_tokens.py --models gpt2_124m --variants "" "--quantize int8" --int8   # beside int8
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quantizers import quantize_int8  # noqa: E402
 
 from models import optimum_zoo as zoo  # noqa: E402
 from tardis_onnx import runtime, text  # noqa: E402
@@ -158,6 +162,9 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
     calib_tokens = samples[0].seen
     empty_past = {k: v for k, v in random_feeds(dense, 1, 1, past=0).items() if k.startswith("past_key_values")}
     sessions = {"original": make_session(path, args)}
+    if args.int8:  # what a CPU user picks today
+        quantize_int8(path, workdir / f"{arch}-int8.onnx")
+        sessions["int8"] = make_session(workdir / f"{arch}-int8.onnx", args)
     decoded = capture_ffn_inputs(
         dense, ffns, decode_feeds(Decoder(sessions["original"], empty_past), tokens, args.prompt_tokens), tokens.size
     )
@@ -187,6 +194,9 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
         written = save_model(result.model, file)
         del rewritten, result
         sessions[label] = make_session(file, args)
+        if args.int8:  # the rewrite composed with int8: quantize_dynamic of it (the fallback op left as it is)
+            quantize_int8(file, file.with_suffix(".int8.onnx"))
+            sessions[label + " +int8"] = make_session(file.with_suffix(".int8.onnx"), args)
         for written_path in written:  # the session holds the weights now
             written_path.unlink()
         rows.append(
@@ -206,11 +216,18 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
             }
         )
     timing = time_decoders(sessions, empty_past, tokens, args)
+    if args.int8:  # the quantized sessions as rows of their own, beside the rewrites they come from
+        base = dict.fromkeys(
+            ("fallback_fraction", "recall", "ffn_bytes_read_bound", "end_to_end_bytes_read_bound"), 0.0
+        )
+        quantized = [{**row, "variant": row["variant"] + " +int8", **base} for row in rows]
+        rows = [{"model": arch, "variant": "int8", "fallback": "-", "predictor": "-", **base}, *rows, *quantized]
     for row in rows:
         row.update(timing[row["variant"]])
         row["original_tokens_per_s"] = timing["original"]["tokens_per_s"]
         row["original_prefill_ms"] = timing["original"]["prefill_ms"]
         row["speedup"] = row["tokens_per_s"] / row["original_tokens_per_s"]
+        row["vs_int8"] = row["tokens_per_s"] / timing["int8"]["tokens_per_s"] if "int8" in timing else float("nan")
         print_row(row)
     return rows
 
@@ -277,6 +294,7 @@ COLUMNS = (  # header, row key, format
     ("orig tok/s", "original_tokens_per_s", "10.1f"),
     ("tok/s", "tokens_per_s", "7.1f"),
     ("speedup", "speedup", "7.2f"),
+    ("vs int8", "vs_int8", "7.2f"),
     ("e2e bound", "end_to_end_bytes_read_bound", "9.2f"),
     ("FFN bound", "ffn_bytes_read_bound", "9.2f"),
 )
@@ -346,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let intra-op workers spin (ONNX Runtime's default, as deployed); sessions then take turns by whole "
         "decodes instead of by steps",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also time quantize_dynamic int8 of the original ('int8') and of each rewrite ('<variant> +int8')",
     )
     parser.add_argument("--out", type=Path, default=Path("out/decode"))
     parser.add_argument("--plot", type=Path, help="write a PNG of the speedups (e.g. docs/decode_tokens.png)")
