@@ -58,8 +58,12 @@ def test_never_flagging_rewrite_is_the_folded_output():
 
 @pytest.mark.parametrize(
     "probe",
-    [["benchmarks/row_reads.c", "-mavx2", "-mfma"], ["benchmarks/decode_kernel.cc", "custom_ops/ffn_fallback_cpu.cc"]],
-    ids=["row_reads", "decode_kernel"],
+    [
+        ["benchmarks/row_reads.c", "-mavx2", "-mfma"],
+        ["benchmarks/nbit_gemv.c", "-mavx2", "-mfma"],
+        ["benchmarks/decode_kernel.cc", "custom_ops/ffn_fallback_cpu.cc"],
+    ],
+    ids=["row_reads", "nbit_gemv", "decode_kernel"],
 )
 def test_c_probes_build(probe, tmp_path):
     """The C/C++ probes cited for kernel choices still build against the kernel as it is (their
