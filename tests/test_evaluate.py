@@ -3,7 +3,12 @@
 Skipped with the reason when the weights package, transformers or the shared data are absent.
 """
 
+import ast
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -84,3 +89,27 @@ def test_unwritable_out_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be created" in err
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_sentence_order_does_not_depend_on_string_hashing():
+    """STS-B batches must be the same in every process: with int8 predictors a sentence's batch-mates move its
+    embedding, and a set's order changes with PYTHONHASHSEED."""
+    code = (
+        "from experiments.evaluate import sentence_order; "
+        "words = [f'{a}{b}{c}' for a in 'abcdefgh' for b in 'ijklmnop' for c in 'qrstuvwx']; "
+        "print(sentence_order(words[::2], words[1::2] + ['z']))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    orders = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(orders) == 1
+    assert ast.literal_eval(orders.pop())[:2] == ["z", "aiq"]  # shortest first, then in text order
