@@ -128,7 +128,8 @@ def baselines(names: list[str], args: argparse.Namespace, model: Path, rewritten
     files, skipped = {}, {}
     for name in names:
         quantized = model if name in ("int8", "int4") else rewritten
-        need = model_file_bytes(quantized) * (1 if float32 or name != "int8" else 2)  # int8 quantizes fp32
+        from_float32_build = name == "int8" and not float32  # quantize_dynamic refuses the fp16 model itself
+        need = model_file_bytes(quantized) * (2 if from_float32_build else 1)
         if name == "float32" and float32:
             skipped[name] = "the model is float32"
         elif name == "tardis+int8" and not float32:
@@ -142,8 +143,9 @@ def baselines(names: list[str], args: argparse.Namespace, model: Path, rewritten
         if name == "float32":
             target = gelu_decoder.build(args.preset, "float32", args.layers)
         elif name.endswith("int8"):
-            source = quantized if float32 or name != "int8" else gelu_decoder.build(args.preset, "float32", args.layers)
-            quantize_int8(source, target)
+            quantize_int8(
+                gelu_decoder.build(args.preset, "float32", args.layers) if from_float32_build else quantized, target
+            )
         else:
             quantize_int4(quantized, target)
         print(f"{name}: built in {time.perf_counter() - started:.0f} s", flush=True)

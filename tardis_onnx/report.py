@@ -95,11 +95,12 @@ class FfnReport:
         item = np.dtype(ffn.dtype).itemsize
         matmul_item = 1 if quantize == "int8" else item
         d, h = ffn.w1_stored.shape
+        fold_weights = d * ffn.w2_stored.shape[1]
         dense = (ffn.w1_stored.size + ffn.w2_stored.size) * matmul_item
-        fold = d * ffn.w2_stored.shape[1] * matmul_item
+        fold = fold_weights * matmul_item
         rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
         rows *= item  # the flagged neurons' rows read
-        stored = sum(len(t.raw_data) for t in initializers) - d * ffn.w2_stored.shape[1] * (item - matmul_item)
+        stored = sum(len(t.raw_data) for t in initializers) - fold_weights * (item - matmul_item)
         return cls(
             name=ffn.name,
             gelu=ffn.gelu.spelling,
