@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ffn_latency import median_times  # noqa: E402
+from real_models import session  # noqa: E402
 
 from tardis_onnx import runtime  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
@@ -67,15 +67,6 @@ def ffn_stack(d: int, h: int, layers: int, seed: int = 0) -> onnx.ModelProto:
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
-
-
-def session(path: Path, threads: int, profile: Path | None = None) -> ort.InferenceSession:
-    options = runtime.session_options(threads, "all", custom_ops=runtime.library_available())
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if profile is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(profile)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def kernel_times(path: Path, feeds: list[dict], threads: int, layers: int, runs: int = 200) -> dict[str, float]:

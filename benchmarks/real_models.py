@@ -78,12 +78,16 @@ def shape_feeds(tokenizer, sentences: list[str], model: onnx.ModelProto, batch: 
     return feeds
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+def session(path: Path, threads: int, profile: Path | None = None) -> ort.InferenceSession:
     """A session with its own pool whose workers sleep between runs: with ONNX Runtime's default
     (spinning) the workers of the session that ran last keep spinning and take the cores from the next
-    one, which inflates every time (a MiniLM run at 1 x 12 took 13 ms for 3.3 ms of kernel time)."""
+    one, which inflates every time (a MiniLM run at 1 x 12 took 13 ms for 3.3 ms of kernel time).
+    ``profile``: ONNX Runtime's profile file prefix (profiling on)."""
     options = runtime.session_options(threads, "all", custom_ops=runtime.library_available())
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
