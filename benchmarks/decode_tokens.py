@@ -49,6 +49,7 @@ from tardis_onnx import runtime, text  # noqa: E402
 from tardis_onnx.calibrate import capture_ffn_inputs  # noqa: E402
 from tardis_onnx.errors import TardisError, non_negative_int, parse_arguments, positive_int, run_command  # noqa: E402
 from tardis_onnx.feeds import Feeds, random_feeds  # noqa: E402
+from tardis_onnx.files import StagedWrites  # noqa: E402
 from tardis_onnx.io import save_model  # noqa: E402
 from tardis_onnx.optimize import build_parser as optimize_parser  # noqa: E402
 from tardis_onnx.optimize import config_from_args, optimize_model  # noqa: E402
@@ -396,9 +397,10 @@ def run(args: argparse.Namespace) -> int:
         **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "plot")},
     }
     out = args.out / "decode_tokens.json"
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    if args.plot:
-        plot(rows, args.plot)
+    with StagedWrites() as staged:
+        staged.write_text(out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        if args.plot:
+            plot(rows, staged.path(args.plot))
     print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""))
     return 0
 

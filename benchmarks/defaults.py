@@ -33,6 +33,7 @@ from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, text  # noqa: E402
 from tardis_onnx.errors import positive_int, run_command  # noqa: E402
 from tardis_onnx.feeds import random_feeds  # noqa: E402
+from tardis_onnx.files import StagedWrites  # noqa: E402
 
 WIKITEXT = Path("wikitext-2-raw/wiki.test.raw")
 SMALL_PARAGRAPHS, SMALL_SEQ_LEN = 30, 20  # about 570 tokens: the case that once collapsed the refit
@@ -116,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
                 f"recipes {sorted(set(row['recipes']))}, predictors {sorted(set(row['predictors']))}",
                 flush=True,
             )
-    (args.out / "results.json").write_text(json.dumps({"stsb_dev": str(data / STSB), "rows": rows}, indent=2) + "\n")
+    with StagedWrites() as staged:
+        staged.write_text(
+            args.out / "results.json", json.dumps({"stsb_dev": str(data / STSB), "rows": rows}, indent=2) + "\n"
+        )
     print(f"wrote {args.out / 'results.json'}")
     return 0
 

@@ -30,6 +30,7 @@ from real_models import session  # noqa: E402
 
 from tardis_onnx import runtime  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
+from tardis_onnx.files import StagedWrites  # noqa: E402
 from tardis_onnx.quantize import quantize_int8  # noqa: E402  (as --quantize int8 runs quantize_dynamic)
 
 VARIANTS = {"tardis": ["--predictor", "int8"], "tardis+int8": ["--predictor", "int8", "--quantize", "int8"]}
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name} kernels, µs per FFN: " + ", ".join(f"{op} {us:.1f}" for op, us in ops.items()))
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"d": d, "h": h, "layers": layers, "threads": args.threads, "us_per_ffn": per_ffn, "kernels_us": kernels}
-    (args.out / "ffn_composition.json").write_text(json.dumps(result, indent=2) + "\n")
+    with StagedWrites() as staged:
+        staged.write_text(args.out / "ffn_composition.json", json.dumps(result, indent=2) + "\n")
     return 0
 
 

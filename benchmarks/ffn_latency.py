@@ -35,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tardis_onnx import reference, runtime
 from tardis_onnx.emit import CustomFallback, emit_ffn, replace_nodes
 from tardis_onnx.errors import finite_float, fraction, non_negative_int, positive_int, run_command
+from tardis_onnx.files import StagedWrites
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.predictor import PREDICTORS, predictor_class
 
@@ -296,8 +297,9 @@ def run(args: argparse.Namespace) -> int:
         "intra_op_spinning": args.spinning,
         "stack_mib": args.stack_mib,
     }
-    (args.out / "ffn_latency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    plot(rows, args.out / "ffn_latency.png")
+    with StagedWrites() as staged:
+        staged.write_text(args.out / "ffn_latency.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        plot(rows, staged.path(args.out / "ffn_latency.png"))
     print(f"wrote {args.out / 'ffn_latency.json'} and {args.out / 'ffn_latency.png'}")
     return 0
 

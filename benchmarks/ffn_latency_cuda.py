@@ -31,6 +31,7 @@ from ffn_latency import grid_parser, plot  # this script's folder is on sys.path
 
 from tardis_onnx import reference, runtime
 from tardis_onnx.errors import TardisError, positive_int, run_command
+from tardis_onnx.files import StagedWrites
 from tardis_onnx.predictor import fit_lowrank
 
 L2_BYTES = 60 << 20  # the H200's
@@ -236,9 +237,11 @@ def run(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "rank": args.rank,
     }
-    (args.out / "ffn_latency_cuda.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    for dtype_name in args.dtypes:
-        plot([r for r in rows if r["dtype"] == dtype_name], args.out / f"ffn_latency_cuda_{dtype_name}.png")
+    with StagedWrites() as staged:
+        staged.write_text(args.out / "ffn_latency_cuda.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        for dtype_name in args.dtypes:
+            png = staged.path(args.out / f"ffn_latency_cuda_{dtype_name}.png")
+            plot([r for r in rows if r["dtype"] == dtype_name], png)
     print(f"wrote {args.out}/ffn_latency_cuda.json and a plot per dtype")
     return 0
 

@@ -46,6 +46,7 @@ from experiments.evaluate import STSB, StsEvaluator, read_stsb  # noqa: E402
 from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, runtime, text  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
+from tardis_onnx.files import StagedWrites  # noqa: E402
 
 SHAPES = ((1, 12), (1, 33), (32, 17))
 INPUTS_PER_SHAPE = 8
@@ -139,10 +140,11 @@ def run(args: argparse.Namespace) -> int:
         "shapes": [f"{b}x{t}" for b, t in SHAPES],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "real_models.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    with StagedWrites() as staged:
+        staged.write_text(args.out / "real_models.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        if args.plot:
+            plot(rows, meta["shapes"], staged.path(args.plot))
     print(f"wrote {args.out / 'real_models.json'}")
-    if args.plot:
-        plot(rows, meta["shapes"], args.plot)
     return 0
 
 

@@ -47,7 +47,10 @@ from quantizers import model_file_bytes, quantize_int4, quantize_int8  # noqa: E
 
 from models import gelu_decoder  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
-from tardis_onnx.files import all_tensors  # noqa: E402
+from tardis_onnx.files import (
+    StagedWrites,  # noqa: E402
+    all_tensors,  # noqa: E402
+)
 from tardis_onnx.session import create_session  # noqa: E402
 from tardis_onnx.text import embedding_rows  # noqa: E402
 
@@ -271,7 +274,10 @@ def run(args: argparse.Namespace) -> int:
         "machine": {"cpus": platform.processor() or platform.machine(), "python": platform.python_version()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    with StagedWrites() as staged:
+        staged.write_text(args.out / "scale.json", json.dumps(result, indent=2) + "\n")
+        if args.plot:
+            plot(result, staged.path(args.plot))
     stages = optimized["stages"]
     print(f"optimize: {optimized['wall_s'] / 60:.1f} min, peak RSS {optimized['peak_rss_mib'] / 1024:.1f} GiB")
     print(f"  weights {total / 2**30:.1f} GiB; " + ", ".join(f"{s} {stages[s]['seconds']:.0f} s" for s in stages))
@@ -282,8 +288,6 @@ def run(args: argparse.Namespace) -> int:
         )
     speedup, bound, same = result["speedup"], result["bytes_bound"], result["same_tokens"]
     print(f"speedup {speedup:.2f}x (bytes bound {bound:.2f}x); same tokens: {same}")
-    if args.plot:
-        plot(result, args.plot)
     return 0
 
 

@@ -36,6 +36,7 @@ from experiments.evaluate import STSB, read_stsb  # noqa: E402
 from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, text, triton  # noqa: E402
 from tardis_onnx.errors import TardisError, non_negative_float, positive_int, run_command  # noqa: E402
+from tardis_onnx.files import StagedWrites  # noqa: E402
 from tardis_onnx.session import create_session  # noqa: E402
 
 OUTPUT = "last_hidden_state"
@@ -157,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
                 )
     meta = {"model": "all-MiniLM-L6-v2, 1 sentence x 12 tokens per request", "seconds": args.seconds}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "triton_load.json").write_text(json.dumps({"meta": meta, "rows": rows, "soak": soak}, indent=2) + "\n")
+    with StagedWrites() as staged:
+        staged.write_text(
+            args.out / "triton_load.json", json.dumps({"meta": meta, "rows": rows, "soak": soak}, indent=2) + "\n"
+        )
     print(f"wrote {args.out / 'triton_load.json'}")
     failed = sum(r["failed"] for r in rows) + (soak["failed"] + soak["mismatched"] if soak else 0)
     return 1 if failed else 0

