@@ -1,16 +1,28 @@
 """Fit, the pass's fourth step: per FFN, the windows and lines under the outlier budget and the refit, each
-kept only where the held-out tokens say it helps (:func:`tardis_onnx.calibrate.calibrate_ffns`), then the
-predictor candidates fitted and ranked (:func:`tardis_onnx.predictor.rank_predictors`)."""
+kept only where the held-out tokens say it helps (:mod:`tardis_onnx.calibrate`), then the predictor candidates
+fitted and ranked (:func:`tardis_onnx.predictor.rank_predictors`), all from one computation of the FFN's
+pre-activations on its tokens."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tardis_onnx.calibrate import REFIT_TOKENS_PER_UNKNOWN, Calibration, FfnSamples, calibrate_ffns
+from tardis_onnx.calibrate import (
+    REFIT_TOKENS_PER_UNKNOWN,
+    Calibration,
+    FfnSamples,
+    FfnTokens,
+    fallback_budgets,
+    fold_best,
+    is_large,
+    map_ffns,
+    plan_windows,
+    window_candidates,
+)
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.passes.ffn import FfnMatch
-from tardis_onnx.predictor import Predictor, PredictorChoice, predictor_candidates, rank_predictors
+from tardis_onnx.predictor import PredictorChoice, predictor_candidates, rank_predictors
 
 
 @dataclass
@@ -26,33 +38,57 @@ class FittedFfn:
 def fit_ffns(
     ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig, standard_only: bool
 ) -> Iterator[FittedFfn]:
-    """Each FFN fitted, in order, when asked for (a large FFN's float64 weights exist one FFN at a time);
-    ``standard_only``: the fallback uses standard ONNX ops only (:func:`predictor_candidates`)."""
+    """Each FFN fitted, in order; large ones (:func:`is_large`) one at a time when asked for, so that their
+    float64 weights and pre-activations exist for one FFN at once. ``standard_only``: the fallback uses
+    standard ONNX ops only (:func:`predictor_candidates`)."""
+    for ffn, sample in zip(ffns, samples, strict=True):
+        if ffn.name != sample.name:
+            raise ValueError(f"calibration samples for {sample.name!r} given for FFN {ffn.name!r}")
     classes = predictor_candidates(config.predictor, standard_only)
-    calibrations = calibrate_ffns(ffns, samples, config)
-    for ffn, kept in zip(ffns, samples, strict=True):
-        result = next(calibrations)
-        yield FittedFfn(ffn, result, kept, _rank(ffn, result, kept, classes, config))
+    budgets = fallback_budgets(ffns, config)
+    parts = [s.split(config.holdout, config.seed) for s in samples]
+    large = is_large(ffns)
+    planned = None
+    if config.allocation == "global":  # one multiplier over every FFN: all windows planned before any is chosen
 
+        def plan(i):
+            windows = plan_windows(ffns[i], parts[i][0], budgets[i], config)
+            ffns[i].release()  # its float64 weights, read again when it is fitted
+            return windows
 
-def _rank(
-    ffn: FfnMatch, result: Calibration, kept: FfnSamples, classes: tuple[type[Predictor], ...], config: TardisConfig
-) -> list[PredictorChoice]:
-    """The predictor candidates of one calibrated FFN, fitted on its fit tokens, ranked on its held-out ones."""
-    fit, heldout = kept.split(config.holdout, config.seed)
-    check = fit if heldout is None else heldout
-    return rank_predictors(
-        classes,
-        ffn,
-        fit.x,
-        check.x,
-        result.lines,
-        rank=config.predictor_rank,
-        uncertainty=config.predictor_uncertainty,
-        margin=config.margin,
-        min_recall=config.min_recall,
-        fold=result.fold,
-    )
+        planned = window_candidates(map_ffns(plan, range(len(ffns)), 1 if large else None), ffns, budgets, config)
+
+    def fit(i: int) -> FittedFfn:
+        ffn, (fit_samples, held_samples) = ffns[i], parts[i]
+        fit_tokens = FfnTokens(ffn, fit_samples.x)
+        held_tokens = None if held_samples is None else FfnTokens(ffn, held_samples.x)
+        if planned is None:
+            windows = plan_windows(ffn, fit_samples, budgets[i], config, fit_tokens.z)
+            candidates = window_candidates([windows], [ffn], [budgets[i]], config)[0]
+        else:
+            candidates = planned[i]
+        calibration = fold_best(ffn, fit_tokens, held_tokens, candidates, config)
+        check = held_tokens or fit_tokens
+        choices = rank_predictors(
+            classes,
+            ffn,
+            fit_tokens.x,
+            check.x,
+            calibration.lines,
+            rank=config.predictor_rank,
+            uncertainty=config.predictor_uncertainty,
+            margin=config.margin,
+            min_recall=config.min_recall,
+            fold=calibration.fold,
+            z_fit=fit_tokens.z,
+            z_check=check.z,
+        )
+        return FittedFfn(ffn, calibration, samples[i], choices)
+
+    if large:  # one at a time, as asked for: the caller releases each FFN when done with it
+        yield from (fit(i) for i in range(len(ffns)))
+    else:
+        yield from map_ffns(fit, list(range(len(ffns))))
 
 
 def refit_warnings(config: TardisConfig, ffns: list[FfnMatch], samples: list[FfnSamples]) -> list[str]:

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 
 from tardis_onnx import reference
 from tardis_onnx.config import DEFAULT_GRID, WINDOWS  # noqa: F401  (re-exported)
@@ -213,18 +214,40 @@ def cross_terms(x: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.concatenate([x.T @ target, target.sum(axis=0, keepdims=True)], axis=0)
 
 
-def refit_fold(
-    gram: np.ndarray, cross: np.ndarray, wf: np.ndarray, bf: np.ndarray, ridge: float = 0.1
-) -> tuple[np.ndarray, np.ndarray]:
+class Refit:
     """Least-squares ``(Wf, bf)`` with ``x·Wf + bf ≈ target`` from :func:`gram_matrix` and :func:`cross_terms` sums.
 
-    Solves ``min ‖[x 1]·B − target‖² + ρ‖B − B0‖²`` (``B0`` = the fold) with ``ρ = ridge · (d + 1) ·
-    mean x²``: the prior weighs as much as ``ridge · (d + 1)`` tokens, whatever the token count, so
-    it matters when tokens are few relative to the ``d + 1`` unknowns per output and fades when many.
+    Solves ``min ‖[x 1]·B − target‖² + ρ‖B − B0‖²`` (``B0`` = the fold ``(wf, bf)``) with ``ρ = ridge · (d + 1) ·
+    mean x²``: the prior weighs as much as ``ridge · (d + 1)`` tokens, whatever the token count, so it matters
+    when tokens are few relative to the ``d + 1`` unknowns per output and fades when many.
     """
-    tokens = max(float(gram[-1, -1]), 1.0)  # the bias column's sum of ones
-    mean_square = float(np.mean(np.diag(gram)[:-1])) / tokens
-    rho = ridge * gram.shape[0] * max(mean_square, 1e-30)
-    b0 = np.concatenate([wf, bf[None, :]], axis=0)
-    solution = np.linalg.solve(gram + rho * np.eye(gram.shape[0]), cross + rho * b0)
-    return solution[:-1], solution[-1]
+
+    def __init__(self, gram: np.ndarray, cross: np.ndarray, wf: np.ndarray, bf: np.ndarray) -> None:
+        self.gram, self.cross = gram, cross
+        self.b0 = np.concatenate([wf, bf[None, :]], axis=0)
+        tokens = max(float(gram[-1, -1]), 1.0)  # the bias column's sum of ones
+        self.mean_square = max(float(np.mean(np.diag(gram)[:-1])) / tokens, 1e-30)
+
+    def _system(self, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+        rho = ridge * self.gram.shape[0] * self.mean_square
+        return self.gram + rho * np.eye(self.gram.shape[0]), self.cross + rho * self.b0
+
+    def fold(self, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+        """The refitted ``(Wf, bf)``."""
+        system, rhs = self._system(ridge)
+        solution = np.linalg.solve(system, rhs)
+        return solution[:-1], solution[-1]
+
+    def predict(self, x: np.ndarray, ridge: float) -> np.ndarray:
+        """``x·Wf + bf`` of :meth:`fold`'s solution. For fewer tokens than outputs, without forming it:
+        ``[x 1]·S⁻¹·rhs = (S⁻¹·[x 1]ᵀ)ᵀ·rhs`` (S symmetric) solves for the tokens instead of the outputs
+        (a 7B FFN's 819 held-out tokens against its 4,544 outputs: a third of the work)."""
+        system, rhs = self._system(ridge)
+        a = np.concatenate([np.asarray(x, dtype=np.float64), np.ones((x.shape[0], 1))], axis=1)
+        if a.shape[0] >= rhs.shape[1]:
+            return a @ np.linalg.solve(system, rhs)
+        try:
+            solved = scipy.linalg.cho_solve(scipy.linalg.cho_factor(system), a.T)
+        except np.linalg.LinAlgError:  # positive definite in exact arithmetic, not always in floating point
+            solved = np.linalg.solve(system, a.T)
+        return solved.T @ rhs

@@ -139,10 +139,15 @@ class FfnSamples:
     def lazy_preactivations(self, ffn: FfnMatch) -> _LazyPreactivations:
         return _LazyPreactivations(self.x, ffn.w1, ffn.b1)
 
-    def table(self, ffn: FfnMatch, grid: tuple[float, ...], window: str) -> budget.CandidateTable:
+    def table(
+        self, ffn: FfnMatch, grid: tuple[float, ...], window: str, z: np.ndarray | None = None
+    ) -> budget.CandidateTable:
+        """The candidate windows of every neuron at each coverage of ``grid`` (cached); ``z``: the kept tokens'
+        pre-activations when known (else computed a block of neurons at a time)."""
         key = (tuple(grid), ffn.gelu.form, window)
         if key not in self.tables:
-            self.tables[key] = budget.candidate_table(self.lazy_preactivations(ffn), grid, ffn.gelu.form, window)
+            source = self.lazy_preactivations(ffn) if z is None else z
+            self.tables[key] = budget.candidate_table(source, grid, ffn.gelu.form, window)
         return self.tables[key]
 
 
@@ -304,69 +309,68 @@ class Candidate:
     coverage: float
 
 
-def calibrate_ffns(ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig) -> Iterator[Calibration]:
-    """Lines and fold for every FFN, meeting the config's budget, checked on held-out tokens; yielded in
-    order, each large FFN's only when asked for (its float64 weights and fold exist one FFN at a time).
+def is_large(ffns: list[FfnMatch]) -> bool:
+    """True when an FFN's two weights take more than ``LARGE_FFN_BYTES`` in float64: such FFNs are fitted
+    one at a time (their float64 weights and pre-activations exist for one FFN at once; BLAS uses every core)."""
+    return max(8 * (f.w1_stored.size + f.w2_stored.size) for f in ffns) > LARGE_FFN_BYTES
 
-    The windows are fitted on the fit tokens (``samples[i].fit``); where ``config.holdout`` leaves
-    held-out tokens, each FFN keeps the recipe's windows, allocation and refit only if they lower the
-    held-out error below the plain recipe's (narrowest windows, uniform coverage, plain fold).
-    """
-    for ffn, sample in zip(ffns, samples, strict=True):
-        if ffn.name != sample.name:
-            raise ValueError(f"calibration samples for {sample.name!r} given for FFN {ffn.name!r}")
-    budgets = fallback_budgets(ffns, config)
-    parts = [s.split(config.holdout, config.seed) for s in samples]
-    fits = [fit for fit, _ in parts]
-    with_plain = not config.plain and config.holdout > 0
 
-    def plan(item):
-        """One FFN's recipe windows (uniform) or candidate table and neuron importance (allocated), and the
-        plain recipe's windows; its float64 weights are dropped after."""
-        ffn, fit, outlier_budget = item
-        if config.allocation == "uniform":
-            recipe, importance = _uniform_lines(ffn, fit, outlier_budget, config.window), None
-        else:
-            recipe, importance = fit.table(ffn, config.coverage_grid, config.window), (ffn.w2 * ffn.w2).sum(axis=1)
-        plain = _uniform_lines(ffn, fit, outlier_budget, "narrowest") if with_plain else None
-        ffn.release()
-        return recipe, importance, plain
+@dataclass
+class PlannedWindows:
+    """One FFN's windows before the allocation: the recipe's (uniform: its lines and coverage; allocated: the
+    candidate table and each neuron's importance ``‖W2[i,:]‖²``) and, when compared, the plain recipe's."""
 
-    # Each FFN being fitted holds its weights in float64: large ones one at a time.
-    large = max(8 * (f.w1_stored.size + f.w2_stored.size) for f in ffns) > LARGE_FFN_BYTES
-    planned = _map(plan, list(zip(ffns, fits, budgets, strict=True)), threads=1 if large else None)
-    candidates = [[] for _ in ffns]
+    recipe: tuple | budget.CandidateTable
+    importance: np.ndarray | None
+    plain: tuple | None
+
+
+def plan_windows(
+    ffn: FfnMatch, fit: FfnSamples, outlier_budget: float, config: TardisConfig, z: np.ndarray | None = None
+) -> PlannedWindows:
+    """The windows one FFN's recipe may choose from, on its fit tokens (``z``: their pre-activations when
+    known, else computed a block of neurons at a time)."""
     if config.allocation == "uniform":
-        for row, (uniform, _, _) in zip(candidates, planned, strict=True):
-            row.append(Candidate(_recipe_name(config), *uniform))
+        recipe, importance = _uniform_lines(ffn, fit, outlier_budget, config.window, z), None
     else:
-        tables = [table for table, _, _ in planned]
-        importance = [weights for _, weights, _ in planned]
+        recipe, importance = fit.table(ffn, config.coverage_grid, config.window, z), (ffn.w2 * ffn.w2).sum(axis=1)
+    compared = not config.plain and config.holdout > 0
+    plain = _uniform_lines(ffn, fit, outlier_budget, "narrowest", z) if compared else None
+    return PlannedWindows(recipe, importance, plain)
+
+
+def window_candidates(
+    planned: list[PlannedWindows], ffns: list[FfnMatch], budgets: list[float], config: TardisConfig
+) -> list[list[Candidate]]:
+    """Per FFN, the recipe's windows (allocated under the budgets: per FFN, or with ``global`` allocation
+    across all of ``ffns``) and the plain recipe's when planned, for :func:`fold_best` to choose from."""
+    if config.allocation == "uniform":
+        candidates = [[Candidate(_recipe_name(config), *p.recipe)] for p in planned]
+    else:
+        tables = [p.recipe for p in planned]
         weights = [float(f.w1_stored.size + f.w2_stored.size) for f in ffns]
-        choices = budget.allocate(tables, importance, budgets, weights, config.allocation)
-        for row, table, choice in zip(candidates, tables, choices, strict=True):
-            row.append(Candidate(_recipe_name(config), table.lines(choice), float(table.grid[choice].mean())))
-    if with_plain:
-        for row, (_, _, plain) in zip(candidates, planned, strict=True):
-            row.append(Candidate("plain", *plain))
-    items = [(f, *p, c, config) for f, p, c in zip(ffns, parts, candidates, strict=True)]
-    if large:  # one at a time, as asked for: the caller releases each FFN when done with it
-        yield from (_finish(*item) for item in items)
-    else:
-        yield from _map(lambda item: _finish(*item), items)
+        choices = budget.allocate(tables, [p.importance for p in planned], budgets, weights, config.allocation)
+        candidates = [
+            [Candidate(_recipe_name(config), table.lines(choice), float(table.grid[choice].mean()))]
+            for table, choice in zip(tables, choices, strict=True)
+        ]
+    for row, p in zip(candidates, planned, strict=True):
+        if p.plain is not None:
+            row.append(Candidate("plain", *p.plain))
+    return candidates
 
 
 def _recipe_name(config: TardisConfig) -> str:
     return "plain" if config.plain else f"{config.window}/{config.allocation}"
 
 
-def _uniform_lines(ffn: FfnMatch, sample: FfnSamples, outlier_budget: float, window: str):
+def _uniform_lines(ffn: FfnMatch, sample: FfnSamples, outlier_budget: float, window: str, z=None):
     coverage = 1.0 - outlier_budget
-    lines = sample.table(ffn, (coverage,), window).lines(np.zeros(ffn.hidden, dtype=np.int64))
+    lines = sample.table(ffn, (coverage,), window, z).lines(np.zeros(ffn.hidden, dtype=np.int64))
     return lines, coverage
 
 
-def _map(function, items: list, threads: int | None = None) -> list:
+def map_ffns(function, items: list, threads: int | None = None) -> list:
     """``[function(i) for i in items]`` on ``threads`` (default ``TARDIS_THREADS``, else 2): numpy releases
     the GIL."""
     threads = threads or env_int("TARDIS_THREADS", 2)
@@ -376,10 +380,10 @@ def _map(function, items: list, threads: int | None = None) -> list:
         return list(pool.map(function, items))
 
 
-class _TokenSet:
+class FfnTokens:
     """One FFN's tokens in float64, with what every candidate's fold is measured against: the
-    pre-activations ``z = x·W1 + b1`` (computed once, ``n × h``) and the true output's spread
-    ``Σ‖y − ȳ‖²``."""
+    pre-activations ``z = x·W1 + b1`` (computed once, ``n × h``, shared with the windows and the
+    predictors) and the true output's spread ``Σ‖y − ȳ‖²``."""
 
     def __init__(self, ffn: FfnMatch, x: np.ndarray) -> None:
         self.ffn = ffn
@@ -416,52 +420,79 @@ class _TokenSet:
             target += ffn.b2
         return target, outliers
 
-    def error(self, target: np.ndarray, wf: np.ndarray, bf: np.ndarray) -> float:
-        """``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of the fold ``(Wf, bf)`` with the exact outlier set (``target``: from
-        :meth:`target`), evaluated on the tokens: ``n·d²`` operations, fewer than the ``d³`` of normal-equation sums
-        when tokens are fewer than inputs."""
+    def error(self, target: np.ndarray, output: np.ndarray) -> float:
+        """``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of a fold's ``output`` ``x·Wf + bf`` with the exact outlier set (``target``:
+        from :meth:`target`)."""
         if self.x.shape[0] == 0:
             return math.nan
-        error = float(np.square(self.x @ wf + bf - target).sum())
+        return self._relative(float(np.square(output - target).sum()))
+
+    def fold_error(self, lines: reference.NeuronLines) -> tuple[float, int]:
+        """:meth:`error` of the plain fold of ``lines`` and how many pre-activations fall outside, without
+        folding: that fold outputs ``line(z)·W2 + b2``, so it misses the target by ``(line(z) − GELU(z))·W2``
+        summed over the neurons inside their windows (``n·h·d`` operations instead of the fold's ``d·h·d``)."""
+        ffn, error, outliers = self.ffn, 0.0, 0
+        for rows in self._blocks():
+            z = self.z[rows]
+            outside = reference.outside_window(z, lines)
+            outliers += int(outside.sum())
+            miss = np.where(outside, 0.0, lines.slope * z + lines.intercept - reference.gelu(z, ffn.gelu.form))
+            error += float(np.square(miss @ ffn.w2).sum())
+        return (self._relative(error) if self.x.shape[0] else math.nan), outliers
+
+    def _relative(self, error: float) -> float:
         return error / self.spread if self.spread > 0 else 0.0
 
 
-def _finish(
-    ffn: FfnMatch, fit: FfnSamples, heldout: FfnSamples | None, candidates: list[Candidate], config: TardisConfig
+def fold_best(
+    ffn: FfnMatch, fit: FfnTokens, heldout: FfnTokens | None, candidates: list[Candidate], config: TardisConfig
 ) -> Calibration:
-    """Fold each candidate's windows (plainly, and refitted when asked) and keep the least held-out error."""
-    fit_set = _TokenSet(ffn, fit.x)
-    held_set = None if heldout is None else _TokenSet(ffn, heldout.x)
+    """Fold each candidate's windows (plainly, and refitted when asked) and keep the least held-out error;
+    a plain fold is measured without being formed (:meth:`FfnTokens.fold_error`), and formed once, if kept."""
     gram_fit = None
-    best = None  # (candidate, recipe, ridge, Wf, bf, fit target, outliers, held-out error): only the best is kept
+    best = None  # (candidate, recipe, ridge, plain fold, refit, fit target, held-out error): only the best is kept
     for candidate in candidates:
-        wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)
-        fit_target, outliers = fit_set.target(candidate.lines)
-        held_target = None if held_set is None else held_set.target(candidate.lines)[0]
-        ridges = [None]
+        plain = refit = fit_target = held_target = None
+        ridges = ()
         if config.refit and candidate.recipe != "plain":
             chosen_ridge = config.refit_ridge if config.refit_ridge is not None else DEFAULT_REFIT_RIDGE
-            ridges += REFIT_RIDGES if config.refit_ridge is None and heldout is not None else (chosen_ridge,)
-            gram_fit = budget.gram_matrix(fit_set.x) if gram_fit is None else gram_fit
-            cross = budget.cross_terms(fit_set.x, fit_target)
-        for ridge in ridges:
-            w, b = (wf, bf) if ridge is None else budget.refit_fold(gram_fit, cross, wf, bf, ridge)
-            held = math.nan if held_set is None else held_set.error(held_target, w, b)
+            ridges = REFIT_RIDGES if config.refit_ridge is None and heldout is not None else (chosen_ridge,)
+            plain = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)  # the refit's prior
+            fit_target = fit.target(candidate.lines)[0]
+            gram_fit = budget.gram_matrix(fit.x) if gram_fit is None else gram_fit
+            refit = budget.Refit(gram_fit, budget.cross_terms(fit.x, fit_target), *plain)  # formed once, if kept
+            held_target = None if heldout is None else heldout.target(candidate.lines)[0]
+        for ridge in (None, *ridges):
+            if heldout is None:
+                held = math.nan
+            elif ridge is None:
+                held = heldout.fold_error(candidate.lines)[0]
+            else:
+                held = heldout.error(held_target, refit.predict(heldout.x, ridge))
             recipe = candidate.recipe + ("" if ridge is None else "+refit")
             # Without held-out tokens the recipe asked for is taken as it is (refitted when the refit is on).
             if best is None or heldout is None or held < best[-1]:
-                best = (candidate, recipe, ridge, w, b, fit_target, outliers, held)
-    candidate, recipe, ridge, wf, bf, fit_target, outliers, held_error = best
+                best = (candidate, recipe, ridge, plain, refit, fit_target, held)
+    candidate, recipe, ridge, plain, refit, fit_target, held_error = best
+    if ridge is not None:
+        wf, bf = refit.fold(ridge)
+    else:
+        wf, bf = plain if plain is not None else reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)
     if not (np.isfinite(wf).all() and np.isfinite(bf).all()):
         raise TardisError(f"FFN {ffn.name}: the folded weights are not finite (non-finite weights or calibration?)")
-    tokens = fit_set.x.shape[0]
+    if ridge is None:
+        fit_error, outliers = fit.fold_error(candidate.lines)
+    else:
+        outliers = int(reference.outside_window(fit.z, candidate.lines).sum())
+        fit_error = fit.error(fit_target, fit.x @ wf + bf)
+    tokens = fit.x.shape[0]
     return Calibration(
         lines=candidate.lines,
         outlier_fraction=outliers / max(tokens * ffn.hidden, 1),
         tokens=tokens,
         coverage=candidate.coverage,
         fold=(wf, bf),
-        calibration_error=fit_set.error(fit_target, wf, bf),
+        calibration_error=fit_error,
         heldout_error=None if math.isnan(held_error) else held_error,
         heldout_tokens=0 if heldout is None else heldout.x.shape[0],
         recipe=recipe,

@@ -37,6 +37,13 @@ MAX_RUNS = 400
 BUDGET_S = 0.6
 # Distinct inputs per shape, rotated so that the flagged neurons change from run to run.
 INPUTS_PER_SHAPE = 4
+# A shape whose dense FFN takes more multiply-adds than this per run (about 0.3 s here) is timed on as many
+# of its sequences as stay under it (at least one): a Falcon-7B-shaped FFN's full 32x128 run takes 4-8 s.
+# The slice's speedup is not the whole shape's (there, at 384 or 1,536 tokens against 4,096: int8 predictor
+# 1.98x / 2.00x against 1.80x / 1.86x, int4 1.02x against 1.17x), so it decides alone only outside
+# [1 / SLICE_DECIDES, SLICE_DECIDES]; within, the whole shape is timed.
+TIMED_MULTIPLY_ADDS = 1 << 36
+SLICE_DECIDES = 1.25
 OPSET = 20  # the timing models' standard opset (Gelu is an op from 20)
 
 
@@ -59,6 +66,14 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
 
 def shape_name(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
+
+
+def timed_shape(shape: tuple[int, int], multiply_adds_per_token: int) -> tuple[int, int]:
+    """The part of serving shape ``(batch, sequence)`` that is timed: its first sequences, as many as keep a
+    dense run under ``TIMED_MULTIPLY_ADDS`` (at least one)."""
+    batch, sequence = shape
+    fits = TIMED_MULTIPLY_ADDS // max(multiply_adds_per_token * sequence, 1)
+    return (max(1, min(batch, fits)), sequence)
 
 
 @dataclass
@@ -197,17 +212,21 @@ def check_ffn(
     measure: Callable[[bytes, bytes, Sequence[Sequence[np.ndarray]]], list[tuple[float, float]]] | None = None,
     quantize: str = "none",
 ) -> SpeedCheck:
-    """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape, fewest tokens
-    first and up to the first where the rewrite is slower, on calibration rows ``x``; with
+    """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape (:func:`timed_shape`
+    of it), fewest tokens first and up to the first where the rewrite is slower, on calibration rows ``x``; with
     ``quantize="int8"`` both run as ``quantize_dynamic`` leaves them."""
     measure = measure or measure_pair
     dense, rewritten = dense_ffn_model(ffn), rewritten_ffn_model(ffn, nodes, initializers)
     if quantize == "int8":
         dense, rewritten = (quantize_int8(onnx.load_from_string(m)).SerializeToString() for m in (dense, rewritten))
     shapes = sorted(shapes, key=lambda shape: shape[0] * shape[1])
-    times = measure(dense, rewritten, [serving_inputs(x, shape, ffn.dtype) for shape in shapes])
+    timed = [timed_shape(shape, ffn.w1_stored.size + ffn.w2_stored.size) for shape in shapes]
+    times = measure(dense, rewritten, [serving_inputs(x, shape, ffn.dtype) for shape in timed])
     if not times or len(times) > len(shapes):
         raise TardisError(f"timing {ffn.name} gave {len(times)} results for {len(shapes)} shapes")
+    for k, (dense_s, rewritten_s) in enumerate(times):
+        if timed[k] != shapes[k] and 1 / SLICE_DECIDES < dense_s / rewritten_s < SLICE_DECIDES:
+            times[k] = measure(dense, rewritten, [serving_inputs(x, shapes[k], ffn.dtype)])[0]
     check = SpeedCheck({}, {}, skipped=len(shapes) - len(times))
     for shape, (dense_s, rewritten_s) in zip(shapes[: len(times)], times, strict=True):
         if not (math.isfinite(dense_s) and math.isfinite(rewritten_s) and min(dense_s, rewritten_s) > 0):

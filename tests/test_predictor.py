@@ -82,7 +82,9 @@ def test_the_int4_reference_models_matmulnbits_int8_activations_as_emitted():
     w4 = dequantize_nbits(packed, scales.astype(np.float32), d, 4)
     emulated = np.abs(got - quantize_activations_int8(x) @ w4).max()
     assert emulated < 0.3 * np.abs(got - x.astype(np.float64) @ w4).max()
-    np.testing.assert_allclose(Int4Predictor().predict(x, w, None), quantize_activations_int8(x) @ w4, atol=1e-5)
+    np.testing.assert_allclose(
+        Int4Predictor.fit(x, w, 0).predict(x, w, None), quantize_activations_int8(x) @ w4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("d", [64, 72])  # 72: a partial last block
@@ -112,7 +114,7 @@ def test_int2_rounding_keeps_the_preactivations_close_on_held_out_inputs():
     x_fit, x_test = rng.standard_normal((2000, d)) @ mix, rng.standard_normal((500, d)) @ mix
     w = rng.standard_normal((d, h)) * 0.1
     predictor = Int2Predictor.fit(x_fit, w, 0)
-    w2 = predictor.prepare(w)
+    w2 = dequantize_nbits(predictor.packed, predictor.scales, d, 2)
     codes = w2.T.reshape(h, -1, 32) / predictor.scales.reshape(h, -1, 1)
     assert set(np.unique(np.round(codes, 9))) <= {-2.0, -1.0, 0.0, 1.0}
     blocks = w.T.reshape(h, -1, 32)
@@ -140,7 +142,7 @@ def test_the_int8_reference_is_dynamic_quantize_matmul_in_onnxruntime():
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     got = create_session(helper.make_model(graph, opset_imports=opsets)).run(None, {"x": x})[0]
-    want = Int8Predictor().predict(x.reshape(-1, d), w, None).reshape(2, 7, h)
+    want = Int8Predictor.fit(x, w, 0).predict(x.reshape(-1, d), w, None).reshape(2, 7, h)
     exact = x.astype(np.float64) @ w
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
     assert np.abs(got - exact).max() > 100 * np.abs(got - want).max()  # the rounding is modelled, not ignored
@@ -160,7 +162,9 @@ def test_with_int8_every_flagged_residual_comes_from_the_prediction():
     assert row.predictor == "int8" and row.fallback_read_bytes == row.fold_bytes + ffn.w2_stored.size * 4
     feeds = random_feeds(model, seed=5)
     x = feeds["x"].astype(np.float64)
-    z_hat = Int8Predictor().predict(x.reshape(-1, x.shape[-1]), ffn.w1, ffn.b1).reshape(*x.shape[:-1], -1)
+    z_hat = (
+        Int8Predictor.fit(x, ffn.w1, 0).predict(x.reshape(-1, x.shape[-1]), ffn.w1, ffn.b1).reshape(*x.shape[:-1], -1)
+    )
     folded = x @ arrays["folded_weight"] + arrays["folded_bias"]
     want = folded + reference.residual(z_hat, result.lines[0]) @ ffn.w2 + x  # the model adds its input back
     got = create_session(model).run(None, feeds)[0]
@@ -261,10 +265,12 @@ def test_lowrank_predict_and_unknown_kinds():
         predictor_class("oracle")
     assert predictor_class("lowrank") is LowRankPredictor and predictor_candidates("int4", True) == (Int4Predictor,)
     # auto: the quantized predictors only where they run as quantized kernels (the custom-op form)
-    assert predictor_candidates("auto", True) == (LowRankPredictor, ExactPredictor)
-    assert predictor_candidates("auto", False) == (LowRankPredictor, Int4Predictor, Int8Predictor, ExactPredictor)
-    # int2 (not in auto: it missed the recall floor on MiniLM) only when asked for
+    assert predictor_candidates("auto", True) == (ExactPredictor,)
+    assert predictor_candidates("auto", False) == (Int4Predictor, Int8Predictor, ExactPredictor)
+    # int2 (not in auto: it missed the recall floor on MiniLM) and lowrank (never chosen on a real model)
+    # only when asked for
     assert predictor_candidates("int2", False) == (Int2Predictor,)
+    assert predictor_candidates("lowrank", True) == (LowRankPredictor,)
 
 
 def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
@@ -276,7 +282,7 @@ def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
     lines = reference.NeuronLines(
         np.zeros(ffn.hidden), np.zeros(ffn.hidden), np.full(ffn.hidden, np.inf), np.zeros(ffn.hidden)
     )
-    exact, predicted = predicted_residual_errors(Int8Predictor(), ffn, x, lines, lines)
+    exact, predicted = predicted_residual_errors(Int8Predictor.fit(x, ffn.w1, 0), ffn, x, lines, lines)
     assert exact < 1e-20 < 1e-6 < predicted
     kinds = [c.predictor.kind for c in rank_predictors((Int8Predictor, ExactPredictor), ffn, x, x, lines)]
     assert kinds == ["exact"]

@@ -69,6 +69,29 @@ def test_real_timings_are_medians_of_alternated_runs():
     assert check.pays == (not check.skipped and all(s >= 1 for s in check.speedups.values()))
 
 
+def test_large_shapes_are_timed_on_a_slice_that_decides_only_when_clear(monkeypatch):
+    """A shape past TIMED_MULTIPLY_ADDS is timed on its first sequences; where that slice's speedup is within
+    SLICE_DECIDES of 1, the whole shape is timed and decides."""
+    assert speed.timed_shape((32, 128), 2 * 4544 * 18176) == (3, 128)  # a Falcon-7B-shaped FFN
+    assert speed.timed_shape((32, 128), 2 * 384 * 1536) == (32, 128)  # MiniLM's: whole
+    assert speed.timed_shape((4, 64), 1 << 40) == (1, 64)  # at least one sequence
+    (ffn,), _ = find_ffns(ffn_model("erf_div"))
+    per_token = ffn.w1_stored.size + ffn.w2_stored.size
+    monkeypatch.setattr(speed, "TIMED_MULTIPLY_ADDS", per_token * 16 * 2)  # 2 sequences of 16 tokens
+    x = np.random.default_rng(0).standard_normal((100, D)).astype(np.float32)
+    for sliced_speedup, full_speedup, want in [(2.0, 0.5, 2.0), (1.1, 0.9, 0.9), (0.5, 2.0, 0.5)]:
+        seen = []
+
+        def measure(dense, rewritten, inputs_per_shape, seen=seen, speedups=(sliced_speedup, full_speedup)):
+            seen.append([i[0].shape[:2] for i in inputs_per_shape])
+            return [(1.0, 1.0 / speedups[i[0].shape[0] == 8]) for i in inputs_per_shape]
+
+        check = speed.check_ffn(ffn, [], [], x, [(8, 16), (1, 1)], measure=measure)
+        assert seen[0] == [(1, 1), (2, 16)]
+        assert seen[1:] == ([[(8, 16)]] if sliced_speedup == 1.1 else [])
+        assert check.speedups["8x16"] == pytest.approx(want)
+
+
 class _SleepingSession:
     """Stands in for an ONNX Runtime session: each run sleeps ``seconds[tokens]``."""
 
