@@ -31,6 +31,10 @@ from tardis_onnx.subgraphs import Scope, subgraphs
 # Nodes allowed between a projection and the GELU: layout-only or dtype-only.
 _PASSTHROUGH = {"Reshape", "Cast", "Identity"}
 _OTHER_ACTIVATIONS = {"Relu": "ReLU", "Sigmoid": "SiLU/Swish", "LeakyRelu": "LeakyReLU", "Softplus": "Softplus"}
+# An FFN whose two weights take more than this in float64 is large: fitted one at a time (its BLAS calls use
+# every core) and in float32 (half the time and memory of its n·d·h products; their ~1e-6 relative error is
+# far below what the fit measures: held-out errors of ~1e-1, windows at calibration quantiles).
+LARGE_FFN_BYTES = 256 << 20
 
 
 @dataclass
@@ -38,9 +42,10 @@ class FfnMatch:
     """One foldable FFN: ``output = GELU(x·W1 + b1)·W2 + b2``.
 
     The projections are kept as the model stores them (``w1_stored``, ``w2_stored``: fp16 stays fp16,
-    memory-mapped for a model read graph-only) and read as float64 through ``w1``/``w2``, a copy made on
-    first use and dropped by :meth:`release`: the pass releases each FFN once it is done with it, so only
-    the FFNs being fitted are held in float64 (all of a 7B model's would be 8 bytes per weight).
+    memory-mapped for a model read graph-only) and read in the fit's precision (float64; float32 for a
+    :attr:`large` FFN) through ``w1``/``w2``, a copy made on first use and dropped by :meth:`release`: the
+    pass releases each FFN once it is done with it, so only the FFNs being fitted are held in that precision
+    (all of a 7B model's would be 8 bytes per weight).
     """
 
     name: str
@@ -66,17 +71,27 @@ class FfnMatch:
         return [self, *self.copies]
 
     @property
+    def large(self) -> bool:
+        """Its two weights take more than ``LARGE_FFN_BYTES`` in float64."""
+        return 8 * (self.w1_stored.size + self.w2_stored.size) > LARGE_FFN_BYTES
+
+    @property
+    def precision(self) -> np.dtype:
+        """The dtype it is fitted in: float64, float32 when :attr:`large`."""
+        return np.dtype(np.float32 if self.large else np.float64)
+
+    @property
     def w1(self) -> np.ndarray:
-        """W1 ``[d, h]`` in float64 (kept until :meth:`release`)."""
+        """W1 ``[d, h]`` in :attr:`precision` (kept until :meth:`release`)."""
         if self._w1 is None:
-            self._w1 = np.asarray(self.w1_stored, dtype=np.float64)
+            self._w1 = np.asarray(self.w1_stored, dtype=self.precision)
         return self._w1
 
     @property
     def w2(self) -> np.ndarray:
-        """W2 ``[h, d_out]`` in float64 (kept until :meth:`release`)."""
+        """W2 ``[h, d_out]`` in :attr:`precision` (kept until :meth:`release`)."""
         if self._w2 is None:
-            self._w2 = np.asarray(self.w2_stored, dtype=np.float64)
+            self._w2 = np.asarray(self.w2_stored, dtype=self.precision)
         return self._w2
 
     @property

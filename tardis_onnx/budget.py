@@ -61,7 +61,7 @@ def candidate_table(z: np.ndarray, grid: tuple[float, ...], form: str, window: s
     """
     if window not in WINDOWS:
         raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
-    if isinstance(z, np.ndarray) or not hasattr(z, "shape"):
+    if not hasattr(z, "shape"):
         z = np.asarray(z, dtype=np.float64)
     n, h = z.shape
     grid_arr = np.asarray(grid, dtype=np.float64)

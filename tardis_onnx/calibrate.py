@@ -33,8 +33,6 @@ from tardis_onnx.subgraphs import expose
 # and the value used when there are none.
 REFIT_RIDGES = (1e-3, 1e-2, 0.1, 1.0, 10.0)
 DEFAULT_REFIT_RIDGE = 0.1
-# An FFN whose two weights take more than this in float64 is fitted alone (its BLAS calls use every core).
-LARGE_FFN_BYTES = 256 << 20
 # The refit of a d-input FFN solves d + 1 unknowns per output: trusted from this many fit tokens each.
 REFIT_TOKENS_PER_UNKNOWN = 10
 
@@ -160,7 +158,7 @@ class _LazyPreactivations:
 
     def __getitem__(self, key) -> np.ndarray:
         rows, cols = key
-        z = np.asarray(self.x[rows], dtype=np.float64) @ self.w1[:, cols]
+        z = np.asarray(self.x[rows], dtype=self.w1.dtype) @ self.w1[:, cols]
         return z if self.b1 is None else z + self.b1[cols]
 
 
@@ -310,9 +308,9 @@ class Candidate:
 
 
 def is_large(ffns: list[FfnMatch]) -> bool:
-    """True when an FFN's two weights take more than ``LARGE_FFN_BYTES`` in float64: such FFNs are fitted
-    one at a time (their float64 weights and pre-activations exist for one FFN at once; BLAS uses every core)."""
-    return max(8 * (f.w1_stored.size + f.w2_stored.size) for f in ffns) > LARGE_FFN_BYTES
+    """True when an FFN is large (:attr:`FfnMatch.large`): then each is fitted alone, when asked for (its
+    weights and pre-activations exist for one FFN at once; BLAS uses every core)."""
+    return any(f.large for f in ffns)
 
 
 @dataclass
@@ -381,20 +379,20 @@ def map_ffns(function, items: list, threads: int | None = None) -> list:
 
 
 class FfnTokens:
-    """One FFN's tokens in float64, with what every candidate's fold is measured against: the
-    pre-activations ``z = x·W1 + b1`` (computed once, ``n × h``, shared with the windows and the
-    predictors) and the true output's spread ``Σ‖y − ȳ‖²``."""
+    """One FFN's tokens in its precision (float64; float32 for a large FFN), with what every candidate's fold is
+    measured against: the pre-activations ``z = x·W1 + b1`` (computed once, ``n × h``, shared with the windows
+    and the predictors) and the true output's spread ``Σ‖y − ȳ‖²``."""
 
     def __init__(self, ffn: FfnMatch, x: np.ndarray) -> None:
         self.ffn = ffn
-        self.x = np.asarray(x, dtype=np.float64)
+        self.x = np.asarray(x, dtype=ffn.precision)
         self.z = self.x @ ffn.w1
         if ffn.b1 is not None:
             self.z += ffn.b1
         n, d_out = self.x.shape[0], ffn.w2_stored.shape[1]
         y_sum, y_sq = np.zeros(d_out), 0.0
         for rows in self._blocks():
-            y = reference.gelu(self.z[rows], ffn.gelu.form) @ ffn.w2
+            y = self._times_w2(reference.gelu(self.z[rows], ffn.gelu.form))
             if ffn.b2 is not None:
                 y += ffn.b2
             y_sum += y.sum(axis=0)
@@ -405,17 +403,21 @@ class FfnTokens:
         step = max(1, (1 << 22) // max(self.ffn.hidden, 1))
         return (slice(start, start + step) for start in range(0, self.x.shape[0], step))
 
+    def _times_w2(self, a: np.ndarray) -> np.ndarray:
+        """``a·W2`` in the FFN's precision (a float64 ``a`` against float32 weights would convert W2 each time)."""
+        return np.asarray(a, dtype=self.ffn.precision) @ self.ffn.w2
+
     def target(self, lines: reference.NeuronLines) -> tuple[np.ndarray, int]:
         """What the fold must output under the windows ``lines`` (the true output minus the exact fallback
         term: outside a window, the line's value stands in for GELU), and how many pre-activations fall outside."""
         ffn = self.ffn
-        target, outliers = np.empty((self.x.shape[0], ffn.w2_stored.shape[1])), 0
+        target, outliers = np.empty((self.x.shape[0], ffn.w2_stored.shape[1]), dtype=ffn.precision), 0
         for rows in self._blocks():
             z = self.z[rows]
             outside = reference.outside_window(z, lines)
             outliers += int(outside.sum())
             line = lines.slope * z + lines.intercept
-            target[rows] = np.where(outside, line, reference.gelu(z, ffn.gelu.form)) @ ffn.w2
+            target[rows] = self._times_w2(np.where(outside, line, reference.gelu(z, ffn.gelu.form)))
         if ffn.b2 is not None:
             target += ffn.b2
         return target, outliers
@@ -437,7 +439,7 @@ class FfnTokens:
             outside = reference.outside_window(z, lines)
             outliers += int(outside.sum())
             miss = np.where(outside, 0.0, lines.slope * z + lines.intercept - reference.gelu(z, ffn.gelu.form))
-            error += float(np.square(miss @ ffn.w2).sum())
+            error += float(np.square(self._times_w2(miss)).sum())
         return (self._relative(error) if self.x.shape[0] else math.nan), outliers
 
     def _relative(self, error: float) -> float:

@@ -547,16 +547,21 @@ def predicted_residual_errors(
     the pre-activations ``x·W1 + b1`` and the prediction when known)."""
     x = np.asarray(x, dtype=np.float64)
     form = ffn.gelu.form
+    w2 = ffn.w2
+
+    def times_w2(a):  # in the FFN's precision
+        return np.asarray(a, dtype=w2.dtype) @ w2
+
     z = x @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1) if z is None else z
-    y = gelu(z, form) @ ffn.w2 + (0.0 if ffn.b2 is None else ffn.b2)
-    wf, bf = fold if fold is not None else fold_weights(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
+    y = times_w2(gelu(z, form)) + (0.0 if ffn.b2 is None else ffn.b2)
+    wf, bf = fold if fold is not None else fold_weights(ffn.w1, ffn.b1, w2, ffn.b2, lines)
     z_hat = predictor.predict(x, ffn.w1, ffn.b1) if z_hat is None else z_hat
     flagged = outside_window(z_hat, flags, margin)
     base = x @ wf + bf
     spread = max(float(np.square(y - y.mean(axis=0)).sum()), 1e-300)
     errors = []
     for pre in (z, z_hat):
-        y_hat = base + np.where(flagged, residual(pre, lines, form), 0.0) @ ffn.w2
+        y_hat = base + times_w2(np.where(flagged, residual(pre, lines, form), 0.0))
         errors.append(float(np.square(y_hat - y).sum()) / spread)
     return errors[0], errors[1]
 
@@ -598,7 +603,7 @@ def rank_predictors(
     bias = 0.0 if ffn.b1 is None else ffn.b1
     # The exact pre-activations, computed once for all candidates (each is a tokens × d × h product).
     error_x = np.asarray(fit_x[:ERROR_SCALE_TOKENS], dtype=np.float64)
-    z_fit = error_x @ ffn.w1 if z_fit is None else z_fit[:ERROR_SCALE_TOKENS] - bias
+    z_fit = error_x @ ffn.w1 if z_fit is None else z_fit[:ERROR_SCALE_TOKENS] - np.asarray(bias, z_fit.dtype)
     z_check = np.asarray(check_x, dtype=np.float64) @ ffn.w1 + bias if z_check is None else z_check
     choices = []
     for cls in classes:

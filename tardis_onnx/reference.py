@@ -165,15 +165,16 @@ def fit_lines(z: np.ndarray, inside: np.ndarray, form: str = "erf") -> tuple[np.
 def fold(
     w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray, b2: np.ndarray | None, lines: NeuronLines
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Folded ``(Wf [d, d], bf [d])`` in float64."""
-    w1 = np.asarray(w1, dtype=np.float64)
-    w2 = np.asarray(w2, dtype=np.float64)
+    """Folded ``(Wf [d, d], bf [d])`` in float64; computed in float32 where both weights are (a large FFN's)."""
+    w1, w2 = np.asarray(w1), np.asarray(w2)
+    dtype = np.float32 if w1.dtype == w2.dtype == np.float32 else np.float64
+    w1, w2 = w1.astype(dtype, copy=False), w2.astype(dtype, copy=False)
     d, h = w1.shape
     b1 = np.zeros(h) if b1 is None else np.asarray(b1, dtype=np.float64)
     b2 = np.zeros(w2.shape[1]) if b2 is None else np.asarray(b2, dtype=np.float64)
-    wf = (w1 * lines.slope[None, :]) @ w2
-    bf = (lines.slope * b1 + lines.intercept) @ w2 + b2
-    return wf, bf
+    wf = (w1 * lines.slope.astype(dtype)[None, :]) @ w2
+    bf = (lines.slope * b1 + lines.intercept).astype(dtype) @ w2 + b2
+    return wf.astype(np.float64, copy=False), bf
 
 
 def residual(z: np.ndarray, lines: NeuronLines, form: str = "erf") -> np.ndarray:

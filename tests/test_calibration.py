@@ -2,6 +2,7 @@
 streaming capture equals the exact reference, budgets are met, the refit lowers calibration error."""
 
 import numpy as np
+import onnx
 import pytest
 from ffn_graphs import D, H, ffn_model
 
@@ -151,3 +152,32 @@ def test_exact_fallback_still_exact_with_every_idea_on():
     got = create_session(optimize_model(model, config).model).run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert H == 64
+
+
+@pytest.mark.parametrize("holdout", [0.2, 0.0])  # 0: the refit is kept unchecked (its float32 path runs)
+def test_a_large_ffn_is_fitted_in_float32_to_the_float64_result(monkeypatch, holdout):
+    """An FFN past LARGE_FFN_BYTES is fitted in float32 (half the time of its products): the same recipe and
+    predictor as in float64, its windows, fold and errors within float32's rounding."""
+    results = {}
+    for large in (False, True):
+        if large:
+            monkeypatch.setattr("tardis_onnx.passes.ffn.LARGE_FFN_BYTES", 0)
+        model = ffn_model("erf_div")
+        (ffn,), _ = find_ffns(model)
+        assert ffn.large == large and ffn.w1.dtype == (np.float32 if large else np.float64)
+        config = TardisConfig(fallback="portable", speed_check=False, calib_batches=16, holdout=holdout)
+        results[large] = optimize_model(model, config)
+    (full,), (single,) = results[False].ffns, results[True].ffns
+    assert full.recipe == "least-error/layer" + ("+refit" if holdout == 0 else "")
+    assert (single.recipe, single.predictor) == (full.recipe, full.predictor)
+    assert single.calibration_error == pytest.approx(full.calibration_error, rel=1e-4)
+    if holdout:
+        assert single.heldout_error == pytest.approx(full.heldout_error, rel=1e-4)
+    for field in ("lo", "hi", "slope", "intercept"):
+        want, got = (getattr(results[k].lines[0], field) for k in (False, True))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    arrays = [
+        {t.name: onnx.numpy_helper.to_array(t) for t in results[k].model.graph.initializer} for k in (False, True)
+    ]
+    (folded,) = [name for name in arrays[0] if name.endswith("folded_weight")]
+    np.testing.assert_allclose(arrays[1][folded], arrays[0][folded], rtol=1e-4, atol=1e-5)
