@@ -59,16 +59,21 @@ def candidate_table(z: np.ndarray, grid: tuple[float, ...], form: str, window: s
 
     Memory: one block of columns at a time (about 16 arrays of ``2**22`` float64 values).
     """
-    if window not in WINDOWS:
-        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
+    return candidate_tables(z, [(tuple(grid), window)], form)[0]
+
+
+def candidate_tables(z: np.ndarray, specs: list[tuple[tuple[float, ...], str]], form: str) -> list[CandidateTable]:
+    """:func:`candidate_table` for each ``(grid, window)`` of ``specs``, from one sort of each block of columns."""
+    for _, window in specs:
+        if window not in WINDOWS:
+            raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
     if not hasattr(z, "shape"):
         z = np.asarray(z, dtype=np.float64)
     n, h = z.shape
-    grid_arr = np.asarray(grid, dtype=np.float64)
     if n == 0:
         raise ValueError("no calibration samples")
-    shape = (grid_arr.size, h)
-    lo, hi, slope, intercept, sse = (np.empty(shape) for _ in range(5))
+    grids = [np.asarray(grid, dtype=np.float64) for grid, _ in specs]
+    arrays = [[np.empty((grid.size, h)) for _ in range(5)] for grid in grids]  # lo, hi, slope, intercept, sse
     for cols in reference.column_blocks(n, h):
         s = np.sort(np.asarray(z[:, cols], dtype=np.float64), axis=0)
         shift_z = s.mean(axis=0)
@@ -79,29 +84,32 @@ def candidate_table(z: np.ndarray, grid: tuple[float, ...], form: str, window: s
             np.concatenate([np.zeros((1, cols.size)), np.cumsum(v, axis=0)])
             for v in (zc, gc, zc * zc, gc * gc, zc * gc)
         ]
-        for gi, t in enumerate(grid_arr):
-            k = window_size(n, t)
-            if k == 0:  # every sample falls back: fit the line on all samples (as reference.calibrate_lines)
-                start = np.zeros(cols.size, dtype=np.int64)
-                k_fit = n
-            else:
-                k_fit = k
-                if window == "narrowest":
-                    start = np.argmin(s[k - 1 :] - s[: n - k + 1], axis=0)
+        for grid_arr, (_, window), (lo, hi, slope, intercept, sse) in zip(grids, specs, arrays, strict=True):
+            for gi, t in enumerate(grid_arr):
+                k = window_size(n, t)
+                if k == 0:  # every sample falls back: fit the line on all samples (as reference.calibrate_lines)
+                    start = np.zeros(cols.size, dtype=np.int64)
+                    k_fit = n
                 else:
-                    start = np.argmin(_window_errors(prefix, k, slice(None)), axis=0)
-            a, c, err = _window_fit(prefix, start, k_fit, s, shift_z, shift_g, form)
-            idx = np.arange(cols.size)
-            if k == 0:
-                lo[gi, cols], hi[gi, cols] = math.inf, -math.inf
-                err = np.zeros(cols.size)
-            else:
-                lo[gi, cols], hi[gi, cols] = s[start, idx], s[start + k - 1, idx]
-            slope[gi, cols] = a
-            intercept[gi, cols] = c
-            sse[gi, cols] = err / n
-    fraction = np.array([1.0 - window_size(n, t) / n for t in grid_arr])
-    return CandidateTable(grid_arr, lo, hi, slope, intercept, sse, fraction)
+                    k_fit = k
+                    if window == "narrowest":
+                        start = np.argmin(s[k - 1 :] - s[: n - k + 1], axis=0)
+                    else:
+                        start = np.argmin(_window_errors(prefix, k, slice(None)), axis=0)
+                a, c, err = _window_fit(prefix, start, k_fit, s, shift_z, shift_g, form)
+                idx = np.arange(cols.size)
+                if k == 0:
+                    lo[gi, cols], hi[gi, cols] = math.inf, -math.inf
+                    err = np.zeros(cols.size)
+                else:
+                    lo[gi, cols], hi[gi, cols] = s[start, idx], s[start + k - 1, idx]
+                slope[gi, cols] = a
+                intercept[gi, cols] = c
+                sse[gi, cols] = err / n
+    return [
+        CandidateTable(grid, *table, np.array([1.0 - window_size(n, t) / n for t in grid]))
+        for grid, table in zip(grids, arrays, strict=True)
+    ]
 
 
 def _window_sums(prefix: list[np.ndarray], start: np.ndarray | slice, k: int):

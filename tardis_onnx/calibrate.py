@@ -137,16 +137,20 @@ class FfnSamples:
     def lazy_preactivations(self, ffn: FfnMatch) -> _LazyPreactivations:
         return _LazyPreactivations(self.x, ffn.w1, ffn.b1)
 
-    def table(
-        self, ffn: FfnMatch, grid: tuple[float, ...], window: str, z: np.ndarray | None = None
-    ) -> budget.CandidateTable:
-        """The candidate windows of every neuron at each coverage of ``grid`` (cached); ``z``: the kept tokens'
-        pre-activations when known (else computed a block of neurons at a time)."""
-        key = (tuple(grid), ffn.gelu.form, window)
-        if key not in self.tables:
+    def tables_of(
+        self, ffn: FfnMatch, specs: list[tuple[tuple[float, ...], str]], z: np.ndarray | None = None
+    ) -> list[budget.CandidateTable]:
+        """The candidate windows of every neuron (:func:`budget.candidate_table`) for each ``(grid, window)`` of
+        ``specs``, cached; those not cached made from one sort of ``z``, the kept tokens' pre-activations when
+        known (else computed a block of neurons at a time)."""
+        keys = [(tuple(grid), ffn.gelu.form, window) for grid, window in specs]
+        missing = [(key[0], key[2]) for key in dict.fromkeys(keys) if key not in self.tables]
+        if missing:
             source = self.lazy_preactivations(ffn) if z is None else z
-            self.tables[key] = budget.candidate_table(source, grid, ffn.gelu.form, window)
-        return self.tables[key]
+            made = budget.candidate_tables(source, missing, ffn.gelu.form)
+            for (grid, window), table in zip(missing, made, strict=True):
+                self.tables[(grid, ffn.gelu.form, window)] = table
+        return [self.tables[key] for key in keys]
 
 
 class _LazyPreactivations:
@@ -328,12 +332,16 @@ def plan_windows(
 ) -> PlannedWindows:
     """The windows one FFN's recipe may choose from, on its fit tokens (``z``: their pre-activations when
     known, else computed a block of neurons at a time)."""
-    if config.allocation == "uniform":
-        recipe, importance = _uniform_lines(ffn, fit, outlier_budget, config.window, z), None
-    else:
-        recipe, importance = fit.table(ffn, config.coverage_grid, config.window, z), (ffn.w2 * ffn.w2).sum(axis=1)
+    coverage = 1.0 - outlier_budget
     compared = not config.plain and config.holdout > 0
-    plain = _uniform_lines(ffn, fit, outlier_budget, "narrowest", z) if compared else None
+    recipe_grid = (coverage,) if config.allocation == "uniform" else tuple(config.coverage_grid)
+    specs = [(recipe_grid, config.window)] + ([((coverage,), "narrowest")] if compared else [])
+    tables = fit.tables_of(ffn, specs, z)  # one sort of each neuron's pre-activations for both
+    if config.allocation == "uniform":
+        recipe, importance = _uniform_lines(ffn, tables[0], coverage), None
+    else:
+        recipe, importance = tables[0], (ffn.w2 * ffn.w2).sum(axis=1)
+    plain = _uniform_lines(ffn, tables[1], coverage) if compared else None
     return PlannedWindows(recipe, importance, plain)
 
 
@@ -362,10 +370,9 @@ def _recipe_name(config: TardisConfig) -> str:
     return "plain" if config.plain else f"{config.window}/{config.allocation}"
 
 
-def _uniform_lines(ffn: FfnMatch, sample: FfnSamples, outlier_budget: float, window: str, z=None):
-    coverage = 1.0 - outlier_budget
-    lines = sample.table(ffn, (coverage,), window, z).lines(np.zeros(ffn.hidden, dtype=np.int64))
-    return lines, coverage
+def _uniform_lines(ffn: FfnMatch, table: budget.CandidateTable, coverage: float):
+    """The lines and coverage of a one-coverage ``table``."""
+    return table.lines(np.zeros(ffn.hidden, dtype=np.int64)), coverage
 
 
 def map_ffns(function, items: list, threads: int | None = None) -> list:

@@ -54,6 +54,11 @@ def test_candidate_table_matches_the_reference_and_its_errors_are_in_window_sse(
             np.testing.assert_allclose(tab.sse[g], sse, rtol=1e-7, atol=1e-12)
             assert inside.sum(axis=0).min() >= np.ceil(t * z.shape[0] - 1e-9)
         assert np.all(best.sse[g] <= table.sse[g] + 1e-12)  # least-error windows never fit worse
+    # Both from one sort: the same tables
+    together = budget.candidate_tables(z, [(grid, "narrowest"), ((0.9,), "least-error")], "erf")
+    for one, alone in zip(together, [table, budget.candidate_table(z, (0.9,), "erf", "least-error")], strict=True):
+        for field in ("grid", "lo", "hi", "slope", "intercept", "sse", "fraction"):
+            np.testing.assert_array_equal(getattr(one, field), getattr(alone, field))
 
 
 def test_reservoir_is_bounded_and_keeps_everything_below_capacity():
