@@ -94,7 +94,8 @@ class Predictor:
     def predict(
         self, x: np.ndarray, w1: np.ndarray, b1: np.ndarray | None, weights: np.ndarray | None = None
     ) -> np.ndarray:
-        """``z_hat`` in float64 (the reference for the emitted graph); ``weights``: :meth:`prepare`'s, when made."""
+        """``z_hat`` in float64 (float32 from a quantized predictor without ``b1``): the reference for the emitted
+        graph; ``weights``: :meth:`prepare`'s, when made."""
         weights = self.prepare(np.asarray(w1, dtype=np.float64)) if weights is None else weights
         z = self._z(np.asarray(x, dtype=np.float64), weights)
         return z if b1 is None else z + b1
@@ -141,7 +142,7 @@ class Int4Predictor(Predictor):
         return h * blocks * (INT4_BLOCK // 2) + h * blocks * itemsize
 
     def prepare(self, w1):
-        return dequantize_nbits(self.packed, self.scales, self.d, 4).astype(np.float32)
+        return dequantize_nbits(self.packed, self.scales, self.d, 4, np.float32)
 
     def _z(self, x, weights):
         return quantized_product(quantize_activations_int8(x), weights)
@@ -180,7 +181,7 @@ class Int2Predictor(Predictor):
         return h * blocks * (INT2_BLOCK // 4) + h * blocks * itemsize
 
     def prepare(self, w1):
-        return dequantize_nbits(self.packed, self.scales, self.d, 2).astype(np.float32)
+        return dequantize_nbits(self.packed, self.scales, self.d, 2, np.float32)
 
     def _z(self, x, weights):
         return quantized_product(quantize_activations_int8(x), weights)
@@ -193,10 +194,10 @@ class Int2Predictor(Predictor):
 
 
 def quantized_product(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``x·weights`` for a quantized predictor's rounded inputs and float32 dequantized weights, computed in
-    float32 (half the time of float64 at a 7B FFN; its ~1e-6 relative error is far below the rounding the
-    predictor emulates), returned in float64."""
-    return (np.asarray(x, dtype=np.float32) @ weights).astype(np.float64)
+    """``x·weights`` for a quantized predictor's rounded inputs and float32 dequantized weights, in float32 (half
+    the time and memory of float64 at a 7B FFN; its ~1e-6 relative error is far below the rounding the
+    predictor emulates)."""
+    return np.asarray(x, dtype=np.float32) @ weights
 
 
 def emit_matmulnbits(b, ffn, packed: np.ndarray, scales: np.ndarray, bits: int, domain: str | None) -> str:
@@ -230,7 +231,10 @@ class Int8Predictor(Predictor):
         return d * h + h * itemsize
 
     def prepare(self, w1):
-        return (self.weights * self.scales).astype(np.float32)
+        dequantized = np.empty(self.weights.shape, dtype=np.float32)
+        for cols in neuron_slices(*self.weights.shape):  # float64 temporaries a block of neurons at a time
+            dequantized[:, cols] = self.weights[:, cols] * self.scales[cols]
+        return dequantized
 
     def _z(self, x, weights):
         return quantized_product(quantize_activations_uint8(x), weights)
@@ -320,13 +324,23 @@ def quantize_int4(w1: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, 
     """
     d, h = w1.shape
     blocks = -(-d // block)
-    padded = np.zeros((h, blocks * block))
-    padded[:, :d] = np.asarray(w1, dtype=np.float64).T
-    grouped = padded.reshape(h, blocks, block)
-    scale = np.abs(grouped).max(axis=2) / 7.0
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(grouped / scale[..., None]) + 8, 0, 15).astype(np.uint8)
-    return pack_nbits(q, 4), scale.reshape(-1)
+    packed, scales = np.empty((h, blocks, block // 2), dtype=np.uint8), np.empty((h, blocks))
+    for cols in neuron_slices(d, h):
+        padded = np.zeros((cols.stop - cols.start, blocks * block))
+        padded[:, :d] = np.asarray(w1[:, cols], dtype=np.float64).T
+        grouped = padded.reshape(-1, blocks, block)
+        scale = np.abs(grouped).max(axis=2) / 7.0
+        scale[scale == 0] = 1.0
+        packed[cols] = pack_nbits(np.clip(np.rint(grouped / scale[..., None]) + 8, 0, 15).astype(np.uint8), 4)
+        scales[cols] = scale
+    return packed, scales.reshape(-1)
+
+
+def neuron_slices(d: int, h: int) -> list[slice]:
+    """Blocks of neurons (columns of a ``[d, h]`` W1) of about 2^22 weights: quantizing one block at a time keeps
+    the temporaries small (a 7B FFN's W1 is 660 MB in float64, and so is each temporary of a whole-matrix pass)."""
+    width = max(1, (1 << 22) // max(d, 1))
+    return [slice(start, min(start + width, h)) for start in range(0, h, width)]
 
 
 def pack_nbits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -354,10 +368,14 @@ def quantize_activations_int8(x: np.ndarray, block: int = INT4_BLOCK) -> np.ndar
 
 def quantize_int8(w1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``w1 [d, h]`` as int8 with one scale per column (neuron): ``q = round(w / s)``, ``s = max|w| / 127``."""
-    w1 = np.asarray(w1, dtype=np.float64)
-    scale = np.abs(w1).max(axis=0) / 127.0
-    scale[scale == 0] = 1.0
-    return np.clip(np.rint(w1 / scale), -127, 127).astype(np.int8), scale
+    w1 = np.asarray(w1)
+    q, scales = np.empty(w1.shape, dtype=np.int8), np.empty(w1.shape[1])
+    for cols in neuron_slices(*w1.shape):
+        block = np.asarray(w1[:, cols], dtype=np.float64)
+        scale = np.abs(block).max(axis=0) / 127.0
+        scale[scale == 0] = 1.0
+        q[:, cols], scales[cols] = np.clip(np.rint(block / scale), -127, 127), scale
+    return q, scales
 
 
 def quantize_activations_uint8(x: np.ndarray) -> np.ndarray:
@@ -372,16 +390,23 @@ def quantize_activations_uint8(x: np.ndarray) -> np.ndarray:
     return (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def dequantize_nbits(packed: np.ndarray, scales: np.ndarray, d: int, bits: int) -> np.ndarray:
-    """The ``[d, h]`` float64 matrix ``MatMulNBits`` multiplies by: ``packed [h, blocks, block·bits/8]`` holds
-    each block's codes low bits first, ``w = (q − 2^(bits−1))·scale`` (the reference for tests)."""
+def dequantize_nbits(
+    packed: np.ndarray, scales: np.ndarray, d: int, bits: int, dtype: np.dtype = np.float64
+) -> np.ndarray:
+    """The ``[d, h]`` matrix ``MatMulNBits`` multiplies by (float64, or rounded to ``dtype``): ``packed [h,
+    blocks, block·bits/8]`` holds each block's codes low bits first, ``w = (q − 2^(bits−1))·scale`` (the
+    reference for tests)."""
     h, blocks, width = packed.shape
     per_byte = 8 // bits
-    q = np.empty((h, blocks, width * per_byte))
-    for j in range(per_byte):
-        q[..., j::per_byte] = (packed >> (bits * j)) & ((1 << bits) - 1)
-    w = (q - (1 << (bits - 1))) * scales.reshape(h, blocks, 1)
-    return w.reshape(h, -1)[:, :d].T
+    scales = scales.reshape(h, blocks, 1)
+    out = np.empty((d, h), dtype=dtype)
+    for cols in neuron_slices(blocks * width * per_byte, h):
+        codes = packed[cols]
+        q = np.empty((codes.shape[0], blocks, width * per_byte))
+        for j in range(per_byte):
+            q[..., j::per_byte] = (codes >> (bits * j)) & ((1 << bits) - 1)
+        out[:, cols] = ((q - (1 << (bits - 1))) * scales[cols]).reshape(codes.shape[0], -1)[:, :d].T
+    return out
 
 
 def quantize_int2(w1: np.ndarray, x: np.ndarray, block: int = INT2_BLOCK) -> tuple[np.ndarray, np.ndarray]:

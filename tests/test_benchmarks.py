@@ -9,8 +9,10 @@ import onnxruntime as ort
 import pytest
 
 from tardis_onnx import runtime
+from tardis_onnx.predictor import PREDICTORS
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from ffn_latency import dense_model, never_flagging, rewrite, stacked  # noqa: E402
 
 
@@ -160,3 +162,26 @@ def test_the_scale_benchmark_runs_end_to_end_on_the_tiny_decoder(tmp_path, monke
     else:
         assert decode["tardis+int8"]["read_gib_per_token"] < tardis["read_gib_per_token"]
     assert all(len(row["tokens"]) == 3 and row["s_per_token"] > 0 for row in decode.values())
+
+
+def test_the_fit_profile_names_where_one_ffns_time_goes(tmp_path):
+    """benchmarks/fit_profile.py on the tiny decoder's second FFN: the fit and emit times, the choice, and
+    the profiled functions (the pass's fit among them), slowest first; a bad FFN index is one error line."""
+    import json
+
+    import fit_profile
+    import scale
+
+    from models import gelu_decoder
+
+    model = gelu_decoder.build("tiny", "float32", cache_dir=tmp_path / "cache")
+    feeds = scale.calibration_feeds(onnx.load(str(model), load_external_data=False), tmp_path / "f.npz", 4, 16, 2, 0)
+    out = tmp_path / "profile.json"
+    argv = [str(model), "--calib", str(feeds), "--ffn", "1", "--no-speed-check", "--out", str(out)]
+    assert fit_profile.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["ffn"].endswith("h.1/mlp") and result["fit_s"] > 0 and result["emit_s"] > 0
+    assert result["predictor"] in PREDICTORS and result["recipe"] and result["peak_traced_mib"] > 0
+    times = [f["cumulative_s"] for f in result["functions"]]
+    assert times == sorted(times, reverse=True) and any("fit_ffns" in f["name"] for f in result["functions"])
+    assert fit_profile.main([str(model), "--calib", str(feeds), "--ffn", "9"]) == 2
