@@ -39,7 +39,7 @@ def fit_ffns(
     ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig, standard_only: bool
 ) -> Iterator[FittedFfn]:
     """Each FFN fitted, in order; large ones (:func:`is_large`) one at a time when asked for, so that their
-    float64 weights and pre-activations exist for one FFN at once. ``standard_only``: the fallback uses
+    weight copies and pre-activations exist for one FFN at once. ``standard_only``: the fallback uses
     standard ONNX ops only (:func:`predictor_candidates`)."""
     for ffn, sample in zip(ffns, samples, strict=True):
         if ffn.name != sample.name:
@@ -53,7 +53,7 @@ def fit_ffns(
 
         def plan(i):
             windows = plan_windows(ffns[i], parts[i][0], budgets[i], config)
-            ffns[i].release()  # its float64 weights, read again when it is fitted
+            ffns[i].release()  # its weight copies, read again when it is fitted
             return windows
 
         planned = window_candidates(map_ffns(plan, range(len(ffns)), 1 if large else None), ffns, budgets, config)
