@@ -3,9 +3,9 @@
 Memory bound (explicit, :func:`reservoir_bytes`): each FFN keeps a uniform reservoir of at most
 ``max_samples`` input rows ``x`` (float32, or float16 as an fp16 model computes them; ``d`` values each,
 plus an 8-byte sort key), so capture holds at most ``Σ_FFN max_samples · (4·d + 8)`` bytes however many
-tokens stream by. Storing ``x`` instead of ``z = x·W1 + b1`` is 4× smaller for ``h = 4d``: the windows are
-planned from ``z`` a block of neurons at a time; the folds are measured with one FFN's ``z`` (float64,
-``n × h``: 0.6 GB at 4096 tokens of a 7B FFN) computed once for all its candidates.
+tokens stream by. Storing ``x`` instead of ``z = x·W1 + b1`` is 4× smaller for ``h = 4d``: an FFN's ``z``
+(:class:`FfnTokens`; ``n × h`` in the FFN's precision: 0.3 GB in float32 at 4096 tokens of a 7B FFN) is
+computed when that FFN is fitted, once for its windows, folds and predictors.
 With ``max_samples`` at least the number of calibration tokens every token is kept and the statistics
 equal the exact reference.
 """
