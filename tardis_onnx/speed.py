@@ -225,7 +225,7 @@ def check_ffn(
     if not times or len(times) > len(shapes):
         raise TardisError(f"timing {ffn.name} gave {len(times)} results for {len(shapes)} shapes")
     for k, (dense_s, rewritten_s) in enumerate(times):
-        if timed[k] != shapes[k] and 1 / SLICE_DECIDES < dense_s / rewritten_s < SLICE_DECIDES:
+        if timed[k] != shapes[k] and 1 / SLICE_DECIDES < dense_s / max(rewritten_s, 1e-300) < SLICE_DECIDES:
             times[k] = measure(dense, rewritten, [serving_inputs(x, shapes[k], ffn.dtype)])[0]
     check = SpeedCheck({}, {}, skipped=len(shapes) - len(times))
     for shape, (dense_s, rewritten_s) in zip(shapes[: len(times)], times, strict=True):

@@ -90,6 +90,8 @@ def test_large_shapes_are_timed_on_a_slice_that_decides_only_when_clear(monkeypa
         assert seen[0] == [(1, 1), (2, 16)]
         assert seen[1:] == ([[(8, 16)]] if sliced_speedup == 1.1 else [])
         assert check.speedups["8x16"] == pytest.approx(want)
+    with pytest.raises(TardisError, match="no usable time"):  # a zero time is refused, not divided by
+        speed.check_ffn(ffn, [], [], x, [(8, 16)], measure=lambda d, r, inputs: [(1.0, 0.0)])
 
 
 class _SleepingSession:
