@@ -94,6 +94,11 @@ class FfnMatch:
             self._w2 = np.asarray(self.w2_stored, dtype=self.precision)
         return self._w2
 
+    def times_w2(self, a: np.ndarray) -> np.ndarray:
+        """``a·W2`` in :attr:`precision` (a float64 ``a`` against a large FFN's float32 W2 would convert W2 each
+        time)."""
+        return np.asarray(a, dtype=self.precision) @ self.w2
+
     @property
     def hidden(self) -> int:
         return int(self.w1_stored.shape[1])

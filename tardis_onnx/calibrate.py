@@ -399,7 +399,7 @@ class FfnTokens:
         n, d_out = self.x.shape[0], ffn.w2_stored.shape[1]
         y_sum, y_sq = np.zeros(d_out), 0.0
         for rows in self._blocks():
-            y = self._times_w2(reference.gelu(self.z[rows], ffn.gelu.form))
+            y = ffn.times_w2(reference.gelu(self.z[rows], ffn.gelu.form))
             if ffn.b2 is not None:
                 y += ffn.b2
             y_sum += y.sum(axis=0)
@@ -409,10 +409,6 @@ class FfnTokens:
     def _blocks(self) -> Iterator[slice]:
         step = max(1, (1 << 22) // max(self.ffn.hidden, 1))
         return (slice(start, start + step) for start in range(0, self.x.shape[0], step))
-
-    def _times_w2(self, a: np.ndarray) -> np.ndarray:
-        """``a·W2`` in the FFN's precision (a float64 ``a`` against float32 weights would convert W2 each time)."""
-        return np.asarray(a, dtype=self.ffn.precision) @ self.ffn.w2
 
     def target(self, lines: reference.NeuronLines) -> tuple[np.ndarray, int]:
         """What the fold must output under the windows ``lines`` (the true output minus the exact fallback
@@ -424,7 +420,7 @@ class FfnTokens:
             outside = reference.outside_window(z, lines)
             outliers += int(outside.sum())
             line = lines.slope * z + lines.intercept
-            target[rows] = self._times_w2(np.where(outside, line, reference.gelu(z, ffn.gelu.form)))
+            target[rows] = ffn.times_w2(np.where(outside, line, reference.gelu(z, ffn.gelu.form)))
         if ffn.b2 is not None:
             target += ffn.b2
         return target, outliers
@@ -446,7 +442,7 @@ class FfnTokens:
             outside = reference.outside_window(z, lines)
             outliers += int(outside.sum())
             miss = np.where(outside, 0.0, lines.slope * z + lines.intercept - reference.gelu(z, ffn.gelu.form))
-            error += float(np.square(self._times_w2(miss)).sum())
+            error += float(np.square(ffn.times_w2(miss)).sum())
         return (self._relative(error) if self.x.shape[0] else math.nan), outliers
 
     def _relative(self, error: float) -> float:

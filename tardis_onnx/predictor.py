@@ -84,8 +84,9 @@ class Predictor:
         return self.bytes_per_token(d, h, itemsize, self.rank)
 
     def prepare(self, w1: np.ndarray) -> np.ndarray | None:
-        """What :meth:`predict` multiplies by, made from ``w1`` (float64): W1 as the predictor reads it
-        (quantized and dequantized), made once per FFN when given to :meth:`predict` as ``weights``."""
+        """What :meth:`predict` multiplies by: W1 as the predictor reads it (``w1`` itself, in the FFN's precision;
+        a quantized predictor's own copy, dequantized), made once per FFN when given to :meth:`predict` as
+        ``weights``."""
         return w1
 
     def _z(self, x: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
@@ -96,7 +97,7 @@ class Predictor:
     ) -> np.ndarray:
         """``z_hat`` in float64 (float32 from a quantized predictor without ``b1``): the reference for the emitted
         graph; ``weights``: :meth:`prepare`'s, when made."""
-        weights = self.prepare(np.asarray(w1, dtype=np.float64)) if weights is None else weights
+        weights = self.prepare(np.asarray(w1)) if weights is None else weights
         z = self._z(np.asarray(x, dtype=np.float64), weights)
         return z if b1 is None else z + b1
 
@@ -572,21 +573,16 @@ def predicted_residual_errors(
     the pre-activations ``x·W1 + b1`` and the prediction when known)."""
     x = np.asarray(x, dtype=np.float64)
     form = ffn.gelu.form
-    w2 = ffn.w2
-
-    def times_w2(a):  # in the FFN's precision
-        return np.asarray(a, dtype=w2.dtype) @ w2
-
     z = x @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1) if z is None else z
-    y = times_w2(gelu(z, form)) + (0.0 if ffn.b2 is None else ffn.b2)
-    wf, bf = fold if fold is not None else fold_weights(ffn.w1, ffn.b1, w2, ffn.b2, lines)
+    y = ffn.times_w2(gelu(z, form)) + (0.0 if ffn.b2 is None else ffn.b2)
+    wf, bf = fold if fold is not None else fold_weights(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
     z_hat = predictor.predict(x, ffn.w1, ffn.b1) if z_hat is None else z_hat
     flagged = outside_window(z_hat, flags, margin)
     base = x @ wf + bf
     spread = max(float(np.square(y - y.mean(axis=0)).sum()), 1e-300)
     errors = []
     for pre in (z, z_hat):
-        y_hat = base + times_w2(np.where(flagged, residual(pre, lines, form), 0.0))
+        y_hat = base + ffn.times_w2(np.where(flagged, residual(pre, lines, form), 0.0))
         errors.append(float(np.square(y_hat - y).sum()) / spread)
     return errors[0], errors[1]
 
