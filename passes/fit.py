@@ -46,20 +46,23 @@ def fit_ffns(
             raise ValueError(f"calibration samples for {sample.name!r} given for FFN {ffn.name!r}")
     classes = predictor_candidates(config.predictor, standard_only)
     budgets = fallback_budgets(ffns, config)
-    parts = [s.split(config.holdout, config.seed) for s in samples]
     large = is_large(ffns)
+
+    def parts(i: int):  # split when needed: a large model's copies exist for the FFN being fitted only
+        return samples[i].split(config.holdout, config.seed)
+
     planned = None
     if config.allocation == "global":  # one multiplier over every FFN: all windows planned before any is chosen
 
         def plan(i):
-            windows = plan_windows(ffns[i], parts[i][0], budgets[i], config)
+            windows = plan_windows(ffns[i], parts(i)[0], budgets[i], config)
             ffns[i].release()  # its weight copies, read again when it is fitted
             return windows
 
         planned = window_candidates(map_ffns(plan, range(len(ffns)), 1 if large else None), ffns, budgets, config)
 
     def fit(i: int) -> FittedFfn:
-        ffn, (fit_samples, held_samples) = ffns[i], parts[i]
+        ffn, (fit_samples, held_samples) = ffns[i], parts(i)
         fit_tokens = FfnTokens(ffn, fit_samples.x)
         held_tokens = None if held_samples is None else FfnTokens(ffn, held_samples.x)
         if planned is None:
@@ -82,6 +85,7 @@ def fit_ffns(
             fold=calibration.fold,
             z_fit=fit_tokens.z,
             z_check=check.z,
+            y_check=check.y,
         )
         return FittedFfn(ffn, calibration, samples[i], choices)
 

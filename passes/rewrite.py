@@ -12,23 +12,39 @@ from tardis_onnx.errors import TardisError, first_line, is_onnxruntime_error
 from tardis_onnx.passes.fit import FittedFfn
 from tardis_onnx.predictor import PredictorChoice
 from tardis_onnx.report import FfnReport, speedup_text
-from tardis_onnx.speed import RewriteFailed, SpeedCheck, check_ffn, shape_name
+from tardis_onnx.speed import (
+    RewriteFailed,
+    SpeedCheck,
+    TimedRewrite,
+    TimingCache,
+    check_ffn,
+    shape_name,
+    timing_key,
+)
 
 
 def emit_fastest(
-    fitted: FittedFfn, form: FallbackForm, opset: int, timing: bool, config: TardisConfig, warnings: list[str]
+    fitted: FittedFfn,
+    form: FallbackForm,
+    opset: int,
+    timing: bool,
+    config: TardisConfig,
+    warnings: list[str],
+    timings: TimingCache | None = None,
 ) -> tuple[PredictorChoice, list[onnx.NodeProto], list[onnx.TensorProto], FfnReport]:
     """The chosen predictor, the rewrite's nodes and initializers, and its report row (:func:`_fold_fastest`);
-    ``timing``: run the never-slower check."""
+    ``timing``: run the never-slower check; ``timings``: the run's earlier checks, reused where clear."""
     ffn, result = fitted.ffn, fitted.calibration
 
     def emit(c):
         return emit_ffn(ffn, c.flags, form, opset, config.margin, result.coverage, c.predictor, fold=result.fold)
 
-    return _fold_fastest(ffn, result, fitted.candidates, fitted.samples.x, timing, emit, config, warnings)
+    return _fold_fastest(ffn, result, fitted.candidates, fitted.samples.x, timing, emit, config, warnings, timings)
 
 
-def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: TardisConfig, warnings: list[str]):
+def _fold_fastest(
+    ffn, result, candidates, x, timing: bool, emit, config: TardisConfig, warnings: list[str], timings=None
+):
     """The first predictor choice (cheapest first) whose rewrite is not slower than the original at any
     serving shape, with its nodes, initializers and report row. Untimed: the cheapest. Where none pays:
     the one closest to paying, without nodes, its row marked kept (the original FFN stays)."""
@@ -38,8 +54,15 @@ def _fold_fastest(ffn, result, candidates, x, timing: bool, emit, config: Tardis
         row = FfnReport.of(
             ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall, config.quantize
         )
+        key = timing_key(ffn, choice.predictor.kind, nodes, config.shapes, config.quantize)
+        reused = timings.lookup(key, choice.flagged_fraction) if timing and timings is not None else None
         try:
-            check = _check_speed(ffn, nodes, initializers, x, config, warnings) if timing else None
+            if reused is not None:
+                check, row.timing_of = reused.check, reused.ffn
+            else:
+                check = _check_speed(ffn, nodes, initializers, x, config, warnings) if timing else None
+                if check is not None and timings is not None:
+                    timings.add(key, TimedRewrite(ffn.name, choice.flagged_fraction, check))
         except RewriteFailed as exc:
             warnings.append(
                 f"{ffn.name}: ONNX Runtime cannot run the rewrite with the {choice.predictor.kind} predictor ({exc})"

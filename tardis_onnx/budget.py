@@ -19,6 +19,7 @@ calibration outlier fraction of coverage ``t`` is exactly ``1 − k/n``. GELU an
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,8 +63,11 @@ def candidate_table(z: np.ndarray, grid: tuple[float, ...], form: str, window: s
     return candidate_tables(z, [(tuple(grid), window)], form)[0]
 
 
-def candidate_tables(z: np.ndarray, specs: list[tuple[tuple[float, ...], str]], form: str) -> list[CandidateTable]:
-    """:func:`candidate_table` for each ``(grid, window)`` of ``specs``, from one sort of each block of columns."""
+def candidate_tables(
+    z: np.ndarray, specs: list[tuple[tuple[float, ...], str]], form: str, threads: int = 1
+) -> list[CandidateTable]:
+    """:func:`candidate_table` for each ``(grid, window)`` of ``specs``, from one sort of each block of columns;
+    ``threads`` blocks at once (numpy releases the GIL; each block its own memory)."""
     for _, window in specs:
         if window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
@@ -74,8 +78,9 @@ def candidate_tables(z: np.ndarray, specs: list[tuple[tuple[float, ...], str]], 
         raise ValueError("no calibration samples")
     grids = [np.asarray(grid, dtype=np.float64) for grid, _ in specs]
     arrays = [[np.empty((grid.size, h)) for _ in range(5)] for grid in grids]  # lo, hi, slope, intercept, sse
-    for cols in reference.column_blocks(n, h):
-        s = np.sort(np.asarray(z[:, cols], dtype=np.float64), axis=0)
+
+    def fill(cols: np.ndarray) -> None:  # the columns ``cols`` of every table
+        s = np.sort(z[:, cols], axis=0).astype(np.float64, copy=False)  # sorted as stored: the same order
         shift_z = s.mean(axis=0)
         g = reference.gelu(s, form)
         shift_g = g.mean(axis=0)
@@ -106,6 +111,14 @@ def candidate_tables(z: np.ndarray, specs: list[tuple[tuple[float, ...], str]], 
                 slope[gi, cols] = a
                 intercept[gi, cols] = c
                 sse[gi, cols] = err / n
+
+    blocks = reference.column_blocks(n, h)
+    if threads > 1 and len(blocks) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(fill, blocks))
+    else:
+        for cols in blocks:
+            fill(cols)
     return [
         CandidateTable(grid, *table, np.array([1.0 - window_size(n, t) / n for t in grid]))
         for grid, table in zip(grids, arrays, strict=True)

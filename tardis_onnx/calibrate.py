@@ -13,9 +13,11 @@ equal the exact reference.
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,6 +27,7 @@ from tardis_onnx.config import TardisConfig
 from tardis_onnx.contract import ffn_tensor
 from tardis_onnx.errors import TardisError, env_int
 from tardis_onnx.feeds import Feeds
+from tardis_onnx.io import release
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.session import create_session, run_session
 from tardis_onnx.subgraphs import expose
@@ -63,9 +66,10 @@ class Calibration:
 
 class SampleReservoir:
     """A uniform random subsample of at most ``capacity`` rows from a stream (memory ``capacity × (4·width + 8)``;
-    ``2·width + 8`` for float16 rows, kept as they are: lossless)."""
+    ``2·width + 8`` for float16 rows, kept as they are: lossless). With ``spill``, the rows go to that file
+    instead of memory (8 bytes a row stay: the keys): a large model's reservoirs; :meth:`kept` maps them back."""
 
-    def __init__(self, capacity: int, seed: int = 0, dtype: np.dtype = np.float32) -> None:
+    def __init__(self, capacity: int, seed: int = 0, dtype: np.dtype = np.float32, spill: Path | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"reservoir capacity must be >= 1, got {capacity}")
         self.capacity = capacity
@@ -74,11 +78,15 @@ class SampleReservoir:
         self.rows: np.ndarray | None = None
         self.keys = np.empty(0)
         self.seen = 0
+        self.spill, self.width = spill, None
 
     def add(self, rows: np.ndarray) -> None:
         self.seen += rows.shape[0]
         keys = self.rng.random(rows.shape[0])
         rows = rows.astype(self.dtype)
+        if self.spill is not None:
+            self._append(rows, keys)
+            return
         if self.rows is not None:
             rows = np.concatenate([self.rows, rows])
             keys = np.concatenate([self.keys, keys])
@@ -87,14 +95,43 @@ class SampleReservoir:
             rows, keys = rows[keep], keys[keep]
         self.rows, self.keys = rows, keys
 
+    def _append(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        """Rows appended to the spill file; past twice the capacity, the file keeps the ``capacity`` least keys
+        (which rows a reservoir keeps does not depend on when it drops the others)."""
+        self.width = rows.shape[1]
+        with open(self.spill, "ab") as file:
+            file.write(np.ascontiguousarray(rows).tobytes())
+        self.keys = np.concatenate([self.keys, keys])
+        if self.keys.size >= 2 * self.capacity:
+            self._drop_extra()
+
+    def _drop_extra(self) -> None:
+        keep = np.sort(np.argpartition(self.keys, self.capacity - 1)[: self.capacity])
+        staged = self.spill.with_suffix(".kept")
+        np.asarray(self._mapped()[keep]).tofile(staged)
+        staged.replace(self.spill)
+        self.keys = self.keys[keep]
+
+    def _mapped(self) -> np.ndarray:
+        return np.memmap(self.spill, dtype=self.dtype, mode="r", shape=(self.keys.size, self.width))
+
+    def kept(self) -> np.ndarray | None:
+        """The rows kept, in stream order (memory-mapped from the spill file when spilled); None before any."""
+        if self.spill is None or self.keys.size == 0:
+            return self.rows
+        if self.keys.size > self.capacity:
+            self._drop_extra()
+        return self._mapped()
+
     @property
     def nbytes(self) -> int:
         return (0 if self.rows is None else self.rows.nbytes) + self.keys.nbytes
 
     def samples(self) -> np.ndarray:
-        if self.rows is None:
+        rows = self.kept()
+        if rows is None:
             raise ValueError("no calibration samples were captured")
-        return self.rows.astype(np.float64)
+        return rows.astype(np.float64)
 
 
 @dataclass
@@ -109,6 +146,13 @@ class FfnSamples:
     x: np.ndarray
     seen: int
     tables: dict = field(default_factory=dict)
+    store: object = None  # what ``x`` is mapped from, kept while it is (a large model's spilled reservoir)
+
+    def release(self) -> None:
+        """Drop the fit and held-out copies (:meth:`split`) and ``x``'s mapped pages: a large FFN, once folded."""
+        for key in [k for k in self.tables if k[0] == "split"]:
+            del self.tables[key]
+        release(self.x)
 
     def split(self, holdout: float, seed: int = 0) -> tuple[FfnSamples, FfnSamples | None]:
         """The fit tokens and the held-out ones (a random ``holdout`` fraction; None when that is no
@@ -142,12 +186,13 @@ class FfnSamples:
     ) -> list[budget.CandidateTable]:
         """The candidate windows of every neuron (:func:`budget.candidate_table`) for each ``(grid, window)`` of
         ``specs``, cached; those not cached made from one sort of ``z``, the kept tokens' pre-activations when
-        known (else computed a block of neurons at a time)."""
+        known (else computed a block of neurons at a time); a large FFN's (fitted alone) on every thread."""
         keys = [(tuple(grid), ffn.gelu.form, window) for grid, window in specs]
         missing = [(key[0], key[2]) for key in dict.fromkeys(keys) if key not in self.tables]
         if missing:
             source = self.lazy_preactivations(ffn) if z is None else z
-            made = budget.candidate_tables(source, missing, ffn.gelu.form)
+            threads = env_int("TARDIS_THREADS", 2) if ffn.large else 1
+            made = budget.candidate_tables(source, missing, ffn.gelu.form, threads)
             for (grid, window), table in zip(missing, made, strict=True):
                 self.tables[(grid, ffn.gelu.form, window)] = table
         return [self.tables[key] for key in keys]
@@ -227,7 +272,12 @@ def capture_ffn_inputs(
     names = sorted({name for source in sources for name in source} - graph_inputs)
     session = create_session(probe, weights_dir=weights_dir)
     stats = stats if stats is not None else CaptureStats()
-    reservoirs = [SampleReservoir(max_samples, seed + i, _row_dtype(f)) for i, f in enumerate(ffns)]
+    # A large model's reservoirs (32 × 4,096 tokens × 4,544 fp16 at 7B: 1.2 GB) go to files, not memory.
+    store = tempfile.TemporaryDirectory(prefix="tardis-calibration-") if is_large(ffns) else None
+    reservoirs = [
+        SampleReservoir(max_samples, seed + i, _row_dtype(f), None if store is None else Path(store.name) / f"{i}.bin")
+        for i, f in enumerate(ffns)
+    ]
     for batch in iterate_feeds(feeds):
         if not isinstance(batch, dict):
             raise TardisError(
@@ -258,13 +308,14 @@ def capture_ffn_inputs(
             progress(1)
     if stats.batches == 0:
         raise TardisError("the calibration data holds no batch")
-    for ffn, reservoir in zip(ffns, reservoirs, strict=True):
-        if reservoir.rows is None or reservoir.rows.shape[0] == 0:
+    kept = [r.kept() for r in reservoirs]
+    for ffn, rows in zip(ffns, kept, strict=True):
+        if rows is None or rows.shape[0] == 0:
             why = (
                 "all non-finite" if stats.skipped_tokens else "its subgraph never ran?" if ffn.scope else "all padding?"
             )
             raise TardisError(f"no calibration token reached FFN {ffn.name} ({why})")
-    return [FfnSamples(f.name, r.rows, r.seen) for f, r in zip(ffns, reservoirs, strict=True)]
+    return [FfnSamples(f.name, x, r.seen, store=store) for f, x, r in zip(ffns, kept, reservoirs, strict=True)]
 
 
 def _row_dtype(ffn: FfnMatch) -> np.dtype:
@@ -388,7 +439,7 @@ def map_ffns(function, items: list, threads: int | None = None) -> list:
 class FfnTokens:
     """One FFN's tokens in its precision (float64; float32 for a large FFN), with what every candidate's fold is
     measured against: the pre-activations ``z = x·W1 + b1`` (computed once, ``n × h``, shared with the windows
-    and the predictors) and the true output's spread ``Σ‖y − ȳ‖²``."""
+    and the predictors), the true outputs ``y`` and their spread ``Σ‖y − ȳ‖²``."""
 
     def __init__(self, ffn: FfnMatch, x: np.ndarray) -> None:
         self.ffn = ffn
@@ -397,14 +448,24 @@ class FfnTokens:
         if ffn.b1 is not None:
             self.z += ffn.b1
         n, d_out = self.x.shape[0], ffn.w2_stored.shape[1]
+        self.y = np.empty((n, d_out), dtype=ffn.precision)  # the true outputs
         y_sum, y_sq = np.zeros(d_out), 0.0
         for rows in self._blocks():
-            y = ffn.times_w2(reference.gelu(self.z[rows], ffn.gelu.form))
+            y = ffn.times_w2(self._gelu(self.z[rows]))
             if ffn.b2 is not None:
                 y += ffn.b2
+            self.y[rows] = y
             y_sum += y.sum(axis=0)
             y_sq += float((y * y).sum())
         self.spread = y_sq - float((y_sum * y_sum).sum()) / n if n else 0.0
+
+    def _gelu(self, z: np.ndarray) -> np.ndarray:
+        return reference.gelu(z, self.ffn.gelu.form, self.ffn.precision)
+
+    def _line(self, z: np.ndarray, lines: reference.NeuronLines) -> np.ndarray:
+        """``a·z + c`` in the FFN's precision."""
+        precision = self.ffn.precision
+        return lines.slope.astype(precision, copy=False) * z + lines.intercept.astype(precision, copy=False)
 
     def _blocks(self) -> Iterator[slice]:
         step = max(1, (1 << 22) // max(self.ffn.hidden, 1))
@@ -419,8 +480,7 @@ class FfnTokens:
             z = self.z[rows]
             outside = reference.outside_window(z, lines)
             outliers += int(outside.sum())
-            line = lines.slope * z + lines.intercept
-            target[rows] = ffn.times_w2(np.where(outside, line, reference.gelu(z, ffn.gelu.form)))
+            target[rows] = ffn.times_w2(np.where(outside, self._line(z, lines), self._gelu(z)))
         if ffn.b2 is not None:
             target += ffn.b2
         return target, outliers
@@ -432,6 +492,11 @@ class FfnTokens:
             return math.nan
         return self._relative(float(np.square(output - target).sum()))
 
+    def output(self, fold: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """A fold's output ``x·Wf + bf`` on these tokens, in the FFN's precision."""
+        wf, bf = fold
+        return self.x @ wf.astype(self.ffn.precision, copy=False) + bf
+
     def fold_error(self, lines: reference.NeuronLines) -> tuple[float, int]:
         """:meth:`error` of the plain fold of ``lines`` and how many pre-activations fall outside, without
         folding: that fold outputs ``line(z)·W2 + b2``, so it misses the target by ``(line(z) − GELU(z))·W2``
@@ -441,7 +506,7 @@ class FfnTokens:
             z = self.z[rows]
             outside = reference.outside_window(z, lines)
             outliers += int(outside.sum())
-            miss = np.where(outside, 0.0, lines.slope * z + lines.intercept - reference.gelu(z, ffn.gelu.form))
+            miss = np.where(outside, 0.0, self._line(z, lines) - self._gelu(z))
             error += float(np.square(ffn.times_w2(miss)).sum())
         return (self._relative(error) if self.x.shape[0] else math.nan), outliers
 
@@ -470,8 +535,12 @@ def fold_best(
         for ridge in (None, *ridges):
             if heldout is None:
                 held = math.nan
-            elif ridge is None:
-                held = heldout.fold_error(candidate.lines)[0]
+            elif ridge is None:  # from the plain fold where it is formed (n·d² operations), else without it (n·h·d)
+                held = (
+                    heldout.fold_error(candidate.lines)[0]
+                    if plain is None
+                    else heldout.error(held_target, heldout.output(plain))
+                )
             else:
                 held = heldout.error(held_target, refit.predict(heldout.x, ridge))
             recipe = candidate.recipe + ("" if ridge is None else "+refit")
@@ -485,11 +554,11 @@ def fold_best(
         wf, bf = plain if plain is not None else reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)
     if not (np.isfinite(wf).all() and np.isfinite(bf).all()):
         raise TardisError(f"FFN {ffn.name}: the folded weights are not finite (non-finite weights or calibration?)")
-    if ridge is None:
+    if fit_target is None:
         fit_error, outliers = fit.fold_error(candidate.lines)
     else:
         outliers = int(reference.outside_window(fit.z, candidate.lines).sum())
-        fit_error = fit.error(fit_target, fit.x @ wf + bf)
+        fit_error = fit.error(fit_target, fit.output((wf, bf)))
     tokens = fit.x.shape[0]
     return Calibration(
         lines=candidate.lines,

@@ -44,7 +44,7 @@ from tardis_onnx.passes.rewrite import emit_fastest, kept_warning
 from tardis_onnx.predictor import Predictor
 from tardis_onnx.quantize import QUANTIZE_CHOICES
 from tardis_onnx.report import FfnReport, print_report
-from tardis_onnx.speed import parse_shapes, shape_name
+from tardis_onnx.speed import TimingCache, parse_shapes, shape_name
 from tardis_onnx.stages import Stages, peak_rss_mib, progress_bar
 
 
@@ -129,18 +129,21 @@ def optimize_model(
     warnings = captured.warnings + refit_warnings(config, ffns, captured.samples)
     timing = config.speed_check and bool(config.shapes)
     fitted = fit_ffns(ffns, captured.samples, config, form.standard_only)
+    timings = TimingCache()
     replacements, rows, windows, predictors, flag_lines = [], [], [], [], []
     with progress_bar(progress, "folding", len(ffns), "FFN") as bar:
         for ffn in ffns:
             with stages("fit"):
                 fit = next(fitted)
             with stages("emit"):
-                choice, nodes, initializers, row = emit_fastest(fit, form, opset, timing, config, warnings)
+                choice, nodes, initializers, row = emit_fastest(fit, form, opset, timing, config, warnings, timings)
                 if not row.kept_original:
                     replacements += ffn.rewrite(nodes, initializers)
                     for tensor in initializers if weights is not None else ():
                         weights.add(tensor)  # out of memory, into the output's external data
                 ffn.release()
+                if ffn.large:
+                    fit.samples.release()
             windows.append(fit.calibration.lines)
             predictors.append(choice.predictor)
             flag_lines.append(choice.flags)

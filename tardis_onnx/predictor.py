@@ -567,14 +567,16 @@ def predicted_residual_errors(
     margin: float = 0.0,
     z: np.ndarray | None = None,
     z_hat: np.ndarray | None = None,
+    y: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """On tokens ``x``: the rewritten FFN's error ``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` with the neurons the predictor
-    flags getting their exact residual, and with their residual taken from the prediction (``z``, ``z_hat``:
-    the pre-activations ``x·W1 + b1`` and the prediction when known)."""
+    flags getting their exact residual, and with their residual taken from the prediction (``z``, ``z_hat``,
+    ``y``: the pre-activations ``x·W1 + b1``, the prediction and the true outputs when known). Residuals in the
+    FFN's precision."""
     x = np.asarray(x, dtype=np.float64)
-    form = ffn.gelu.form
+    form, precision = ffn.gelu.form, ffn.precision
     z = x @ ffn.w1 + (0.0 if ffn.b1 is None else ffn.b1) if z is None else z
-    y = ffn.times_w2(gelu(z, form)) + (0.0 if ffn.b2 is None else ffn.b2)
+    y = ffn.times_w2(gelu(z, form, precision)) + (0.0 if ffn.b2 is None else ffn.b2) if y is None else y
     wf, bf = fold if fold is not None else fold_weights(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
     z_hat = predictor.predict(x, ffn.w1, ffn.b1) if z_hat is None else z_hat
     flagged = outside_window(z_hat, flags, margin)
@@ -582,7 +584,7 @@ def predicted_residual_errors(
     spread = max(float(np.square(y - y.mean(axis=0)).sum()), 1e-300)
     errors = []
     for pre in (z, z_hat):
-        y_hat = base + ffn.times_w2(np.where(flagged, residual(pre, lines, form), 0.0))
+        y_hat = base + ffn.times_w2(np.where(flagged, residual(pre, lines, form, precision), 0.0))
         errors.append(float(np.square(y_hat - y).sum()) / spread)
     return errors[0], errors[1]
 
@@ -612,13 +614,15 @@ def rank_predictors(
     fold: tuple[np.ndarray, np.ndarray] | None = None,
     z_fit: np.ndarray | None = None,
     z_check: np.ndarray | None = None,
+    y_check: np.ndarray | None = None,
 ) -> list[PredictorChoice]:
     """The predictor ``classes`` fitted on ``fit_x`` and measured on ``check_x``, best first: those with
     recall ≥ ``min_recall`` (or, when none has it, those with the best recall) by bytes read per token;
     ``optimize`` takes the first, or with its never-slower check the first whose rewrite runs no slower.
     A predictor the residuals are taken from (int8) is left out where that raises the FFN's error on
     ``check_x`` by more than ``MAX_PREDICTED_RESIDUAL_ERROR`` (``fold``: the folded map, default the plain fold).
-    ``z_fit``, ``z_check``: the pre-activations ``x·W1 + b1`` of the two token sets, when known."""
+    ``z_fit``, ``z_check``: the pre-activations ``x·W1 + b1`` of the two token sets, when known; ``y_check``: the
+    true outputs of the check tokens, when known."""
     d, h = ffn.w1_stored.shape
     item = np.dtype(ffn.dtype).itemsize
     bias = 0.0 if ffn.b1 is None else ffn.b1
@@ -633,7 +637,16 @@ def rank_predictors(
         flags = flag_windows(lines, (z_hat_fit - z_fit).std(axis=0), uncertainty)
         if predictor.residual_from_prediction and len(classes) > 1:  # asked for alone: taken as it is
             exact, predicted = predicted_residual_errors(
-                predictor, ffn, check_x[:4096], lines, flags, fold, margin, z_check[:4096], z_hat_check[:4096]
+                predictor,
+                ffn,
+                check_x[:4096],
+                lines,
+                flags,
+                fold,
+                margin,
+                z_check[:4096],
+                z_hat_check[:4096],
+                None if y_check is None else y_check[:4096],
             )
             if predicted > MAX_PREDICTED_RESIDUAL_ERROR * exact + 1e-9:
                 continue

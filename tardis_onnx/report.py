@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from tardis_onnx.predictor import Predictor
+from tardis_onnx.speed import CLEAR_MARGIN
 from tardis_onnx.tables import text_table
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class FfnReport:
         on this machine (empty when not timed).
     kept_original: the rewrite ran slower at some shape, so the original FFN stays in the model (its
         bytes are then counted as dense, its predictor as nothing).
+    timing_of: the FFN whose timing (``speedups``) this one took, its twin in shapes, nodes and serving
+        shapes whose verdict was clear (:class:`tardis_onnx.speed.TimingCache`); None when timed itself.
     Flag rate and recall are measured on the held-out tokens when there are any.
     """
 
@@ -63,6 +66,7 @@ class FfnReport:
     recipe: str = "plain"
     speedups: dict[str, float] = field(default_factory=dict)
     kept_original: bool = False
+    timing_of: str | None = None
 
     def kept(self) -> FfnReport:
         """This row for an FFN left as it was: it reads and stores the dense weights."""
@@ -153,11 +157,12 @@ def speedup_text(speedup: float) -> str:
 
 
 def _speed(row: FfnReport) -> str:
-    """The least speedup over the serving shapes, and "kept" where the original stays."""
+    """The least speedup over the serving shapes, ``*`` where a twin FFN's timing stands for it, and "kept"
+    where the original stays."""
     if not row.speedups:
         return "-"
     shape, speedup = row.slowest()
-    return f"{speedup_text(speedup)} @{shape}" + (" kept" if row.kept_original else "")
+    return f"{speedup_text(speedup)} @{shape}" + ("*" if row.timing_of else "") + (" kept" if row.kept_original else "")
 
 
 def print_report(result, output: Path, report_path: Path) -> None:
@@ -202,6 +207,12 @@ def print_report(result, output: Path, report_path: Path) -> None:
         for r in result.ffns
     ]
     print("\n".join(text_table(header, rows)))
+    twins = sum(r.timing_of is not None for r in result.ffns)
+    if twins:
+        print(
+            f"* {twins} FFN(s) took the timing of a twin timed before them (same weight shapes, nodes and serving "
+            f"shapes; a verdict clear by {CLEAR_MARGIN}× at its flag rate)"
+        )
     for refusal in result.refusals:
         print(f"unchanged: {refusal.name}: {refusal.reason} [{refusal.rule}]")
     t = FfnReport.totals(result.ffns)

@@ -45,6 +45,13 @@ INPUTS_PER_SHAPE = 4
 TIMED_MULTIPLY_ADDS = 1 << 36
 SLICE_DECIDES = 1.25
 OPSET = 20  # the timing models' standard opset (Gelu is an op from 20)
+# An FFN whose rewrite is built like one already timed (weights of the same shapes and dtype, the same nodes,
+# the same serving shapes: the 32 layers of a 7B model) takes that timing's verdict where it was clear, as
+# TensorRT's timing cache does. A win by CLEAR_MARGIN at every shape holds for flag rates up to
+# ``speedup / CLEAR_MARGIN`` times the timed one's (the rewrite's time grows at most in proportion to the
+# flagged rows it reads); a loss by CLEAR_MARGIN at a shape holds for flag rates at least the timed one's.
+# Anything closer is timed.
+CLEAR_MARGIN = 1.25
 
 
 class RewriteFailed(RuntimeError):
@@ -93,6 +100,54 @@ class SpeedCheck:
     def pays(self) -> bool:
         """True when the rewrite is at least as fast as the original at every shape."""
         return not self.skipped and all(s >= 1.0 for s in self.speedups.values())
+
+
+@dataclass
+class TimedRewrite:
+    """One FFN's timing, kept for its twins: the FFN's name, its rewrite's flag rate and the check."""
+
+    ffn: str
+    flagged: float
+    check: SpeedCheck
+
+
+class TimingCache:
+    """The never-slower checks of one ``optimize`` run, looked up by what decides a rewrite's speed
+    (:func:`timing_key`); a clear verdict is reused (``CLEAR_MARGIN``), anything closer timed again."""
+
+    def __init__(self) -> None:
+        self._timed: dict[tuple, list[TimedRewrite]] = {}
+
+    def lookup(self, key: tuple, flagged: float) -> TimedRewrite | None:
+        """A timing whose verdict holds for a twin rewrite flagging ``flagged`` of its neurons, or None."""
+        for timed in self._timed.get(key, ()):
+            slowest = min(timed.check.speedups.values())
+            if timed.check.pays and slowest >= CLEAR_MARGIN and flagged * CLEAR_MARGIN <= timed.flagged * slowest:
+                return timed
+            if not timed.check.pays and slowest <= 1 / CLEAR_MARGIN and flagged >= timed.flagged:
+                return timed
+        return None
+
+    def add(self, key: tuple, timed: TimedRewrite) -> None:
+        self._timed.setdefault(key, []).append(timed)
+
+
+def timing_key(
+    ffn: FfnMatch, predictor: str, nodes: list[onnx.NodeProto], shapes: Sequence[tuple[int, int]], quantize: str
+) -> tuple:
+    """What two rewrites must share for one's timing to stand for the other's (flag rate aside)."""
+    return (
+        ffn.w1_stored.shape,
+        ffn.w2_stored.shape,
+        np.dtype(ffn.dtype).str,
+        ffn.b1 is None,
+        ffn.b2 is None,
+        ffn.gelu.form,
+        predictor,
+        tuple((n.domain, n.op_type) for n in nodes),
+        tuple(shapes),
+        quantize,
+    )
 
 
 def _io(name: str, dtype: np.dtype, d: int) -> onnx.ValueInfoProto:

@@ -1,6 +1,9 @@
 """Calibration statistics, budgets and the refit: vectorised math equals the scalar definitions,
 streaming capture equals the exact reference, budgets are met, the refit lowers calibration error."""
 
+import gc
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -61,6 +64,17 @@ def test_candidate_table_matches_the_reference_and_its_errors_are_in_window_sse(
             np.testing.assert_array_equal(getattr(one, field), getattr(alone, field))
 
 
+def test_candidate_tables_on_threads_and_from_float32_are_the_same_tables():
+    z = np.random.default_rng(4).standard_normal((1 << 12, 2500)).astype(np.float32)  # 3 blocks of columns
+    specs = [((0.8, 0.9), "narrowest"), ((0.9,), "least-error")]
+    assert len(reference.column_blocks(*z.shape)) == 3
+    alone = budget.candidate_tables(z.astype(np.float64), specs, "erf")
+    for threads in (1, 2):
+        for one, want in zip(budget.candidate_tables(z, specs, "erf", threads), alone, strict=True):
+            for field in ("grid", "lo", "hi", "slope", "intercept", "sse", "fraction"):
+                np.testing.assert_array_equal(getattr(one, field), getattr(want, field))
+
+
 def test_reservoir_is_bounded_and_keeps_everything_below_capacity():
     rng = np.random.default_rng(0)
     rows = [rng.standard_normal((37, 8)) for _ in range(10)]
@@ -73,6 +87,40 @@ def test_reservoir_is_bounded_and_keeps_everything_below_capacity():
     assert small.nbytes <= 50 * (4 * 8 + 8)
     stream = {tuple(r) for r in np.concatenate(rows).astype(np.float32)}
     assert all(tuple(r) in stream for r in small.rows)
+
+
+@pytest.mark.parametrize("capacity", [50, 120, 1000])  # dropping rows at 2x capacity and at the end; none
+def test_a_reservoir_spilled_to_a_file_keeps_the_rows_it_keeps_in_memory(tmp_path, capacity):
+    rng = np.random.default_rng(1)
+    rows = [rng.standard_normal((37, 8)).astype(np.float16) for _ in range(10)]
+    memory = SampleReservoir(capacity, seed=3, dtype=np.float16)
+    spilled = SampleReservoir(capacity, seed=3, dtype=np.float16, spill=tmp_path / "r.bin")
+    for r in rows:
+        memory.add(r)
+        spilled.add(r)
+        assert spilled.rows is None and spilled.keys.size < 2 * capacity  # in the file, not in memory
+    kept = spilled.kept()
+    assert isinstance(kept, np.memmap) and kept.dtype == np.float16 and spilled.seen == memory.seen == 370
+    np.testing.assert_array_equal(kept, memory.rows)
+    assert (tmp_path / "r.bin").stat().st_size == kept.nbytes and not (tmp_path / "r.kept").exists()
+
+
+def test_a_large_models_calibration_inputs_are_spilled_to_a_temporary_folder(monkeypatch):
+    model = ffn_model("erf_div")
+    feeds = [random_feeds(model, 2, 8, seed=i) for i in range(3)]
+    (small,) = capture_ffn_inputs(model, find_ffns(model)[0], feeds, max_samples=20)
+    monkeypatch.setattr("tardis_onnx.passes.ffn.LARGE_FFN_BYTES", 0)
+    ffns, _ = find_ffns(model)
+    (spilled,) = capture_ffn_inputs(model, ffns, feeds, max_samples=20)
+    folder = Path(spilled.store.name)
+    assert isinstance(spilled.x, np.memmap) and [p.name for p in folder.iterdir()] == ["0.bin"]
+    np.testing.assert_array_equal(spilled.x, small.x)
+    fit, held = spilled.split(0.2)
+    spilled.release()  # once folded: the split copies go, the file stays until the samples do
+    assert not spilled.tables and folder.is_dir()
+    del spilled, fit, held
+    gc.collect()
+    assert not folder.exists()
 
 
 def test_streaming_capture_equals_the_exact_preactivations():

@@ -17,6 +17,22 @@ def test_gelu_matches_torch(form, approximate):
 
 
 @pytest.mark.parametrize("form", reference.GELU_FORMS)
+def test_gelu_in_float32_where_asked_is_float64_to_float32_rounding(form):
+    z = np.linspace(-8, 8, 4001).astype(np.float32)
+    got = reference.gelu(z, form, np.float32)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, reference.gelu(z, form), rtol=1e-6, atol=1e-6)
+    lines = reference.NeuronLines(np.full(1, 0.4), np.full(1, 0.1), np.full(1, -1.0), np.full(1, 1.0))
+    residual = reference.residual(z[:, None], lines, form, np.float32)
+    assert residual.dtype == np.float32
+    np.testing.assert_allclose(residual, reference.residual(z[:, None], lines, form), rtol=1e-6, atol=1e-6)
+    # A float32 z is compared as float64 would be: the same outliers, bit for bit
+    np.testing.assert_array_equal(
+        reference.outside_window(z[:, None], lines), reference.outside_window(z[:, None].astype(np.float64), lines)
+    )
+
+
+@pytest.mark.parametrize("form", reference.GELU_FORMS)
 def test_gelu_derivative_matches_finite_difference(form):
     z, eps = np.linspace(-5, 5, 201), 1e-6
     numeric = (reference.gelu(z + eps, form) - reference.gelu(z - eps, form)) / (2 * eps)

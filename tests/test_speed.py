@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -174,6 +175,51 @@ def test_when_every_rewrite_is_slower_the_model_computes_as_before(monkeypatch, 
     report = json.loads((tmp_path / "m.tardis.json").read_text())
     assert report["config"]["speed_check"] is True and report["config"]["shapes"] == [[1, 32]]
     assert [r["kept_original"] for r in report["ffns"]] == [True, True]
+
+
+def test_a_twin_ffn_takes_a_clear_timing_and_the_table_says_so(monkeypatch, capsys):
+    timed = []
+
+    def check_ffn(ffn, nodes, initializers, x, shapes, measure=None, quantize="none"):
+        timed.append(ffn.name)
+        names = [speed.shape_name(s) for s in shapes]
+        return speed.SpeedCheck(dict.fromkeys(names, 1.0), dict.fromkeys(names, 0.1))  # 10x: clear
+
+    monkeypatch.setattr("tardis_onnx.passes.rewrite.check_ffn", check_ffn)
+    config = TardisConfig(coverage=0.9, speed_check=True, shapes=((1, 1), (1, 32)))
+    result = optimize_model(two_ffn_model(), config)
+    first, twin = result.ffns
+    assert timed == ["layer.0/mlp"] and first.timing_of is None and twin.timing_of == "layer.0/mlp"
+    assert twin.speedups == first.speedups and twin.predictor == first.predictor and not twin.kept_original
+    assert result.to_dict()["ffns"][1]["timing_of"] == "layer.0/mlp"
+    from tardis_onnx.report import print_report
+
+    print_report(result, Path("m.tardis.onnx"), Path("m.tardis.json"))
+    out = capsys.readouterr().out
+    assert "10.00× @1x1*" in out and "* 1 FFN(s) took the timing of a twin" in out
+
+
+def test_a_timing_stands_for_a_twin_only_where_its_verdict_is_clear():
+    cache, key = speed.TimingCache(), ("twin",)
+    names = ("1x1", "1x32")
+
+    def timing(slowest: float, flagged: float) -> speed.TimedRewrite:
+        return speed.TimedRewrite(
+            "a", flagged, speed.SpeedCheck(dict.fromkeys(names, 1.0), {"1x1": 0.1, "1x32": 1 / slowest})
+        )
+
+    cache.add(key, timing(1.5, 0.10))  # a clear win at 10% flagged: holds up to 0.10 · 1.5 / 1.25 = 12%
+    assert cache.lookup(key, 0.12).ffn == "a" and cache.lookup(key, 0.05) is not None
+    assert cache.lookup(key, 0.121) is None and cache.lookup(("other",), 0.05) is None
+    close = speed.TimingCache()
+    close.add(key, timing(1.2, 0.10))  # a win by less than the margin: timed again
+    assert close.lookup(key, 0.01) is None
+    lost = speed.TimingCache()
+    lost.add(key, timing(0.7, 0.10))  # a clear loss holds for as many flags or more
+    assert lost.lookup(key, 0.10) is not None and lost.lookup(key, 0.5) is not None and lost.lookup(key, 0.09) is None
+    near = speed.TimingCache()
+    near.add(key, timing(0.9, 0.10))
+    assert near.lookup(key, 0.5) is None
 
 
 def test_the_check_tries_the_next_predictor_when_the_cheapest_is_slower(monkeypatch):
