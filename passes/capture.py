@@ -10,7 +10,14 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
-from tardis_onnx.calibrate import CalibrationData, CaptureStats, FfnSamples, capture_ffn_inputs, reservoir_bytes
+from tardis_onnx.calibrate import (
+    CalibrationData,
+    CaptureStats,
+    FfnSamples,
+    capture_ffn_inputs,
+    is_large,
+    reservoir_bytes,
+)
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.feeds import random_feeds
 from tardis_onnx.passes.ffn import FfnMatch
@@ -77,8 +84,10 @@ def capture(
             )
             warnings.append(RANDOM_FEEDS_WARNING)
         if progress and sys.stderr.isatty():  # the bound is in the report too
+            where = " (in files in a temporary folder: a large model's)" if is_large(ffns) else ""
             tqdm.write(
-                f"calibration keeps at most {config.max_samples} tokens per FFN: {bound_mib:.0f} MiB", file=sys.stderr
+                f"calibration keeps at most {config.max_samples} tokens per FFN: {bound_mib:.0f} MiB{where}",
+                file=sys.stderr,
             )
         with stages("calibrate"), progress_bar(progress, "calibrating", _length(calibration), "batch") as bar:
             samples = capture_ffn_inputs(

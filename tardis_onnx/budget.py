@@ -223,52 +223,83 @@ def _bisect(costs, fractions, weights, budget, per_neuron=False):
     return choose(hi_lam)
 
 
-def gram_matrix(x: np.ndarray) -> np.ndarray:
-    """``[x 1]ᵀ[x 1]`` of the tokens ``x``."""
-    a = np.concatenate([np.asarray(x, dtype=np.float64), np.ones((x.shape[0], 1))], axis=1)
-    return a.T @ a
+def _design(x: np.ndarray) -> np.ndarray:
+    """``[x 1]`` in float64."""
+    return np.concatenate([np.asarray(x, dtype=np.float64), np.ones((x.shape[0], 1))], axis=1)
 
 
-def cross_terms(x: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """``[x 1]ᵀ·target`` of the tokens ``x``."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.concatenate([x.T @ target, target.sum(axis=0, keepdims=True)], axis=0)
+def token_products(x: np.ndarray) -> np.ndarray:
+    """What a :class:`Refit` on the tokens ``x`` needs whatever its target: the Gram matrix ``[x 1]ᵀ[x 1]``, or
+    with fewer tokens than unknowns (``n < d + 1``) the kernel ``[x 1][x 1]ᵀ`` (``n × n``)."""
+    a = _design(x)
+    return a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T
+
+
+def _solve_positive(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(system), rhs)
+    except np.linalg.LinAlgError:  # positive definite in exact arithmetic, not always in floating point
+        return np.linalg.solve(system, rhs)
 
 
 class Refit:
-    """Least-squares ``(Wf, bf)`` with ``x·Wf + bf ≈ target`` from :func:`gram_matrix` and :func:`cross_terms` sums.
+    """Least-squares ``(Wf, bf)`` with ``x·Wf + bf ≈ target``.
 
-    Solves ``min ‖[x 1]·B − target‖² + ρ‖B − B0‖²`` (``B0`` = the fold ``(wf, bf)``) with ``ρ = ridge · (d + 1) ·
-    mean x²``: the prior weighs as much as ``ridge · (d + 1)`` tokens, whatever the token count, so it matters
-    when tokens are few relative to the ``d + 1`` unknowns per output and fades when many.
+    Solves ``min ‖A·B − target‖² + ρ‖B − B0‖²`` (``A = [x 1]``, ``B0`` = the fold ``(wf, bf)``) with ``ρ = ridge ·
+    (d + 1) · mean x²``: the prior weighs as much as ``ridge · (d + 1)`` tokens, whatever the token count, so it
+    matters when tokens are few relative to the ``d + 1`` unknowns per output and fades when many. From the
+    Gram matrix (``products``: :func:`token_products`, shared by every candidate's refit), or with fewer tokens
+    than unknowns from the kernel: ``B = B0 + Aᵀ(AAᵀ + ρI)⁻¹(target − A·B0)``, the same solution from an
+    ``n × n`` system (a 7B FFN's 3,277 fit tokens against its 4,545 unknowns: half the work).
     """
 
-    def __init__(self, gram: np.ndarray, cross: np.ndarray, wf: np.ndarray, bf: np.ndarray) -> None:
-        self.gram, self.cross = gram, cross
+    def __init__(self, x: np.ndarray, products: np.ndarray, target: np.ndarray, wf: np.ndarray, bf: np.ndarray) -> None:
         self.b0 = np.concatenate([wf, bf[None, :]], axis=0)
-        tokens = max(float(gram[-1, -1]), 1.0)  # the bias column's sum of ones
-        self.mean_square = max(float(np.mean(np.diag(gram)[:-1])) / tokens, 1e-30)
+        self.unknowns = x.shape[1] + 1
+        self.dual = x.shape[0] < self.unknowns
+        self.products, self._held = products, None
+        if self.dual:
+            self.a = _design(x)
+            self.rhs = target - self.a @ self.b0
+            self.mean_square = max(float(np.mean(np.square(self.a[:, :-1]))), 1e-30)
+        else:
+            x = np.asarray(x, dtype=np.float64)
+            self.rhs = np.concatenate([x.T @ target, target.sum(axis=0, keepdims=True)], axis=0)
+            tokens = max(float(products[-1, -1]), 1.0)  # the bias column's sum of ones
+            self.mean_square = max(float(np.mean(np.diag(products)[:-1])) / tokens, 1e-30)
+
+    def _rho(self, ridge: float) -> float:
+        return ridge * self.unknowns * self.mean_square
 
     def _system(self, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-        rho = ridge * self.gram.shape[0] * self.mean_square
-        return self.gram + rho * np.eye(self.gram.shape[0]), self.cross + rho * self.b0
+        rho = self._rho(ridge)
+        return self.products + rho * np.eye(self.products.shape[0]), self.rhs + rho * self.b0
+
+    def _dual_solve(self, ridge: float, rhs: np.ndarray) -> np.ndarray:
+        """``(AAᵀ + ρI)⁻¹·rhs``."""
+        return _solve_positive(self.products + self._rho(ridge) * np.eye(self.products.shape[0]), rhs)
 
     def fold(self, ridge: float) -> tuple[np.ndarray, np.ndarray]:
         """The refitted ``(Wf, bf)``."""
-        system, rhs = self._system(ridge)
-        solution = np.linalg.solve(system, rhs)
+        if self.dual:
+            solution = self.b0 + self.a.T @ self._dual_solve(ridge, self.rhs)
+        else:
+            solution = np.linalg.solve(*self._system(ridge))
         return solution[:-1], solution[-1]
 
     def predict(self, x: np.ndarray, ridge: float) -> np.ndarray:
-        """``x·Wf + bf`` of :meth:`fold`'s solution. For fewer tokens than outputs, without forming it:
-        ``[x 1]·S⁻¹·rhs = (S⁻¹·[x 1]ᵀ)ᵀ·rhs`` (S symmetric) solves for the tokens instead of the outputs
-        (a 7B FFN's 819 held-out tokens against its 4,544 outputs: a third of the work)."""
+        """``x·Wf + bf`` of :meth:`fold`'s solution, without forming it where that is cheaper: for fewer tokens
+        than outputs, ``[x 1]·S⁻¹·rhs = (S⁻¹·[x 1]ᵀ)ᵀ·rhs`` (S symmetric) solves for the tokens instead of the
+        outputs (a 7B FFN's 819 held-out tokens against its 4,544 outputs: a third of the work); in the kernel
+        form ``[x 1]·B0 + ((AAᵀ + ρI)⁻¹·A·[x 1]ᵀ)ᵀ·(target − A·B0)``, its ridge-free parts kept for the next ridge."""
+        if self.dual:
+            if self._held is None or self._held[0] is not x:
+                a = _design(x)
+                self._held = (x, a @ self.b0, self.a @ a.T)
+            _, base, cross = self._held
+            return base + self._dual_solve(ridge, cross).T @ self.rhs
         system, rhs = self._system(ridge)
-        a = np.concatenate([np.asarray(x, dtype=np.float64), np.ones((x.shape[0], 1))], axis=1)
+        a = _design(x)
         if a.shape[0] >= rhs.shape[1]:
             return a @ np.linalg.solve(system, rhs)
-        try:
-            solved = scipy.linalg.cho_solve(scipy.linalg.cho_factor(system), a.T)
-        except np.linalg.LinAlgError:  # positive definite in exact arithmetic, not always in floating point
-            solved = np.linalg.solve(system, a.T)
-        return solved.T @ rhs
+        return _solve_positive(system, a.T).T @ rhs

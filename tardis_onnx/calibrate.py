@@ -3,9 +3,10 @@
 Memory bound (explicit, :func:`reservoir_bytes`): each FFN keeps a uniform reservoir of at most
 ``max_samples`` input rows ``x`` (float32, or float16 as an fp16 model computes them; ``d`` values each,
 plus an 8-byte sort key), so capture holds at most ``Σ_FFN max_samples · (4·d + 8)`` bytes however many
-tokens stream by. Storing ``x`` instead of ``z = x·W1 + b1`` is 4× smaller for ``h = 4d``: an FFN's ``z``
-(:class:`FfnTokens`; ``n × h`` in the FFN's precision: 0.3 GB in float32 at 4096 tokens of a 7B FFN) is
-computed when that FFN is fitted, once for its windows, folds and predictors.
+tokens stream by; a large model's reservoirs (:func:`is_large`) keep their rows in files in a temporary folder
+(``$TMPDIR``) instead, 8 bytes a row in memory. Storing ``x`` instead of ``z = x·W1 + b1`` is 4× smaller for
+``h = 4d``: an FFN's ``z`` (:class:`FfnTokens`; ``n × h`` in the FFN's precision: 0.3 GB in float32 at 4096
+tokens of a 7B FFN) is computed when that FFN is fitted, once for its windows, folds and predictors.
 With ``max_samples`` at least the number of calibration tokens every token is kept and the statistics
 equal the exact reference.
 """
@@ -519,7 +520,7 @@ def fold_best(
 ) -> Calibration:
     """Fold each candidate's windows (plainly, and refitted when asked) and keep the least held-out error;
     a plain fold is measured without being formed (:meth:`FfnTokens.fold_error`), and formed once, if kept."""
-    gram_fit = None
+    products = None  # the fit tokens' Gram matrix (or kernel), shared by every candidate's refit
     best = None  # (candidate, recipe, ridge, plain fold, refit, fit target, held-out error): only the best is kept
     for candidate in candidates:
         plain = refit = fit_target = held_target = None
@@ -529,8 +530,8 @@ def fold_best(
             ridges = REFIT_RIDGES if config.refit_ridge is None and heldout is not None else (chosen_ridge,)
             plain = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)  # the refit's prior
             fit_target = fit.target(candidate.lines)[0]
-            gram_fit = budget.gram_matrix(fit.x) if gram_fit is None else gram_fit
-            refit = budget.Refit(gram_fit, budget.cross_terms(fit.x, fit_target), *plain)  # formed once, if kept
+            products = budget.token_products(fit.x) if products is None else products
+            refit = budget.Refit(fit.x, products, fit_target, *plain)  # formed once, if kept
             held_target = None if heldout is None else heldout.target(candidate.lines)[0]
         for ridge in (None, *ridges):
             if heldout is None:

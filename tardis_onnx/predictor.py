@@ -42,8 +42,11 @@ INT2_BLOCK = 32
 INT2_SCALE_STEPS = np.linspace(0.25, 1.0, 16)
 # GPTQ's damping of the inputs' second-moment matrix, in units of its mean diagonal.
 INT2_DAMPING = 0.01
-# Tokens each predictor's error scale (the flag windows' narrowing) is measured on.
+# Tokens each predictor's error scale (the flag windows' narrowing) is measured on: the first ones; for a large
+# FFN (fitted in float32) as many, evenly spaced, as give each neuron's error spread within ~2% (at 7B: flag
+# rate 8.03% → 8.01%, recall 0.9977 → 0.9974 against all 3,277 fit tokens, and 8 s less per FFN).
 ERROR_SCALE_TOKENS = 8192
+ERROR_SCALE_TOKENS_LARGE = 1024
 # The low-rank fit takes an exact SVD up to this many rows or columns, a randomized one beyond.
 LOWRANK_EXACT_SVD = 1024
 # MatMulNBits computes with int8 activations (VNNI/AVX2 on CPU): ~3x faster than its fp32 dequantizing path
@@ -627,8 +630,9 @@ def rank_predictors(
     item = np.dtype(ffn.dtype).itemsize
     bias = 0.0 if ffn.b1 is None else ffn.b1
     # The exact pre-activations, computed once for all candidates (each is a tokens × d × h product).
-    error_x = np.asarray(fit_x[:ERROR_SCALE_TOKENS], dtype=np.float64)
-    z_fit = error_x @ ffn.w1 if z_fit is None else z_fit[:ERROR_SCALE_TOKENS] - np.asarray(bias, z_fit.dtype)
+    scale_rows = _error_scale_rows(fit_x.shape[0], getattr(ffn, "large", False))
+    error_x = np.asarray(fit_x[scale_rows], dtype=np.float64)
+    z_fit = error_x @ ffn.w1 if z_fit is None else z_fit[scale_rows] - np.asarray(bias, z_fit.dtype)
     z_check = np.asarray(check_x, dtype=np.float64) @ ffn.w1 + bias if z_check is None else z_check
     choices = []
     for cls in classes:
@@ -659,6 +663,13 @@ def rank_predictors(
         best_recall = max(c.recall for c in choices)
         good = [c for c in choices if c.recall >= best_recall - 1e-12]
     return sorted(good, key=lambda c: c.read_bytes)
+
+
+def _error_scale_rows(tokens: int, large: bool) -> slice:
+    """The fit tokens the error scale is measured on (``ERROR_SCALE_TOKENS``)."""
+    if not large:
+        return slice(0, ERROR_SCALE_TOKENS)
+    return slice(None, None, max(1, -(-tokens // ERROR_SCALE_TOKENS_LARGE)))
 
 
 def _predictions(predictor: Predictor, ffn, error_x: np.ndarray, z_fit: np.ndarray, check_x, z_check: np.ndarray):

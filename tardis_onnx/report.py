@@ -42,7 +42,7 @@ class FfnReport:
     kept_original: the rewrite ran slower at some shape, so the original FFN stays in the model (its
         bytes are then counted as dense, its predictor as nothing).
     timing_of: the FFN whose timing (``speedups``) this one took, its twin in shapes, nodes and serving
-        shapes whose verdict was clear (:class:`tardis_onnx.speed.TimingCache`); None when timed itself.
+        shapes whose verdict holds for it (:class:`tardis_onnx.speed.TimingCache`); None when timed itself.
     Flag rate and recall are measured on the held-out tokens when there are any.
     """
 
@@ -211,7 +211,7 @@ def print_report(result, output: Path, report_path: Path) -> None:
     if twins:
         print(
             f"* {twins} FFN(s) took the timing of a twin timed before them (same weight shapes, nodes and serving "
-            f"shapes; a verdict clear by {CLEAR_MARGIN}× at its flag rate)"
+            f"shapes; a loss, or a win by {CLEAR_MARGIN}× at its flag rate)"
         )
     for refusal in result.refusals:
         print(f"unchanged: {refusal.name}: {refusal.reason} [{refusal.rule}]")

@@ -46,11 +46,11 @@ TIMED_MULTIPLY_ADDS = 1 << 36
 SLICE_DECIDES = 1.25
 OPSET = 20  # the timing models' standard opset (Gelu is an op from 20)
 # An FFN whose rewrite is built like one already timed (weights of the same shapes and dtype, the same nodes,
-# the same serving shapes: the 32 layers of a 7B model) takes that timing's verdict where it was clear, as
-# TensorRT's timing cache does. A win by CLEAR_MARGIN at every shape holds for flag rates up to
-# ``speedup / CLEAR_MARGIN`` times the timed one's (the rewrite's time grows at most in proportion to the
-# flagged rows it reads); a loss by CLEAR_MARGIN at a shape holds for flag rates at least the timed one's.
-# Anything closer is timed.
+# the same serving shapes: the 32 layers of a 7B model) takes that timing's verdict where it holds, as
+# TensorRT's timing cache does. A rewrite's time grows with the flagged rows it reads, at most in proportion.
+# So a win by CLEAR_MARGIN at every shape holds for flag rates up to ``speedup / CLEAR_MARGIN`` times the timed
+# one's; a loss holds for flag rates at least the timed one's (taking a loss wrongly never makes a model
+# slower: the next candidate must pay on its own). A closer win is timed again.
 CLEAR_MARGIN = 1.25
 
 
@@ -113,7 +113,7 @@ class TimedRewrite:
 
 class TimingCache:
     """The never-slower checks of one ``optimize`` run, looked up by what decides a rewrite's speed
-    (:func:`timing_key`); a clear verdict is reused (``CLEAR_MARGIN``), anything closer timed again."""
+    (:func:`timing_key`); a loss or a clear win is reused (``CLEAR_MARGIN``), a closer win timed again."""
 
     def __init__(self) -> None:
         self._timed: dict[tuple, list[TimedRewrite]] = {}
@@ -124,7 +124,7 @@ class TimingCache:
             slowest = min(timed.check.speedups.values())
             if timed.check.pays and slowest >= CLEAR_MARGIN and flagged * CLEAR_MARGIN <= timed.flagged * slowest:
                 return timed
-            if not timed.check.pays and slowest <= 1 / CLEAR_MARGIN and flagged >= timed.flagged:
+            if not timed.check.pays and flagged >= timed.flagged:
                 return timed
         return None
 

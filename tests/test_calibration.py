@@ -75,6 +75,26 @@ def test_candidate_tables_on_threads_and_from_float32_are_the_same_tables():
                 np.testing.assert_array_equal(getattr(one, field), getattr(want, field))
 
 
+@pytest.mark.parametrize("tokens", [30, 80])  # fewer tokens than the 51 unknowns (the kernel form), and more
+def test_the_refit_solves_its_ridge_problem_in_either_form(tokens):
+    rng = np.random.default_rng(5)
+    d, d_out, ridge = 50, 7, 0.1
+    x, held = rng.standard_normal((tokens, d)), rng.standard_normal((9, d))
+    target, wf, bf = rng.standard_normal((tokens, d_out)), rng.standard_normal((d, d_out)), rng.standard_normal(d_out)
+    refit = budget.Refit(x, budget.token_products(x), target, wf, bf)
+    assert refit.dual == (tokens < d + 1)
+    a = np.concatenate([x, np.ones((tokens, 1))], axis=1)
+    b0 = np.concatenate([wf, bf[None, :]])
+    rho = ridge * (d + 1) * np.mean(x * x)
+    want = np.linalg.solve(a.T @ a + rho * np.eye(d + 1), a.T @ target + rho * b0)  # the normal equations
+    got_wf, got_bf = refit.fold(ridge)
+    np.testing.assert_allclose(np.concatenate([got_wf, got_bf[None, :]]), want, rtol=1e-9, atol=1e-10)
+    for r in (ridge, 1.0, ridge):  # the held-out tokens' products are kept across ridges
+        rho = r * (d + 1) * np.mean(x * x)
+        want = np.linalg.solve(a.T @ a + rho * np.eye(d + 1), a.T @ target + rho * b0)
+        np.testing.assert_allclose(refit.predict(held, r), held @ want[:-1] + want[-1], rtol=1e-9, atol=1e-10)
+
+
 def test_reservoir_is_bounded_and_keeps_everything_below_capacity():
     rng = np.random.default_rng(0)
     rows = [rng.standard_normal((37, 8)) for _ in range(10)]

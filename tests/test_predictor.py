@@ -7,6 +7,7 @@ import pytest
 from ffn_graphs import ffn_model
 from onnx import TensorProto, helper, numpy_helper
 
+from tardis_onnx import predictor as predictor_module
 from tardis_onnx import reference, runtime
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.feeds import random_feeds
@@ -326,3 +327,11 @@ def test_each_predictor_class_emits_what_its_reference_computes(kind):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     d, h = ffn.w1_stored.shape
     assert predictor.read_bytes(d, h, 4) == type(predictor).bytes_per_token(d, h, 4, predictor.rank) > 0
+
+
+def test_a_large_ffns_error_scale_is_measured_on_tokens_spread_over_the_fit_set():
+    rows = np.arange(3277)[predictor_module._error_scale_rows(3277, large=True)]
+    assert predictor_module.ERROR_SCALE_TOKENS_LARGE // 2 <= rows.size <= predictor_module.ERROR_SCALE_TOKENS_LARGE
+    assert rows[0] == 0 and rows[-1] >= 3277 - 4 and set(np.diff(rows)) == {4}
+    small = np.arange(10_000)[predictor_module._error_scale_rows(10_000, large=False)]
+    np.testing.assert_array_equal(small, np.arange(predictor_module.ERROR_SCALE_TOKENS))

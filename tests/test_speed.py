@@ -136,6 +136,8 @@ def _fake_timings(monkeypatch, slower: set[str], slow_ops: tuple[str, ...] = ())
 
 def test_an_ffn_slower_rewritten_stays_as_it_was(monkeypatch):
     timed = _fake_timings(monkeypatch, slower={"layer.0/mlp"})
+    # Slower by name, not by shape: the twin FFNs' timings must not stand for each other here.
+    monkeypatch.setattr(speed.TimingCache, "lookup", lambda self, key, flagged: None)
     original = two_ffn_model()
     feeds = random_feeds(original, seed=3)
     rewritten = two_ffn_model()
@@ -199,7 +201,7 @@ def test_a_twin_ffn_takes_a_clear_timing_and_the_table_says_so(monkeypatch, caps
     assert "10.00× @1x1*" in out and "* 1 FFN(s) took the timing of a twin" in out
 
 
-def test_a_timing_stands_for_a_twin_only_where_its_verdict_is_clear():
+def test_a_timing_stands_for_a_twin_where_its_verdict_holds():
     cache, key = speed.TimingCache(), ("twin",)
     names = ("1x1", "1x32")
 
@@ -215,11 +217,8 @@ def test_a_timing_stands_for_a_twin_only_where_its_verdict_is_clear():
     close.add(key, timing(1.2, 0.10))  # a win by less than the margin: timed again
     assert close.lookup(key, 0.01) is None
     lost = speed.TimingCache()
-    lost.add(key, timing(0.7, 0.10))  # a clear loss holds for as many flags or more
+    lost.add(key, timing(0.99, 0.10))  # a loss, however close, holds for as many flags or more
     assert lost.lookup(key, 0.10) is not None and lost.lookup(key, 0.5) is not None and lost.lookup(key, 0.09) is None
-    near = speed.TimingCache()
-    near.add(key, timing(0.9, 0.10))
-    assert near.lookup(key, 0.5) is None
 
 
 def test_the_check_tries_the_next_predictor_when_the_cheapest_is_slower(monkeypatch):
