@@ -33,7 +33,7 @@ def emit_fastest(
     timings: TimingCache | None = None,
 ) -> tuple[PredictorChoice, list[onnx.NodeProto], list[onnx.TensorProto], FfnReport]:
     """The chosen predictor, the rewrite's nodes and initializers, and its report row (:func:`_fold_fastest`);
-    ``timing``: run the never-slower check; ``timings``: the run's earlier checks, reused where clear."""
+    ``timing``: run the never-slower check; ``timings``: the run's earlier checks, reused where they hold."""
     ffn, result = fitted.ffn, fitted.calibration
 
     def emit(c):
