@@ -31,7 +31,7 @@ from tardis_onnx.feeds import Feeds
 from tardis_onnx.io import release
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.session import create_session, run_session
-from tardis_onnx.subgraphs import expose
+from tardis_onnx.subgraphs import expose, prune
 
 # The refit's ridge, in pseudo-tokens per input dimension: the grid the held-out tokens choose from,
 # and the value used when there are none.
@@ -271,7 +271,8 @@ def capture_ffn_inputs(
     graph_inputs = {i.name for i in probe.graph.input}
     sources = [_probe_outputs(probe, ffn) for ffn in ffns]
     names = sorted({name for source in sources for name in source} - graph_inputs)
-    session = create_session(probe, weights_dir=weights_dir)
+    prune(probe.graph, names)  # the model's own outputs (an LM head's logits) are not computed
+    session = create_session(probe, weights_dir=weights_dir) if names else None
     stats = stats if stats is not None else CaptureStats()
     # A large model's reservoirs (32 × 4,096 tokens × 4,544 fp16 at 7B: 1.2 GB) go to files, not memory.
     store = tempfile.TemporaryDirectory(prefix="tardis-calibration-") if is_large(ffns) else None

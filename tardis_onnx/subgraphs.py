@@ -58,6 +58,25 @@ def outer_reads(graph: onnx.GraphProto) -> set[str]:
     return read - defined
 
 
+def prune(graph: onnx.GraphProto, outputs: list[str]) -> None:
+    """In place: ``graph`` (topologically sorted) computing ``outputs`` only: its other outputs, the nodes
+    none of them needs, and the initializers no kept node reads (its inputs stay, used or not)."""
+    needed = set(outputs)
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                    needed |= outer_reads(sub)
+    kept_outputs = [v for v in graph.output if v.name in set(outputs)]
+    kept_initializers = [t for t in graph.initializer if t.name in needed]
+    for part, values in (("node", kept[::-1]), ("output", kept_outputs), ("initializer", kept_initializers)):
+        graph.ClearField(part)
+        getattr(graph, part).extend(values)
+
+
 def expose(model: onnx.ModelProto, scope: Scope, value: str, elem_type: int, width: int, name: str) -> str:
     """In place: make ``value``, as the subgraph at ``scope`` sees it, readable as a main-graph output;
     returns the output's name (``value`` itself for a main-graph input read in the main graph).

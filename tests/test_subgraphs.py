@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from ffn_graphs import D, H, if_model, loop_model
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from tardis_onnx import reference, runtime
 from tardis_onnx.calibrate import capture_ffn_inputs
@@ -17,6 +17,7 @@ from tardis_onnx.inspect_model import folded_ffns
 from tardis_onnx.optimize import main, optimize_model
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.session import create_session, uses_tardis_ops
+from tardis_onnx.subgraphs import prune
 
 THEN, ELSE = ((0, "then_branch"),), ((0, "else_branch"),)
 
@@ -166,3 +167,37 @@ def test_an_ffn_in_a_loop_body_is_exact_at_coverage_zero():
     feeds = random_feeds(model, seed=7)
     want = _run(original, feeds)
     assert np.abs(_run(model, feeds) - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_prune_keeps_only_what_the_named_outputs_need_branches_reads_included():
+    def branch(name):
+        out = helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, [2, 3])
+        return helper.make_graph([helper.make_node("Identity", ["b"], [f"{name}_out"])], name, [], [out])
+
+    def model():
+        f = onnx.TensorProto.FLOAT
+        nodes = [
+            helper.make_node("Relu", ["x"], ["a"], name="relu"),
+            helper.make_node("Neg", ["x"], ["b"], name="neg"),  # read inside the If's branches only
+            helper.make_node("If", ["cond"], ["c"], name="if", then_branch=branch("t"), else_branch=branch("e")),
+            helper.make_node("MatMul", ["a", "head_w"], ["head"], name="head"),
+        ]
+        inputs = [helper.make_tensor_value_info("x", f, [2, 3]), helper.make_tensor_value_info("cond", 9, [1])]
+        outputs = [helper.make_tensor_value_info(n, f, None) for n in ("c", "head")]
+        w = numpy_helper.from_array(np.ones((3, 5), np.float32), "head_w")
+        return helper.make_model(
+            helper.make_graph(nodes, "g", inputs, outputs, [w]), opset_imports=[helper.make_opsetid("", 18)]
+        )
+
+    branch_only = model()
+    prune(branch_only.graph, ["c"])
+    assert [n.name for n in branch_only.graph.node] == ["neg", "if"]
+    assert [v.name for v in branch_only.graph.output] == ["c"] and not branch_only.graph.initializer
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (c,) = create_session(branch_only).run(None, {"x": x, "cond": np.array([True])})
+    np.testing.assert_array_equal(c, -x)
+
+    head_only = model()
+    prune(head_only.graph, ["head"])
+    assert [n.name for n in head_only.graph.node] == ["relu", "head"]
+    assert [t.name for t in head_only.graph.initializer] == ["head_w"]
