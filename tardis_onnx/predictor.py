@@ -98,8 +98,8 @@ class Predictor:
     def predict(
         self, x: np.ndarray, w1: np.ndarray, b1: np.ndarray | None, weights: np.ndarray | None = None
     ) -> np.ndarray:
-        """``z_hat`` in float64 (float32 from a quantized predictor without ``b1``): the reference for the emitted
-        graph; ``weights``: :meth:`prepare`'s, when made."""
+        """``z_hat`` in float64 (a quantized predictor's, without ``b1``: in :func:`product_dtype` of ``w1``): the
+        reference for the emitted graph; ``weights``: :meth:`prepare`'s, when made."""
         weights = self.prepare(np.asarray(w1)) if weights is None else weights
         z = self._z(np.asarray(x, dtype=np.float64), weights)
         return z if b1 is None else z + b1
@@ -146,7 +146,7 @@ class Int4Predictor(Predictor):
         return h * blocks * (INT4_BLOCK // 2) + h * blocks * itemsize
 
     def prepare(self, w1):
-        return dequantize_nbits(self.packed, self.scales, self.d, 4, np.float32)
+        return dequantize_nbits(self.packed, self.scales, self.d, 4, product_dtype(w1))
 
     def _z(self, x, weights):
         return quantized_product(quantize_activations_int8(x), weights)
@@ -185,7 +185,7 @@ class Int2Predictor(Predictor):
         return h * blocks * (INT2_BLOCK // 4) + h * blocks * itemsize
 
     def prepare(self, w1):
-        return dequantize_nbits(self.packed, self.scales, self.d, 2, np.float32)
+        return dequantize_nbits(self.packed, self.scales, self.d, 2, product_dtype(w1))
 
     def _z(self, x, weights):
         return quantized_product(quantize_activations_int8(x), weights)
@@ -197,11 +197,18 @@ class Int2Predictor(Predictor):
         return emit_matmulnbits(b, ffn, self.packed, self.scales, 2, self.contrib_domain)
 
 
+def product_dtype(w1: np.ndarray) -> np.dtype:
+    """The precision a quantized predictor's product is emulated in: the FFN's (``w1`` as fitted). float64 for a
+    small FFN, whose float32 windows then do not depend on the BLAS kernel's order of summation (golden graphs are
+    the same on every CPU); float32 for a large one (half the time and memory at a 7B FFN; its ~1e-6 relative
+    error is far below the rounding the predictor emulates)."""
+    return np.dtype(np.float64) if np.asarray(w1).dtype == np.float64 else np.dtype(np.float32)
+
+
 def quantized_product(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """``x·weights`` for a quantized predictor's rounded inputs and float32 dequantized weights, in float32 (half
-    the time and memory of float64 at a 7B FFN; its ~1e-6 relative error is far below the rounding the
-    predictor emulates)."""
-    return np.asarray(x, dtype=np.float32) @ weights
+    """``x·weights`` for a quantized predictor's rounded inputs and dequantized weights, in the weights' precision
+    (:func:`product_dtype`)."""
+    return np.asarray(x, dtype=weights.dtype) @ weights
 
 
 def emit_matmulnbits(b, ffn, packed: np.ndarray, scales: np.ndarray, bits: int, domain: str | None) -> str:
@@ -235,7 +242,7 @@ class Int8Predictor(Predictor):
         return d * h + h * itemsize
 
     def prepare(self, w1):
-        dequantized = np.empty(self.weights.shape, dtype=np.float32)
+        dequantized = np.empty(self.weights.shape, dtype=product_dtype(w1))
         for cols in neuron_slices(*self.weights.shape):  # float64 temporaries a block of neurons at a time
             dequantized[:, cols] = self.weights[:, cols] * self.scales[cols]
         return dequantized
@@ -370,15 +377,24 @@ def quantize_activations_int8(x: np.ndarray, block: int = INT4_BLOCK) -> np.ndar
     return (np.rint(grouped / scale) * scale).reshape(padded.shape)[..., :d]
 
 
+# The int8 predictor's weights use [-64, 64], not [-127, 127]: x86 CPUs without VNNI (AVX2 and plain AVX-512:
+# AMD Zen 1-3, Intel before Ice Lake) multiply uint8 activations by int8 weights in pairs summed into int16
+# (vpmaddubsw), which saturates once 255·|w1| + 255·|w2| > 32767; ONNX Runtime's DynamicQuantizeMatMul then
+# misses by up to a tenth of its output's range (tests/test_predictor.py). At 64 no pair can saturate, so the
+# reference below is what every CPU computes (ONNX Runtime's own ``reduce_range`` is this choice).
+INT8_WEIGHT_LIMIT = 64
+
+
 def quantize_int8(w1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``w1 [d, h]`` as int8 with one scale per column (neuron): ``q = round(w / s)``, ``s = max|w| / 127``."""
+    """``w1 [d, h]`` as int8 with one scale per column (neuron): ``q = round(w / s)``, ``s = max|w| / 64``
+    (``INT8_WEIGHT_LIMIT``)."""
     w1 = np.asarray(w1)
     q, scales = np.empty(w1.shape, dtype=np.int8), np.empty(w1.shape[1])
     for cols in neuron_slices(*w1.shape):
         block = np.asarray(w1[:, cols], dtype=np.float64)
-        scale = np.abs(block).max(axis=0) / 127.0
+        scale = np.abs(block).max(axis=0) / INT8_WEIGHT_LIMIT
         scale[scale == 0] = 1.0
-        q[:, cols], scales[cols] = np.clip(np.rint(block / scale), -127, 127), scale
+        q[:, cols], scales[cols] = np.clip(np.rint(block / scale), -INT8_WEIGHT_LIMIT, INT8_WEIGHT_LIMIT), scale
     return q, scales
 
 
