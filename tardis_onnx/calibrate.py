@@ -465,9 +465,7 @@ class FfnTokens:
         return reference.gelu(z, self.ffn.gelu.form, self.ffn.precision)
 
     def _line(self, z: np.ndarray, lines: reference.NeuronLines) -> np.ndarray:
-        """``a·z + c`` in the FFN's precision."""
-        precision = self.ffn.precision
-        return lines.slope.astype(precision, copy=False) * z + lines.intercept.astype(precision, copy=False)
+        return reference.line(z, lines, self.ffn.precision)
 
     def _blocks(self) -> Iterator[slice]:
         step = max(1, (1 << 22) // max(self.ffn.hidden, 1))

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from scipy.special import erf
 
 from tardis_onnx.io import tensor_array
-from tardis_onnx.subgraphs import outer_reads
+from tardis_onnx.subgraphs import subgraph_reads
 
 # Elementwise ops that GELU spellings are made of; ``evaluate_elementwise`` runs them.
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Cast", "Identity", "Neg", "Reciprocal"}
@@ -58,7 +58,7 @@ class GraphIndex:
             for inp in node.input:
                 if inp:
                     self.consumers.setdefault(inp, []).append(node)
-            for value in sorted(_subgraph_reads(node) - set(node.input)):
+            for value in sorted(subgraph_reads(node) - set(node.input)):
                 self.consumers.setdefault(value, []).append(node)
         self._constant_cache: dict[str, np.ndarray | None] = {}
 
@@ -101,15 +101,6 @@ class GraphIndex:
             with np.errstate(all="ignore"):
                 return evaluate_elementwise(node, args)
         return None
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """The values of the enclosing graphs that ``node``'s subgraphs read."""
-    reads: set[str] = set()
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-            reads |= outer_reads(sub)
-    return reads
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

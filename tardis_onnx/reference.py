@@ -181,9 +181,12 @@ def fold(
 def residual(z: np.ndarray, lines: NeuronLines, form: str = "erf", dtype: np.dtype = np.float64) -> np.ndarray:
     """Exact residual ``GELU(z) − (a z + c)`` per neuron; ``z: [..., h]`` (in ``dtype``, as :func:`gelu`)."""
     z = np.asarray(z, dtype=dtype)
-    return gelu(z, form, dtype) - (
-        lines.slope.astype(dtype, copy=False) * z + lines.intercept.astype(dtype, copy=False)
-    )
+    return gelu(z, form, dtype) - line(z, lines, dtype)
+
+
+def line(z: np.ndarray, lines: NeuronLines, dtype: np.dtype = np.float64) -> np.ndarray:
+    """Each neuron's line ``a·z + c`` in ``dtype``; ``z: [..., h]`` (already in ``dtype``)."""
+    return lines.slope.astype(dtype, copy=False) * z + lines.intercept.astype(dtype, copy=False)
 
 
 def outside_window(z: np.ndarray, lines: NeuronLines, margin: float = 0.0) -> np.ndarray:

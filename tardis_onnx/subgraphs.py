@@ -58,19 +58,26 @@ def outer_reads(graph: onnx.GraphProto) -> set[str]:
     return read - defined
 
 
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """The values of the enclosing graphs that ``node``'s subgraphs read."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            reads |= outer_reads(sub)
+    return reads
+
+
 def prune(graph: onnx.GraphProto, outputs: list[str]) -> None:
     """In place: ``graph`` (topologically sorted) computing ``outputs`` only: its other outputs, the nodes
     none of them needs, and the initializers no kept node reads (its inputs stay, used or not)."""
-    needed = set(outputs)
-    kept = []
+    wanted = set(outputs)
+    needed, kept = set(wanted), []
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             kept.append(node)
             needed.update(node.input)
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                    needed |= outer_reads(sub)
-    kept_outputs = [v for v in graph.output if v.name in set(outputs)]
+            needed |= subgraph_reads(node)
+    kept_outputs = [v for v in graph.output if v.name in wanted]
     kept_initializers = [t for t in graph.initializer if t.name in needed]
     for part, values in (("node", kept[::-1]), ("output", kept_outputs), ("initializer", kept_initializers)):
         graph.ClearField(part)
