@@ -72,8 +72,8 @@ def rewrite(model: onnx.ModelProto, x_cal: np.ndarray, fraction: float, kind: st
     # Windows from tokens the predictor was not fitted on, as at inference.
     x_windows = np.random.default_rng(1).normal(size=x_cal.shape)
     lines = reference.calibrate_lines(predictor.predict(x_windows, ffn.w1, ffn.b1), 1.0 - fraction, "erf")
-    nodes, initializers = emit_ffn(ffn, lines, CustomFallback(), 20, margin, 1.0 - fraction, predictor)
-    replace_nodes(rewritten, [(ffn.nodes, nodes, initializers)])
+    nodes, constants = emit_ffn(ffn, lines, CustomFallback(), 20, margin, 1.0 - fraction, predictor)
+    replace_nodes(rewritten, [(ffn.nodes, nodes, constants.tensors())])
     rewritten.opset_import.extend([helper.make_opsetid("ai.tardis", 1), helper.make_opsetid("com.microsoft", 1)])
     return rewritten, ffn, lines, predictor
 

@@ -16,11 +16,11 @@ from tardis_onnx.calibrate import (
     fallback_budgets,
     fold_best,
     is_large,
-    map_ffns,
     plan_windows,
     window_candidates,
 )
 from tardis_onnx.config import TardisConfig
+from tardis_onnx.parallel import map_each
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.predictor import PredictorChoice, predictor_candidates, rank_predictors
 
@@ -59,7 +59,7 @@ def fit_ffns(
             ffns[i].release()  # its weight copies, read again when it is fitted
             return windows
 
-        planned = window_candidates(map_ffns(plan, range(len(ffns)), 1 if large else None), ffns, budgets, config)
+        planned = window_candidates(map_each(plan, range(len(ffns)), 1 if large else None), ffns, budgets, config)
 
     def fit(i: int) -> FittedFfn:
         ffn, (fit_samples, held_samples) = ffns[i], parts(i)
@@ -92,7 +92,7 @@ def fit_ffns(
     if large:  # one at a time, as asked for: the caller releases each FFN when done with it
         yield from (fit(i) for i in range(len(ffns)))
     else:
-        yield from map_ffns(fit, list(range(len(ffns))))
+        yield from map_each(fit, list(range(len(ffns))))
 
 
 def refit_warnings(config: TardisConfig, ffns: list[FfnMatch], samples: list[FfnSamples]) -> list[str]:

@@ -50,17 +50,23 @@ def _fold_fastest(
     the one closest to paying, without nodes, its row marked kept (the original FFN stays)."""
     tried, refused = [], None
     for choice in candidates:
-        nodes, initializers = emit(choice)
+        nodes, constants = emit(choice)  # its initializers made only if it is timed or kept
+        initializers = None
         row = FfnReport.of(
-            ffn, result, initializers, choice.predictor, choice.flagged_fraction, choice.recall, config.quantize
+            ffn, result, constants.nbytes, choice.predictor, choice.flagged_fraction, choice.recall, config.quantize
         )
         key = timing_key(ffn, choice.predictor.kind, nodes, config.shapes, config.quantize)
         reused = timings.lookup(key, choice.flagged_fraction) if timing and timings is not None else None
         try:
             if reused is not None:
                 check, row.timing_of = reused.check, reused.ffn
+            elif timing:
+                initializers = constants.tensors()
+                check = _check_speed(ffn, nodes, initializers, x, config, warnings)
+                if check is not None and timings is not None:
+                    timings.add(key, TimedRewrite(ffn.name, choice.flagged_fraction, check))
             else:
-                check = _check_speed(ffn, nodes, initializers, x, config, warnings) if timing else None
+                check = None
                 if check is not None and timings is not None:
                     timings.add(key, TimedRewrite(ffn.name, choice.flagged_fraction, check))
         except RewriteFailed as exc:
@@ -69,11 +75,10 @@ def _fold_fastest(
             )
             refused = (choice, row)
             continue
-        if check is None:
-            return choice, nodes, initializers, row
-        row.speedups = check.speedups
-        if check.pays:
-            return choice, nodes, initializers, row
+        if check is not None:
+            row.speedups = check.speedups
+        if check is None or check.pays:
+            return choice, nodes, constants.tensors() if initializers is None else initializers, row
         tried.append((choice, row))  # its nodes and initializers are dropped: a kept FFN emits none
     choice, row = max(tried, key=lambda t: t[1].slowest()[1]) if tried else refused
     return choice, [], [], row.kept()

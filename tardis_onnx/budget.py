@@ -19,13 +19,12 @@ calibration outlier fraction of coverage ``t`` is exactly ``1 − k/n``. GELU an
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
-from tardis_onnx import reference
+from tardis_onnx import parallel, reference
 from tardis_onnx.config import DEFAULT_GRID, WINDOWS  # noqa: F401  (re-exported)
 
 
@@ -112,13 +111,7 @@ def candidate_tables(
                 intercept[gi, cols] = c
                 sse[gi, cols] = err / n
 
-    blocks = reference.column_blocks(n, h)
-    if threads > 1 and len(blocks) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(fill, blocks))
-    else:
-        for cols in blocks:
-            fill(cols)
+    parallel.map_each(fill, reference.column_blocks(n, h), threads)
     return [
         CandidateTable(grid, *table, np.array([1.0 - window_size(n, t) / n for t in grid]))
         for grid, table in zip(grids, arrays, strict=True)
@@ -243,63 +236,63 @@ def _solve_positive(system: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 
 class Refit:
-    """Least-squares ``(Wf, bf)`` with ``x·Wf + bf ≈ target``.
+    """The least-squares correction ``Δ = (ΔWf, Δbf)`` of a fold ``B0 = (Wf, bf)`` with ``[x 1]·(B0 + Δ) ≈ target``.
 
-    Solves ``min ‖A·B − target‖² + ρ‖B − B0‖²`` (``A = [x 1]``, ``B0`` = the fold ``(wf, bf)``) with ``ρ = ridge ·
-    (d + 1) · mean x²``: the prior weighs as much as ``ridge · (d + 1)`` tokens, whatever the token count, so it
-    matters when tokens are few relative to the ``d + 1`` unknowns per output and fades when many. From the
-    Gram matrix (``products``: :func:`token_products`, shared by every candidate's refit), or with fewer tokens
-    than unknowns from the kernel: ``B = B0 + Aᵀ(AAᵀ + ρI)⁻¹(target − A·B0)``, the same solution from an
-    ``n × n`` system (a 7B FFN's 3,277 fit tokens against its 4,545 unknowns: half the work).
+    Minimises ``‖A·(B0 + Δ) − target‖² + ρ‖Δ‖²`` (``A = [x 1]``) with ``ρ = ridge · (d + 1) · mean x²``: the
+    prior weighs as much as ``ridge · (d + 1)`` tokens, whatever the token count, so it matters when tokens are
+    few relative to the ``d + 1`` unknowns per output and fades when many. Known from the fold's miss
+    ``M = A·B0 − target`` on the tokens, without ``B0`` (:meth:`tardis_onnx.calibrate.FfnTokens.miss`):
+    ``Δ = −(AᵀA + ρI)⁻¹AᵀM`` from the Gram matrix (``products``: :func:`token_products`, shared by every
+    candidate's refit), or with fewer tokens than unknowns from the kernel, ``Δ = −Aᵀ(AAᵀ + ρI)⁻¹M``: the same
+    from an ``n × n`` system (a 7B FFN's 3,277 fit tokens against its 4,545 unknowns: half the work).
     """
 
-    def __init__(self, x: np.ndarray, products: np.ndarray, target: np.ndarray, wf: np.ndarray, bf: np.ndarray) -> None:
-        self.b0 = np.concatenate([wf, bf[None, :]], axis=0)
+    def __init__(self, x: np.ndarray, products: np.ndarray, miss: np.ndarray) -> None:
+        self.x, self.products, self.miss, self._held = x, products, miss, None
         self.unknowns = x.shape[1] + 1
         self.dual = x.shape[0] < self.unknowns
-        self.products, self._held = products, None
         if self.dual:
             self.a = _design(x)
-            self.rhs = target - self.a @ self.b0
             self.mean_square = max(float(np.mean(np.square(self.a[:, :-1]))), 1e-30)
         else:
             x = np.asarray(x, dtype=np.float64)
-            self.rhs = np.concatenate([x.T @ target, target.sum(axis=0, keepdims=True)], axis=0)
+            self.rhs = np.concatenate([x.T @ miss, miss.sum(axis=0, keepdims=True)], axis=0)  # AᵀM
             tokens = max(float(products[-1, -1]), 1.0)  # the bias column's sum of ones
             self.mean_square = max(float(np.mean(np.diag(products)[:-1])) / tokens, 1e-30)
 
     def _rho(self, ridge: float) -> float:
         return ridge * self.unknowns * self.mean_square
 
-    def _system(self, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-        rho = self._rho(ridge)
-        return self.products + rho * np.eye(self.products.shape[0]), self.rhs + rho * self.b0
+    def _system(self, ridge: float) -> np.ndarray:
+        """``AAᵀ + ρI`` (the kernel form) or ``AᵀA + ρI``."""
+        return self.products + self._rho(ridge) * np.eye(self.products.shape[0])
 
-    def _dual_solve(self, ridge: float, rhs: np.ndarray) -> np.ndarray:
-        """``(AAᵀ + ρI)⁻¹·rhs``."""
-        return _solve_positive(self.products + self._rho(ridge) * np.eye(self.products.shape[0]), rhs)
-
-    def fold(self, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-        """The refitted ``(Wf, bf)``."""
+    def correction(self, ridge: float) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(ΔWf, Δbf)`` and the refitted fold's ``Σ‖A·(B0 + Δ) − target‖²`` on the fit tokens (in the kernel
+        form ``M − AAᵀ(AAᵀ + ρI)⁻¹M = ρ(AAᵀ + ρI)⁻¹M``, without a product)."""
+        system = self._system(ridge)
         if self.dual:
-            solution = self.b0 + self.a.T @ self._dual_solve(ridge, self.rhs)
-        else:
-            solution = np.linalg.solve(*self._system(ridge))
-        return solution[:-1], solution[-1]
+            u = _solve_positive(system, self.miss)
+            rho = self._rho(ridge)
+            u_x = u.astype(self.x.dtype, copy=False)  # the d × n × d product in the tokens' precision
+            delta = -np.concatenate([self.x.T @ u_x, u.sum(axis=0, keepdims=True)], axis=0)
+            return delta[:-1], delta[-1], rho * rho * float(np.square(u).sum())
+        delta = -_solve_positive(system, self.rhs)
+        return delta[:-1], delta[-1], float(np.square(self.miss + _design(self.x) @ delta).sum())
 
     def predict(self, x: np.ndarray, ridge: float) -> np.ndarray:
-        """``x·Wf + bf`` of :meth:`fold`'s solution, without forming it where that is cheaper: for fewer tokens
-        than outputs, ``[x 1]·S⁻¹·rhs = (S⁻¹·[x 1]ᵀ)ᵀ·rhs`` (S symmetric) solves for the tokens instead of the
-        outputs (a 7B FFN's 819 held-out tokens against its 4,544 outputs: a third of the work); in the kernel
-        form ``[x 1]·B0 + ((AAᵀ + ρI)⁻¹·A·[x 1]ᵀ)ᵀ·(target − A·B0)``, its ridge-free parts kept for the next ridge."""
+        """``[x 1]·Δ``, how the refit moves the outputs of tokens ``x``, without forming ``Δ`` where that is
+        cheaper: for fewer tokens than outputs, ``[x 1]·S⁻¹·AᵀM = (S⁻¹·[x 1]ᵀ)ᵀ·AᵀM`` (S symmetric) solves for the
+        tokens instead of the outputs (a 7B FFN's 819 held-out tokens against its 4,544 outputs: a third of the
+        work); in the kernel form ``−((AAᵀ + ρI)⁻¹·A·[x 1]ᵀ)ᵀ·M``, its ridge-free product kept for the next
+        ridge."""
+        system = self._system(ridge)
         if self.dual:
             if self._held is None or self._held[0] is not x:
-                a = _design(x)
-                self._held = (x, a @ self.b0, self.a @ a.T)
-            _, base, cross = self._held
-            return base + self._dual_solve(ridge, cross).T @ self.rhs
-        system, rhs = self._system(ridge)
+                self._held = (x, self.a @ _design(x).T)
+            solved = _solve_positive(system, self._held[1])
+            return -(solved.T.astype(self.miss.dtype, copy=False) @ self.miss)
         a = _design(x)
-        if a.shape[0] >= rhs.shape[1]:
-            return a @ np.linalg.solve(system, rhs)
-        return _solve_positive(system, a.T).T @ rhs
+        if a.shape[0] >= self.rhs.shape[1]:
+            return -(a @ _solve_positive(system, self.rhs))
+        return -(_solve_positive(system, a.T).T @ self.rhs)

@@ -16,17 +16,16 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from tardis_onnx import budget, reference
+from tardis_onnx import budget, parallel, reference
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.contract import ffn_tensor
-from tardis_onnx.errors import TardisError, env_int
+from tardis_onnx.errors import TardisError
 from tardis_onnx.feeds import Feeds
 from tardis_onnx.io import release
 from tardis_onnx.passes.ffn import FfnMatch
@@ -192,7 +191,7 @@ class FfnSamples:
         missing = [(key[0], key[2]) for key in dict.fromkeys(keys) if key not in self.tables]
         if missing:
             source = self.lazy_preactivations(ffn) if z is None else z
-            threads = env_int("TARDIS_THREADS", 2) if ffn.large else 1
+            threads = parallel.threads() if ffn.large else 1
             made = budget.candidate_tables(source, missing, ffn.gelu.form, threads)
             for (grid, window), table in zip(missing, made, strict=True):
                 self.tables[(grid, ffn.gelu.form, window)] = table
@@ -428,16 +427,6 @@ def _uniform_lines(ffn: FfnMatch, table: budget.CandidateTable, coverage: float)
     return table.lines(np.zeros(ffn.hidden, dtype=np.int64)), coverage
 
 
-def map_ffns(function, items: list, threads: int | None = None) -> list:
-    """``[function(i) for i in items]`` on ``threads`` (default ``TARDIS_THREADS``, else 2): numpy releases
-    the GIL."""
-    threads = threads or env_int("TARDIS_THREADS", 2)
-    if threads <= 1 or len(items) <= 1:
-        return [function(i) for i in items]
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(function, items))
-
-
 class FfnTokens:
     """One FFN's tokens in its precision (float64; float32 for a large FFN), with what every candidate's fold is
     measured against: the pre-activations ``z = x·W1 + b1`` (computed once, ``n × h``, shared with the windows
@@ -464,101 +453,78 @@ class FfnTokens:
     def _gelu(self, z: np.ndarray) -> np.ndarray:
         return reference.gelu(z, self.ffn.gelu.form, self.ffn.precision)
 
-    def _line(self, z: np.ndarray, lines: reference.NeuronLines) -> np.ndarray:
-        return reference.line(z, lines, self.ffn.precision)
-
     def _blocks(self) -> Iterator[slice]:
         step = max(1, (1 << 22) // max(self.ffn.hidden, 1))
         return (slice(start, start + step) for start in range(0, self.x.shape[0], step))
 
-    def target(self, lines: reference.NeuronLines) -> tuple[np.ndarray, int]:
-        """What the fold must output under the windows ``lines`` (the true output minus the exact fallback
-        term: outside a window, the line's value stands in for GELU), and how many pre-activations fall outside."""
-        ffn = self.ffn
-        target, outliers = np.empty((self.x.shape[0], ffn.w2_stored.shape[1]), dtype=ffn.precision), 0
+    def miss(self, lines: reference.NeuronLines) -> tuple[np.ndarray, int]:
+        """By how much the plain fold of ``lines`` misses its target on these tokens (the true output minus the
+        exact fallback term), ``x·Wf + bf − target = (line(z) − GELU(z))·W2`` over the pre-activations inside
+        their windows (outside, the fallback is exact), without forming the fold (``n·h·d`` operations instead of
+        the fold's ``d·h·d``); and how many pre-activations fall outside."""
+        ffn, precision = self.ffn, self.ffn.precision
+        miss, outliers = np.empty((self.x.shape[0], ffn.w2_stored.shape[1]), dtype=precision), 0
+
+        def inside(z: np.ndarray) -> np.ndarray:  # line(z) − GELU(z) inside the windows, 0 outside
+            return np.where(
+                reference.outside_window(z, lines), 0.0, -reference.residual(z, lines, ffn.gelu.form, precision)
+            )
+
         for rows in self._blocks():
             z = self.z[rows]
-            outside = reference.outside_window(z, lines)
-            outliers += int(outside.sum())
-            target[rows] = ffn.times_w2(np.where(outside, self._line(z, lines), self._gelu(z)))
-        if ffn.b2 is not None:
-            target += ffn.b2
-        return target, outliers
+            outliers += int(reference.outside_window(z, lines).sum())
+            miss[rows] = ffn.times_w2(parallel.map_rows(inside, z))
+        return miss, outliers
 
-    def error(self, target: np.ndarray, output: np.ndarray) -> float:
-        """``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of a fold's ``output`` ``x·Wf + bf`` with the exact outlier set (``target``:
-        from :meth:`target`)."""
+    def error(self, miss: np.ndarray) -> float:
+        """``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of a fold whose outputs miss the target (the true output with the exact
+        outlier set) by ``miss``."""
+        return self.relative(float(np.square(miss).sum()))
+
+    def relative(self, error: float) -> float:
+        """A squared error over these tokens relative to the spread of their true outputs (NaN without tokens)."""
         if self.x.shape[0] == 0:
             return math.nan
-        return self._relative(float(np.square(output - target).sum()))
-
-    def output(self, fold: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """A fold's output ``x·Wf + bf`` on these tokens, in the FFN's precision."""
-        wf, bf = fold
-        return self.x @ wf.astype(self.ffn.precision, copy=False) + bf
-
-    def fold_error(self, lines: reference.NeuronLines) -> tuple[float, int]:
-        """:meth:`error` of the plain fold of ``lines`` and how many pre-activations fall outside, without
-        folding: that fold outputs ``line(z)·W2 + b2``, so it misses the target by ``(line(z) − GELU(z))·W2``
-        summed over the neurons inside their windows (``n·h·d`` operations instead of the fold's ``d·h·d``)."""
-        ffn, error, outliers = self.ffn, 0.0, 0
-        for rows in self._blocks():
-            z = self.z[rows]
-            outside = reference.outside_window(z, lines)
-            outliers += int(outside.sum())
-            miss = np.where(outside, 0.0, self._line(z, lines) - self._gelu(z))
-            error += float(np.square(ffn.times_w2(miss)).sum())
-        return (self._relative(error) if self.x.shape[0] else math.nan), outliers
-
-    def _relative(self, error: float) -> float:
         return error / self.spread if self.spread > 0 else 0.0
 
 
 def fold_best(
     ffn: FfnMatch, fit: FfnTokens, heldout: FfnTokens | None, candidates: list[Candidate], config: TardisConfig
 ) -> Calibration:
-    """Fold each candidate's windows (plainly, and refitted when asked) and keep the least held-out error;
-    a plain fold is measured without being formed (:meth:`FfnTokens.fold_error`), and formed once, if kept."""
+    """Fold each candidate's windows (plainly, and refitted when asked) and keep the least held-out error,
+    each measured from the plain fold's miss (:meth:`FfnTokens.miss`, and the refit's correction of it) without
+    forming a fold; the kept one is formed once."""
     products = None  # the fit tokens' Gram matrix (or kernel), shared by every candidate's refit
-    best = None  # (candidate, recipe, ridge, plain fold, refit, fit target, held-out error): only the best is kept
+    best = None  # (candidate, recipe, ridge, refit, held-out error): only the best is kept
     for candidate in candidates:
-        plain = refit = fit_target = held_target = None
-        ridges = ()
+        refit, ridges = None, ()
+        held_miss = None if heldout is None else heldout.miss(candidate.lines)[0]
         if config.refit and candidate.recipe != "plain":
             chosen_ridge = config.refit_ridge if config.refit_ridge is not None else DEFAULT_REFIT_RIDGE
             ridges = REFIT_RIDGES if config.refit_ridge is None and heldout is not None else (chosen_ridge,)
-            plain = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)  # the refit's prior
-            fit_target = fit.target(candidate.lines)[0]
             products = budget.token_products(fit.x) if products is None else products
-            refit = budget.Refit(fit.x, products, fit_target, *plain)  # formed once, if kept
-            held_target = None if heldout is None else heldout.target(candidate.lines)[0]
+            refit = budget.Refit(fit.x, products, fit.miss(candidate.lines)[0])
         for ridge in (None, *ridges):
             if heldout is None:
                 held = math.nan
-            elif ridge is None:  # from the plain fold where it is formed (n·d² operations), else without it (n·h·d)
-                held = (
-                    heldout.fold_error(candidate.lines)[0]
-                    if plain is None
-                    else heldout.error(held_target, heldout.output(plain))
-                )
+            elif ridge is None:
+                held = heldout.error(held_miss)
             else:
-                held = heldout.error(held_target, refit.predict(heldout.x, ridge))
+                held = heldout.error(held_miss + refit.predict(heldout.x, ridge))
             recipe = candidate.recipe + ("" if ridge is None else "+refit")
             # Without held-out tokens the recipe asked for is taken as it is (refitted when the refit is on).
             if best is None or heldout is None or held < best[-1]:
-                best = (candidate, recipe, ridge, plain, refit, fit_target, held)
-    candidate, recipe, ridge, plain, refit, fit_target, held_error = best
+                best = (candidate, recipe, ridge, refit, held)
+    candidate, recipe, ridge, refit, held_error = best
+    wf, bf = reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)
+    outliers = int(reference.outside_window(fit.z, candidate.lines).sum())
     if ridge is not None:
-        wf, bf = refit.fold(ridge)
+        delta_w, delta_b, square = refit.correction(ridge)
+        wf, bf, fit_error = wf + delta_w, bf + delta_b, fit.relative(square)
     else:
-        wf, bf = plain if plain is not None else reference.fold(ffn.w1, ffn.b1, ffn.w2, ffn.b2, candidate.lines)
+        fit_error = fit.error(refit.miss if refit is not None else fit.miss(candidate.lines)[0])
     if not (np.isfinite(wf).all() and np.isfinite(bf).all()):
         raise TardisError(f"FFN {ffn.name}: the folded weights are not finite (non-finite weights or calibration?)")
-    if fit_target is None:
-        fit_error, outliers = fit.fold_error(candidate.lines)
-    else:
-        outliers = int(reference.outside_window(fit.z, candidate.lines).sum())
-        fit_error = fit.error(fit_target, fit.output((wf, bf)))
     tokens = fit.x.shape[0]
     return Calibration(
         lines=candidate.lines,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -19,19 +20,34 @@ from tardis_onnx.subgraphs import Scope, walk
 MIN_OPSET = 13  # GreaterOrEqual/LessOrEqual (12), Where, MatMul on any rank
 
 
+@dataclass
+class Constants:
+    """A rewrite's initializers before they are made, ``(name, values, dtype)`` each: converted and copied into
+    tensors only for the rewrite that is kept (a 7B FFN's candidates hold ~0.7 GB each)."""
+
+    pending: list[tuple[str, np.ndarray, np.dtype]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes the tensors will hold."""
+        return sum(int(np.size(values)) * np.dtype(dtype).itemsize for _, values, dtype in self.pending)
+
+    def tensors(self) -> list[onnx.TensorProto]:
+        return [numpy_helper.from_array(np.asarray(v).astype(dtype), name) for name, v, dtype in self.pending]
+
+
 class _Builder:
-    """Collects nodes and initializers under one name prefix."""
+    """Collects nodes and (deferred) initializers under one name prefix."""
 
     def __init__(self, prefix: str, dtype: np.dtype) -> None:
         self.prefix = prefix
         self.dtype = dtype
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        self.constants = Constants()
 
     def constant(self, name: str, array: np.ndarray, dtype: np.dtype | None = None) -> str:
         full = f"{self.prefix}/{name}"
-        value = np.asarray(array).astype(dtype or self.dtype)
-        self.initializers.append(numpy_helper.from_array(value, full))
+        self.constants.pending.append((full, array, np.dtype(dtype or self.dtype)))
         return full
 
     def op(self, op_type: str, inputs: list[str], name: str, output: str | None = None, **attrs) -> str:
@@ -54,8 +70,9 @@ def emit_ffn(
     coverage: float,
     predictor: Predictor | None = None,
     fold: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes and initializers computing ``ffn.output`` from ``ffn.x``: folded map + outlier fallback in ``form``.
+) -> tuple[list[onnx.NodeProto], Constants]:
+    """Nodes and initializers (deferred: :meth:`Constants.tensors` makes them) computing ``ffn.output`` from
+    ``ffn.x``: folded map + outlier fallback in ``form``.
 
     The fallback flags neuron ``i`` when the predictor's ``z_hat_i`` is outside its window and adds
     the exact residual ``GELU(z_i) − (a_i z_i + c_i)`` times ``W2[i, :]``. ``fold`` overrides the
@@ -74,7 +91,7 @@ def emit_ffn(
     b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
     w2 = b.constant("w2", ffn.w2)
     form.emit(b, ffn, lines, predictor, wf=wf, bf=bf, b1=b1, w2=w2, doc=doc, margin=margin, opset=opset)
-    return b.nodes, b.initializers
+    return b.nodes, b.constants
 
 
 class FallbackForm:

@@ -23,6 +23,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 
+from tardis_onnx import parallel
 from tardis_onnx.reference import NeuronLines, gelu, outside_window, residual
 from tardis_onnx.reference import fold as fold_weights
 
@@ -243,8 +244,11 @@ class Int8Predictor(Predictor):
 
     def prepare(self, w1):
         dequantized = np.empty(self.weights.shape, dtype=product_dtype(w1))
-        for cols in neuron_slices(*self.weights.shape):  # float64 temporaries a block of neurons at a time
+
+        def dequantize(cols: slice) -> None:  # float64 temporaries a block of neurons at a time
             dequantized[:, cols] = self.weights[:, cols] * self.scales[cols]
+
+        parallel.map_each(dequantize, neuron_slices(*self.weights.shape))
         return dequantized
 
     def _z(self, x, weights):
@@ -336,7 +340,8 @@ def quantize_int4(w1: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, 
     d, h = w1.shape
     blocks = -(-d // block)
     packed, scales = np.empty((h, blocks, block // 2), dtype=np.uint8), np.empty((h, blocks))
-    for cols in neuron_slices(d, h):
+
+    def quantize(cols: slice) -> None:
         padded = np.zeros((cols.stop - cols.start, blocks * block))
         padded[:, :d] = np.asarray(w1[:, cols], dtype=np.float64).T
         grouped = padded.reshape(-1, blocks, block)
@@ -344,6 +349,8 @@ def quantize_int4(w1: np.ndarray, block: int = INT4_BLOCK) -> tuple[np.ndarray, 
         scale[scale == 0] = 1.0
         packed[cols] = pack_nbits(np.clip(np.rint(grouped / scale[..., None]) + 8, 0, 15).astype(np.uint8), 4)
         scales[cols] = scale
+
+    parallel.map_each(quantize, neuron_slices(d, h))
     return packed, scales.reshape(-1)
 
 
@@ -390,11 +397,14 @@ def quantize_int8(w1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (``INT8_WEIGHT_LIMIT``)."""
     w1 = np.asarray(w1)
     q, scales = np.empty(w1.shape, dtype=np.int8), np.empty(w1.shape[1])
-    for cols in neuron_slices(*w1.shape):
+
+    def quantize(cols: slice) -> None:
         block = np.asarray(w1[:, cols], dtype=np.float64)
         scale = np.abs(block).max(axis=0) / INT8_WEIGHT_LIMIT
         scale[scale == 0] = 1.0
         q[:, cols], scales[cols] = np.clip(np.rint(block / scale), -INT8_WEIGHT_LIMIT, INT8_WEIGHT_LIMIT), scale
+
+    parallel.map_each(quantize, neuron_slices(*w1.shape))
     return q, scales
 
 
@@ -420,12 +430,15 @@ def dequantize_nbits(
     per_byte = 8 // bits
     scales = scales.reshape(h, blocks, 1)
     out = np.empty((d, h), dtype=dtype)
-    for cols in neuron_slices(blocks * width * per_byte, h):
+
+    def dequantize(cols: slice) -> None:
         codes = packed[cols]
         q = np.empty((codes.shape[0], blocks, width * per_byte))
         for j in range(per_byte):
             q[..., j::per_byte] = (codes >> (bits * j)) & ((1 << bits) - 1)
         out[:, cols] = ((q - (1 << (bits - 1))) * scales[cols]).reshape(codes.shape[0], -1)[:, :d].T
+
+    parallel.map_each(dequantize, neuron_slices(blocks * width * per_byte, h))
     return out
 
 

@@ -19,19 +19,29 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
+from tardis_onnx import parallel
+
 GELU_FORMS = ("erf", "tanh")
 _TANH_SCALE = math.sqrt(2.0 / math.pi)
 
 
 def gelu(z: np.ndarray, form: str = "erf", dtype: np.dtype = np.float64) -> np.ndarray:
     """GELU in float64 (in ``dtype`` where asked: a large FFN is fitted in float32, a sixth of the time):
-    ``form='erf'`` exact, ``form='tanh'`` the GPT-2 approximation."""
-    z = np.asarray(z, dtype=dtype)
+    ``form='erf'`` exact, ``form='tanh'`` the GPT-2 approximation. A large ``z`` a block of rows at a time on
+    every thread (:func:`tardis_onnx.parallel.map_rows`: the same values)."""
+    _check_form(form)
+    return parallel.map_rows(lambda rows: _gelu(np.asarray(rows, dtype=dtype), form), np.asarray(z))
+
+
+def _gelu(z: np.ndarray, form: str) -> np.ndarray:
     if form == "erf":
         return 0.5 * z * (1.0 + erf(z / z.dtype.type(math.sqrt(2.0))))
-    if form == "tanh":
-        return 0.5 * z * (1.0 + np.tanh(_TANH_SCALE * (z + 0.044715 * z**3)))
-    raise ValueError(f"unknown GELU form {form!r}; expected one of {GELU_FORMS}")
+    return 0.5 * z * (1.0 + np.tanh(_TANH_SCALE * (z + 0.044715 * z**3)))
+
+
+def _check_form(form: str) -> None:
+    if form not in GELU_FORMS:
+        raise ValueError(f"unknown GELU form {form!r}; expected one of {GELU_FORMS}")
 
 
 def gelu_derivative(z: np.ndarray, form: str = "erf") -> np.ndarray:
@@ -180,8 +190,13 @@ def fold(
 
 def residual(z: np.ndarray, lines: NeuronLines, form: str = "erf", dtype: np.dtype = np.float64) -> np.ndarray:
     """Exact residual ``GELU(z) − (a z + c)`` per neuron; ``z: [..., h]`` (in ``dtype``, as :func:`gelu`)."""
-    z = np.asarray(z, dtype=dtype)
-    return gelu(z, form, dtype) - line(z, lines, dtype)
+    _check_form(form)
+
+    def rows(z: np.ndarray) -> np.ndarray:
+        z = np.asarray(z, dtype=dtype)
+        return _gelu(z, form) - line(z, lines, dtype)
+
+    return parallel.map_rows(rows, np.asarray(z))
 
 
 def line(z: np.ndarray, lines: NeuronLines, dtype: np.dtype = np.float64) -> np.ndarray:

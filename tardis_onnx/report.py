@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from tardis_onnx.predictor import Predictor
 from tardis_onnx.speed import CLEAR_MARGIN
@@ -88,14 +87,15 @@ class FfnReport:
         cls,
         ffn: FfnMatch,
         result: Calibration,
-        initializers: list[onnx.TensorProto],
+        stored_bytes: int,
         predictor: Predictor,
         flagged_fraction: float,
         recall: float,
         quantize: str = "none",
     ) -> FfnReport:
-        """``quantize="int8"``: the MatMuls run in int8 afterwards, so the original FFN and the fold count one
-        byte a weight (the fallback op's rows stay in the model's dtype)."""
+        """``stored_bytes``: the rewrite's initializers'. ``quantize="int8"``: the MatMuls run in int8
+        afterwards, so the original FFN and the fold count one byte a weight (the fallback op's rows stay in the
+        model's dtype)."""
         item = np.dtype(ffn.dtype).itemsize
         matmul_item = 1 if quantize == "int8" else item
         d, h = ffn.w1_stored.shape
@@ -104,7 +104,7 @@ class FfnReport:
         fold = fold_weights * matmul_item
         rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
         rows *= item  # the flagged neurons' rows read
-        stored = sum(len(t.raw_data) for t in initializers) - fold_weights * (item - matmul_item)
+        stored = stored_bytes - fold_weights * (item - matmul_item)
         return cls(
             name=ffn.name,
             gelu=ffn.gelu.spelling,

@@ -81,18 +81,18 @@ def test_the_refit_solves_its_ridge_problem_in_either_form(tokens):
     d, d_out, ridge = 50, 7, 0.1
     x, held = rng.standard_normal((tokens, d)), rng.standard_normal((9, d))
     target, wf, bf = rng.standard_normal((tokens, d_out)), rng.standard_normal((d, d_out)), rng.standard_normal(d_out)
-    refit = budget.Refit(x, budget.token_products(x), target, wf, bf)
-    assert refit.dual == (tokens < d + 1)
     a = np.concatenate([x, np.ones((tokens, 1))], axis=1)
     b0 = np.concatenate([wf, bf[None, :]])
-    rho = ridge * (d + 1) * np.mean(x * x)
-    want = np.linalg.solve(a.T @ a + rho * np.eye(d + 1), a.T @ target + rho * b0)  # the normal equations
-    got_wf, got_bf = refit.fold(ridge)
-    np.testing.assert_allclose(np.concatenate([got_wf, got_bf[None, :]]), want, rtol=1e-9, atol=1e-10)
+    refit = budget.Refit(x, budget.token_products(x), a @ b0 - target)  # from the fold's miss alone
+    assert refit.dual == (tokens < d + 1)
     for r in (ridge, 1.0, ridge):  # the held-out tokens' products are kept across ridges
         rho = r * (d + 1) * np.mean(x * x)
-        want = np.linalg.solve(a.T @ a + rho * np.eye(d + 1), a.T @ target + rho * b0)
-        np.testing.assert_allclose(refit.predict(held, r), held @ want[:-1] + want[-1], rtol=1e-9, atol=1e-10)
+        want = np.linalg.solve(a.T @ a + rho * np.eye(d + 1), a.T @ target + rho * b0)  # the normal equations
+        delta_w, delta_b, square = refit.correction(r)
+        np.testing.assert_allclose(np.concatenate([wf + delta_w, (bf + delta_b)[None, :]]), want, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(square, np.square(a @ want - target).sum(), rtol=1e-9)
+        moved = held @ (want[:-1] - wf) + (want[-1] - bf)
+        np.testing.assert_allclose(refit.predict(held, r), moved, rtol=1e-9, atol=1e-10)
 
 
 def test_reservoir_is_bounded_and_keeps_everything_below_capacity():

@@ -315,7 +315,7 @@ def test_each_predictor_class_emits_what_its_reference_computes(kind):
         "p",
         [helper.make_tensor_value_info(ffn.x, TensorProto.FLOAT, [None, ffn.w1_stored.shape[0]])],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
-        b.initializers,
+        b.constants.tensors(),
     )
     got = create_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])).run(
         None, {ffn.x: x.astype(np.float32)}

@@ -52,7 +52,8 @@ def test_the_timing_models_compute_the_ffn_and_its_rewrite(spelling):
     assert np.abs(dense - want).max() <= 1e-5 * np.abs(want).max()
     lines = reference.NeuronLines(*(np.zeros(ffn.hidden) for _ in range(2)), np.zeros(ffn.hidden), np.zeros(ffn.hidden))
     # Windows of width zero: every neuron falls back, so the rewrite is the FFN itself.
-    nodes, inits = emit_ffn(ffn, lines, CustomFallback(), 17, 0.0, 0.0)
+    nodes, constants = emit_ffn(ffn, lines, CustomFallback(), 17, 0.0, 0.0)
+    inits = constants.tensors()
     rewritten = runtime.make_session(speed.rewritten_ffn_model(ffn, nodes, inits)).run(None, {ffn.x: x})[0]
     assert np.abs(rewritten - want).max() <= 1e-5 * np.abs(want).max()
 
@@ -60,7 +61,9 @@ def test_the_timing_models_compute_the_ffn_and_its_rewrite(spelling):
 def test_real_timings_are_medians_of_alternated_runs():
     model = ffn_model("erf_div")
     (ffn,), _ = find_ffns(model)
-    nodes, inits = emit_ffn(ffn, reference.NeuronLines(*(np.zeros(ffn.hidden),) * 4), CustomFallback(), 17, 0.0, 0.0)
+    zeros = reference.NeuronLines(*(np.zeros(ffn.hidden),) * 4)
+    nodes, constants = emit_ffn(ffn, zeros, CustomFallback(), 17, 0.0, 0.0)
+    inits = constants.tensors()
     x = np.random.default_rng(0).standard_normal((100, D)).astype(np.float32)
     check = speed.check_ffn(ffn, nodes, inits, x, [(4, 8), (1, 1)])
     timed = list(check.speedups)  # fewest tokens first, up to the first shape where the rewrite is slower
