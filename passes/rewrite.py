@@ -9,6 +9,7 @@ import onnx
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.emit import FallbackForm, emit_ffn
 from tardis_onnx.errors import TardisError, first_line, is_onnxruntime_error
+from tardis_onnx.io import ExternalDataWriter
 from tardis_onnx.passes.fit import FittedFfn
 from tardis_onnx.predictor import PredictorChoice
 from tardis_onnx.report import FfnReport, speedup_text
@@ -31,19 +32,31 @@ def emit_fastest(
     config: TardisConfig,
     warnings: list[str],
     timings: TimingCache | None = None,
+    weights: ExternalDataWriter | None = None,
 ) -> tuple[PredictorChoice, list[onnx.NodeProto], list[onnx.TensorProto], FfnReport]:
     """The chosen predictor, the rewrite's nodes and initializers, and its report row (:func:`_fold_fastest`);
-    ``timing``: run the never-slower check; ``timings``: the run's earlier checks, reused where they hold."""
+    ``timing``: run the never-slower check; ``timings``: the run's earlier checks, reused where they hold;
+    ``weights``: where the kept rewrite's large initializers are written as they are made."""
     ffn, result = fitted.ffn, fitted.calibration
 
     def emit(c):
         return emit_ffn(ffn, c.flags, form, opset, config.margin, result.coverage, c.predictor, fold=result.fold)
 
-    return _fold_fastest(ffn, result, fitted.candidates, fitted.samples.x, timing, emit, config, warnings, timings)
+    candidates, x = fitted.candidates, fitted.samples.x
+    return _fold_fastest(ffn, result, candidates, x, timing, emit, config, warnings, timings, weights)
 
 
 def _fold_fastest(
-    ffn, result, candidates, x, timing: bool, emit, config: TardisConfig, warnings: list[str], timings=None
+    ffn,
+    result,
+    candidates,
+    x,
+    timing: bool,
+    emit,
+    config: TardisConfig,
+    warnings: list[str],
+    timings=None,
+    weights=None,
 ):
     """The first predictor choice (cheapest first) whose rewrite is not slower than the original at any
     serving shape, with its nodes, initializers and report row. Untimed: the cheapest. Where none pays:
@@ -78,7 +91,7 @@ def _fold_fastest(
         if check is not None:
             row.speedups = check.speedups
         if check is None or check.pays:
-            return choice, nodes, constants.tensors() if initializers is None else initializers, row
+            return choice, nodes, constants.tensors(weights) if initializers is None else initializers, row
         tried.append((choice, row))  # its nodes and initializers are dropped: a kept FFN emits none
     choice, row = max(tried, key=lambda t: t[1].slowest()[1]) if tried else refused
     return choice, [], [], row.kept()

@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 from tardis_onnx import reference, runtime
 from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MATMUL, ffn_prefix
 from tardis_onnx.errors import TardisError
+from tardis_onnx.io import ExternalDataWriter
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.predictor import ExactPredictor, LowRankPredictor, Predictor
 from tardis_onnx.subgraphs import Scope, walk
@@ -32,8 +33,13 @@ class Constants:
         """The bytes the tensors will hold."""
         return sum(int(np.size(values)) * np.dtype(dtype).itemsize for _, values, dtype in self.pending)
 
-    def tensors(self) -> list[onnx.TensorProto]:
-        return [numpy_helper.from_array(np.asarray(v).astype(dtype), name) for name, v, dtype in self.pending]
+    def tensors(self, writer: ExternalDataWriter | None = None) -> list[onnx.TensorProto]:
+        """The tensors; with ``writer``, those it takes written to its external data as they are made."""
+        made = []
+        for name, values, dtype in self.pending:
+            array = np.asarray(values).astype(dtype, copy=False)
+            made.append(numpy_helper.from_array(array, name) if writer is None else writer.add_array(name, array))
+        return made
 
 
 class _Builder:

@@ -14,6 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, set_external_data, write_external_data_tensors
+from onnx.helper import np_dtype_to_tensor_dtype
 
 from tardis_onnx.errors import TardisError, first_line
 from tardis_onnx.files import StagedWrites, all_tensors
@@ -232,6 +233,16 @@ class ExternalDataWriter:
         tensor.data_location = onnx.TensorProto.EXTERNAL
         if tensor.name:
             self.written.add(tensor.name)
+
+    def add_array(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """A tensor ``name`` holding ``array``: written from the array itself when of at least ``min_bytes`` (no
+        copy into a proto and out again), else inline."""
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        if array.nbytes < self.min_bytes:
+            return numpy_helper.from_array(array, name)
+        tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=np_dtype_to_tensor_dtype(array.dtype))
+        self.append(tensor, [array.data])
+        return tensor
 
     def _copied(self, name: str, info: ExternalDataInfo, path: Path) -> Iterator[bytes]:
         """The bytes of an external tensor, a chunk at a time."""

@@ -136,7 +136,9 @@ def optimize_model(
             with stages("fit"):
                 fit = next(fitted)
             with stages("emit"):
-                choice, nodes, initializers, row = emit_fastest(fit, form, opset, timing, config, warnings, timings)
+                choice, nodes, initializers, row = emit_fastest(
+                    fit, form, opset, timing, config, warnings, timings, weights
+                )
                 if not row.kept_original:
                     replacements += ffn.rewrite(nodes, initializers)
                     for tensor in initializers if weights is not None else ():
