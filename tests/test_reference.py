@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tardis_onnx import reference
+from tardis_onnx import parallel, reference
 
 
 @pytest.mark.parametrize("form,approximate", [("erf", "none"), ("tanh", "tanh")])
@@ -29,6 +29,20 @@ def test_gelu_in_float32_where_asked_is_float64_to_float32_rounding(form):
     # A float32 z is compared as float64 would be: the same outliers, bit for bit
     np.testing.assert_array_equal(
         reference.outside_window(z[:, None], lines), reference.outside_window(z[:, None].astype(np.float64), lines)
+    )
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("form", ["erf", "tanh"])
+def test_gelu_and_residual_of_a_large_array_are_those_of_one_call(form, threads, monkeypatch):
+    monkeypatch.setenv("TARDIS_THREADS", threads)
+    z = np.random.default_rng(3).standard_normal((700, 1000)).astype(np.float32)  # 2.8 MB: 3 blocks of rows
+    lines = reference.NeuronLines(*np.random.default_rng(4).standard_normal((4, 1000)))
+    assert z.nbytes > 2 * parallel.ROW_BLOCK_BYTES
+    whole = reference._gelu(z, form)
+    np.testing.assert_array_equal(reference.gelu(z, form, np.float32), whole)
+    np.testing.assert_array_equal(
+        reference.residual(z, lines, form, np.float32), whole - reference.line(z, lines, np.float32)
     )
 
 
