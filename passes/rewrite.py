@@ -80,8 +80,6 @@ def _fold_fastest(
                     timings.add(key, TimedRewrite(ffn.name, choice.flagged_fraction, check))
             else:
                 check = None
-                if check is not None and timings is not None:
-                    timings.add(key, TimedRewrite(ffn.name, choice.flagged_fraction, check))
         except RewriteFailed as exc:
             warnings.append(
                 f"{ffn.name}: ONNX Runtime cannot run the rewrite with the {choice.predictor.kind} predictor ({exc})"

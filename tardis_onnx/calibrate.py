@@ -457,13 +457,13 @@ class FfnTokens:
         step = max(1, (1 << 22) // max(self.ffn.hidden, 1))
         return (slice(start, start + step) for start in range(0, self.x.shape[0], step))
 
-    def miss(self, lines: reference.NeuronLines) -> tuple[np.ndarray, int]:
+    def miss(self, lines: reference.NeuronLines) -> np.ndarray:
         """By how much the plain fold of ``lines`` misses its target on these tokens (the true output minus the
         exact fallback term), ``x·Wf + bf − target = (line(z) − GELU(z))·W2`` over the pre-activations inside
         their windows (outside, the fallback is exact), without forming the fold (``n·h·d`` operations instead of
-        the fold's ``d·h·d``); and how many pre-activations fall outside."""
+        the fold's ``d·h·d``)."""
         ffn, precision = self.ffn, self.ffn.precision
-        miss, outliers = np.empty((self.x.shape[0], ffn.w2_stored.shape[1]), dtype=precision), 0
+        miss = np.empty((self.x.shape[0], ffn.w2_stored.shape[1]), dtype=precision)
 
         def inside(z: np.ndarray) -> np.ndarray:  # line(z) − GELU(z) inside the windows, 0 outside
             return np.where(
@@ -471,10 +471,8 @@ class FfnTokens:
             )
 
         for rows in self._blocks():
-            z = self.z[rows]
-            outliers += int(reference.outside_window(z, lines).sum())
-            miss[rows] = ffn.times_w2(parallel.map_rows(inside, z))
-        return miss, outliers
+            miss[rows] = ffn.times_w2(parallel.map_rows(inside, self.z[rows]))
+        return miss
 
     def error(self, miss: np.ndarray) -> float:
         """``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of a fold whose outputs miss the target (the true output with the exact
@@ -498,12 +496,12 @@ def fold_best(
     best = None  # (candidate, recipe, ridge, refit, held-out error): only the best is kept
     for candidate in candidates:
         refit, ridges = None, ()
-        held_miss = None if heldout is None else heldout.miss(candidate.lines)[0]
+        held_miss = None if heldout is None else heldout.miss(candidate.lines)
         if config.refit and candidate.recipe != "plain":
             chosen_ridge = config.refit_ridge if config.refit_ridge is not None else DEFAULT_REFIT_RIDGE
             ridges = REFIT_RIDGES if config.refit_ridge is None and heldout is not None else (chosen_ridge,)
             products = budget.token_products(fit.x) if products is None else products
-            refit = budget.Refit(fit.x, products, fit.miss(candidate.lines)[0])
+            refit = budget.Refit(fit.x, products, fit.miss(candidate.lines))
         for ridge in (None, *ridges):
             if heldout is None:
                 held = math.nan
@@ -522,7 +520,7 @@ def fold_best(
         delta_w, delta_b, square = refit.correction(ridge)
         wf, bf, fit_error = wf + delta_w, bf + delta_b, fit.relative(square)
     else:
-        fit_error = fit.error(refit.miss if refit is not None else fit.miss(candidate.lines)[0])
+        fit_error = fit.error(refit.miss if refit is not None else fit.miss(candidate.lines))
     if not (np.isfinite(wf).all() and np.isfinite(bf).all()):
         raise TardisError(f"FFN {ffn.name}: the folded weights are not finite (non-finite weights or calibration?)")
     tokens = fit.x.shape[0]
