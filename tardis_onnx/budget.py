@@ -84,10 +84,7 @@ def candidate_tables(
         g = reference.gelu(s, form)
         shift_g = g.mean(axis=0)
         zc, gc = s - shift_z, g - shift_g  # centred: prefix sums lose less precision
-        prefix = [
-            np.concatenate([np.zeros((1, cols.size)), np.cumsum(v, axis=0)])
-            for v in (zc, gc, zc * zc, gc * gc, zc * gc)
-        ]
+        prefix = [_running_sums(v) for v in (zc, gc, zc * zc, gc * gc, zc * gc)]
         for grid_arr, (_, window), (lo, hi, slope, intercept, sse) in zip(grids, specs, arrays, strict=True):
             for gi, t in enumerate(grid_arr):
                 k = window_size(n, t)
@@ -99,7 +96,7 @@ def candidate_tables(
                     if window == "narrowest":
                         start = np.argmin(s[k - 1 :] - s[: n - k + 1], axis=0)
                     else:
-                        start = np.argmin(_window_errors(prefix, k, slice(None)), axis=0)
+                        start = np.argmin(_window_errors(prefix, k), axis=0)
                 a, c, err = _window_fit(prefix, start, k_fit, s, shift_z, shift_g, form)
                 idx = np.arange(cols.size)
                 if k == 0:
@@ -118,21 +115,42 @@ def candidate_tables(
     ]
 
 
-def _window_sums(prefix: list[np.ndarray], start: np.ndarray | slice, k: int):
-    if isinstance(start, slice):
-        return [p[k:] - p[: p.shape[0] - k] for p in prefix]
+def _running_sums(v: np.ndarray) -> np.ndarray:
+    """``p[i] = Σ_{r < i} v[r]`` down the rows of ``v: [n, c]`` (``n + 1`` rows, the first zero): numpy's cumsum, a
+    row at a time (contiguous; cumsum along axis 0 strides through memory at several times the cost)."""
+    p = np.empty((v.shape[0] + 1, v.shape[1]))
+    p[0] = 0.0
+    for i, row in enumerate(v):
+        np.add(p[i], row, out=p[i + 1])
+    return p
+
+
+def _window_sums(prefix: list[np.ndarray], start: np.ndarray, k: int):
     cols = np.arange(prefix[0].shape[1])
     return [p[start + k, cols] - p[start, cols] for p in prefix]
 
 
-def _window_errors(prefix: list[np.ndarray], k: int, start) -> np.ndarray:
-    """In-window least-squares SSE of every window of ``k`` consecutive sorted samples."""
-    sz, sg, szz, sgg, szg = _window_sums(prefix, start, k)
-    sxx = szz - sz * sz / k
-    sxy = szg - sz * sg / k
-    syy = sgg - sg * sg / k
-    safe = np.where(sxx > 0, sxx, 1.0)
-    return np.maximum(np.where(sxx > 0, syy - sxy * sxy / safe, syy), 0.0)
+def _window_errors(prefix: list[np.ndarray], k: int) -> np.ndarray:
+    """In-window least-squares SSE of every window of ``k`` consecutive sorted samples (``[n − k + 1, c]``), in place
+    on a few buffers: ``syy − sxy²/sxx`` where ``sxx > 0`` (else ``syy``), never below 0."""
+    p_z, p_g, p_zz, p_gg, p_zg = prefix
+    starts = p_z.shape[0] - k
+
+    def window(p: np.ndarray) -> np.ndarray:  # each window's sum, from the running sums
+        return np.subtract(p[k:], p[:starts])
+
+    sz, sg, sxx, sxy, syy = window(p_z), window(p_g), window(p_zz), window(p_zg), window(p_gg)
+    term = np.multiply(sz, sz)
+    for total, a, b in ((sxx, sz, sz), (sxy, sz, sg), (syy, sg, sg)):  # centred: total − a·b / k
+        np.multiply(a, b, out=term)
+        term /= k
+        total -= term
+    positive = sxx > 0
+    np.copyto(sxx, 1.0, where=~positive)
+    np.multiply(sxy, sxy, out=term)
+    term /= sxx
+    np.subtract(syy, term, out=syy, where=positive)
+    return np.maximum(syy, 0.0, out=syy)
 
 
 def _window_fit(prefix, start, k, s, shift_z, shift_g, form):

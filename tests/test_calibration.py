@@ -2,6 +2,7 @@
 streaming capture equals the exact reference, budgets are met, the refit lowers calibration error."""
 
 import gc
+import math
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,15 @@ def test_candidate_table_matches_the_reference_and_its_errors_are_in_window_sse(
             np.testing.assert_allclose(tab.sse[g], sse, rtol=1e-7, atol=1e-12)
             assert inside.sum(axis=0).min() >= np.ceil(t * z.shape[0] - 1e-9)
         assert np.all(best.sse[g] <= table.sse[g] + 1e-12)  # least-error windows never fit worse
+    # The least-error window is the least of every window of k consecutive sorted samples, fitted one by one
+    k, n = math.ceil(0.8 * z.shape[0] - 1e-9), z.shape[0]
+    for col in range(3):
+        s = np.sort(z[:, col])
+        sse = [
+            np.linalg.lstsq(np.c_[w, np.ones(k)], reference.gelu(w, "erf"), rcond=None)[1][0]
+            for w in (s[i : i + k] for i in range(n - k + 1))
+        ]
+        np.testing.assert_allclose(best.sse[grid.index(0.8), col], min(sse) / n, rtol=1e-7, atol=1e-15)
     # Both from one sort: the same tables
     together = budget.candidate_tables(z, [(grid, "narrowest"), ((0.9,), "least-error")], "erf")
     for one, alone in zip(together, [table, budget.candidate_table(z, (0.9,), "erf", "least-error")], strict=True):
