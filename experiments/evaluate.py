@@ -434,7 +434,7 @@ def run(args: argparse.Namespace) -> dict:
             "tokens_seen": samples[0].seen,
             "tokens_kept": n_tokens,
             "reservoir_bound_bytes": len(ffns) * args.max_samples * (4 * d + 8),
-            "reservoir_bytes": int(sum(s.x.nbytes for s in samples)),
+            "reservoir_bytes": int(sum(s.x.nbytes + s.y.nbytes for s in samples)),
             "capture_seconds": capture_s,
         },
         "stsb": {"path": str(stsb_path), "pairs": len(evaluator.gold), "tokens": evaluator.tokens},

@@ -63,8 +63,8 @@ def fit_ffns(
 
     def fit(i: int) -> FittedFfn:
         ffn, (fit_samples, held_samples) = ffns[i], parts(i)
-        fit_tokens = FfnTokens(ffn, fit_samples.x)
-        held_tokens = None if held_samples is None else FfnTokens(ffn, held_samples.x)
+        fit_tokens = FfnTokens(ffn, fit_samples)
+        held_tokens = None if held_samples is None else FfnTokens(ffn, held_samples)
         if planned is None:
             windows = plan_windows(ffn, fit_samples, budgets[i], config, fit_tokens.z)
             candidates = window_candidates([windows], [ffn], [budgets[i]], config)[0]

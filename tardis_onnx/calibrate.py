@@ -1,14 +1,16 @@
-"""Calibrate: run the original model, keep a bounded sample of each FFN's inputs, fit windows and lines.
+"""Calibrate: run the original model, keep a bounded sample of each FFN's inputs and outputs, fit windows and
+lines.
 
 Memory bound (explicit, :func:`reservoir_bytes`): each FFN keeps a uniform reservoir of at most
-``max_samples`` input rows ``x`` (float32, or float16 as an fp16 model computes them; ``d`` values each,
-plus an 8-byte sort key), so capture holds at most ``Σ_FFN max_samples · (4·d + 8)`` bytes however many
-tokens stream by; a large model's reservoirs (:func:`is_large`) keep their rows in files in a temporary folder
-(``$TMPDIR``) instead, 8 bytes a row in memory. Storing ``x`` instead of ``z = x·W1 + b1`` is 4× smaller for
-``h = 4d``: an FFN's ``z`` (:class:`FfnTokens`; ``n × h`` in the FFN's precision: 0.3 GB in float32 at 4096
-tokens of a 7B FFN) is computed when that FFN is fitted, once for its windows, folds and predictors.
-With ``max_samples`` at least the number of calibration tokens every token is kept and the statistics
-equal the exact reference.
+``max_samples`` tokens: the input rows ``x`` and the output rows ``y`` the model computed from them (float32, or
+float16 as an fp16 model computes them; ``d + d_out`` values a token, plus two 8-byte sort keys), so capture
+holds at most ``Σ_FFN max_samples · (4·(d + d_out) + 16)`` bytes however many tokens stream by; a large model's
+reservoirs (:func:`is_large`) keep their rows in files in a temporary folder (``$TMPDIR``) instead, 16 bytes a
+token in memory. Storing ``x`` instead of ``z = x·W1 + b1`` is 4× smaller for ``h = 4d``: an FFN's ``z``
+(:class:`FfnTokens`; ``n × h`` in the FFN's precision: 0.3 GB in float32 at 4096 tokens of a 7B FFN) is computed
+when that FFN is fitted, once for its windows, folds and predictors; its true outputs come from the model (at
+7B, the ``n·h·d`` product they would cost is the model's own). With ``max_samples`` at least the number of
+calibration tokens every token is kept and the statistics equal the exact reference.
 """
 
 from __future__ import annotations
@@ -136,14 +138,15 @@ class SampleReservoir:
 
 @dataclass
 class FfnSamples:
-    """The kept calibration inputs ``x: [n, d]`` (float32; float16 for an fp16 FFN) of one FFN, and how many
-    tokens streamed by.
+    """The kept calibration inputs ``x: [n, d]`` (float32; float16 for an fp16 FFN) of one FFN, its outputs ``y``
+    at them as the model computed them, and how many tokens streamed by.
 
     Candidate tables (the costly part of budgets) are cached here, so one capture serves many configs.
     """
 
     name: str
     x: np.ndarray
+    y: np.ndarray  # the model's outputs of the FFN at those tokens (``[n, d_out]``, as ``x`` is kept)
     seen: int
     tables: dict = field(default_factory=dict)
     store: object = None  # what ``x`` is mapped from, kept while it is (a large model's spilled reservoir)
@@ -153,6 +156,7 @@ class FfnSamples:
         for key in [k for k in self.tables if k[0] == "split"]:
             del self.tables[key]
         release(self.x)
+        release(self.y)
 
     def split(self, holdout: float, seed: int = 0) -> tuple[FfnSamples, FfnSamples | None]:
         """The fit tokens and the held-out ones (a random ``holdout`` fraction; None when that is no
@@ -167,8 +171,8 @@ class FfnSamples:
                 order = np.random.default_rng(seed).permutation(n)
                 fit_rows, held_rows = np.sort(order[held:]), np.sort(order[:held])
                 self.tables[key] = (
-                    FfnSamples(self.name, self.x[fit_rows], self.seen),
-                    FfnSamples(self.name, self.x[held_rows], self.seen),
+                    FfnSamples(self.name, self.x[fit_rows], self.y[fit_rows], self.seen),
+                    FfnSamples(self.name, self.x[held_rows], self.y[held_rows], self.seen),
                 )
         return self.tables[key]
 
@@ -259,9 +263,10 @@ def capture_ffn_inputs(
     progress=None,
     weights_dir=None,
 ) -> list[FfnSamples]:
-    """Each FFN's inputs over ``feeds`` (padding tokens dropped), a uniform reservoir of ``max_samples`` rows.
+    """Each FFN's inputs and outputs over ``feeds`` (padding tokens dropped), a uniform reservoir of
+    ``max_samples`` tokens (the outputs' reservoir draws the inputs' keys: it keeps the same tokens).
 
-    ``feeds``: see :func:`iterate_feeds`. Tokens whose FFN input holds a non-finite value are skipped and
+    ``feeds``: see :func:`iterate_feeds`. Tokens whose FFN input or output holds a non-finite value are skipped and
     counted in ``stats``; ``progress`` (a callable taking a count) is told of each batch. ``weights_dir``:
     where a graph-only ``model`` keeps its external data (ONNX Runtime maps it from there).
     """
@@ -269,14 +274,19 @@ def capture_ffn_inputs(
     probe.CopyFrom(model)
     graph_inputs = {i.name for i in probe.graph.input}
     sources = [_probe_outputs(probe, ffn) for ffn in ffns]
-    names = sorted({name for source in sources for name in source} - graph_inputs)
+    names = sorted({name for source in sources for part in source for name in part} - graph_inputs)
     prune(probe.graph, names)  # the model's own outputs (an LM head's logits) are not computed
     session = create_session(probe, weights_dir=weights_dir) if names else None
     stats = stats if stats is not None else CaptureStats()
-    # A large model's reservoirs (32 × 4,096 tokens × 4,544 fp16 at 7B: 1.2 GB) go to files, not memory.
+    # A large model's reservoirs (32 × 4,096 tokens × (4,544 + 4,544) fp16 at 7B: 2.4 GB) go to files, not memory.
     store = tempfile.TemporaryDirectory(prefix="tardis-calibration-") if is_large(ffns) else None
     reservoirs = [
-        SampleReservoir(max_samples, seed + i, _row_dtype(f), None if store is None else Path(store.name) / f"{i}.bin")
+        tuple(
+            SampleReservoir(
+                max_samples, seed + i, _row_dtype(f), None if store is None else Path(store.name) / f"{i}{part}"
+            )
+            for part in (".x", ".y")
+        )
         for i, f in enumerate(ffns)
     ]
     for batch in iterate_feeds(feeds):
@@ -293,15 +303,19 @@ def capture_ffn_inputs(
         rows_per_ffn = []
         finite = None
         for ffn, source in zip(ffns, sources, strict=True):
-            parts = [np.asarray(batch[s] if s in graph_inputs else values[s]) for s in source]
-            rows = np.concatenate([p.reshape(-1, ffn.w1_stored.shape[0]) for p in parts])
-            if keep is not None and keep.size == rows.shape[0]:
-                rows = rows[keep]
-            ok = np.isfinite(rows).all(axis=1)
+            rows = []
+            for names_of_part, width in zip(source, (ffn.w1_stored.shape[0], ffn.w2_stored.shape[1]), strict=True):
+                parts = [np.asarray(batch[s] if s in graph_inputs else values[s]) for s in names_of_part]
+                rows.append(np.concatenate([p.reshape(-1, width) for p in parts]))
+                if keep is not None and keep.size == rows[-1].shape[0]:
+                    rows[-1] = rows[-1][keep]
+            ok = np.isfinite(rows[0]).all(axis=1) & np.isfinite(rows[1]).all(axis=1)
             finite = ok if finite is None or finite.shape != ok.shape else finite & ok
-            rows_per_ffn.append(rows)
-        for rows, reservoir in zip(rows_per_ffn, reservoirs, strict=True):
-            reservoir.add(rows[finite] if finite.shape[0] == rows.shape[0] else rows[np.isfinite(rows).all(axis=1)])
+            rows_per_ffn.append((rows, ok))
+        for (rows, ok), pair in zip(rows_per_ffn, reservoirs, strict=True):
+            kept = finite if finite.shape == ok.shape else ok
+            for part, reservoir in zip(rows, pair, strict=True):
+                reservoir.add(part[kept])
         stats.batches += 1
         stats.tokens += int(finite.size)
         stats.skipped_tokens += int(finite.size - finite.sum())
@@ -309,14 +323,16 @@ def capture_ffn_inputs(
             progress(1)
     if stats.batches == 0:
         raise TardisError("the calibration data holds no batch")
-    kept = [r.kept() for r in reservoirs]
-    for ffn, rows in zip(ffns, kept, strict=True):
+    kept = [(x.kept(), y.kept()) for x, y in reservoirs]
+    for ffn, (rows, _) in zip(ffns, kept, strict=True):
         if rows is None or rows.shape[0] == 0:
             why = (
                 "all non-finite" if stats.skipped_tokens else "its subgraph never ran?" if ffn.scope else "all padding?"
             )
             raise TardisError(f"no calibration token reached FFN {ffn.name} ({why})")
-    return [FfnSamples(f.name, x, r.seen, store=store) for f, x, r in zip(ffns, kept, reservoirs, strict=True)]
+    return [
+        FfnSamples(f.name, x, y, r.seen, store=store) for f, (x, y), (r, _) in zip(ffns, kept, reservoirs, strict=True)
+    ]
 
 
 def _row_dtype(ffn: FfnMatch) -> np.dtype:
@@ -326,14 +342,23 @@ def _row_dtype(ffn: FfnMatch) -> np.dtype:
 
 def reservoir_bytes(ffns: list[FfnMatch], max_samples: int) -> int:
     """The most memory the reservoirs of :func:`capture_ffn_inputs` can hold, however long calibration runs."""
-    return sum(max_samples * (_row_dtype(f).itemsize * f.w1_stored.shape[0] + 8) for f in ffns)
+    return sum(
+        max_samples * (_row_dtype(f).itemsize * (f.w1_stored.shape[0] + f.w2_stored.shape[1]) + 16) for f in ffns
+    )
 
 
-def _probe_outputs(probe: onnx.ModelProto, ffn: FfnMatch) -> list[str]:
-    """In place: each site's input of ``ffn`` as an output of ``probe``; their names (a main-graph input: its own)."""
+def _probe_outputs(probe: onnx.ModelProto, ffn: FfnMatch) -> tuple[list[str], list[str]]:
+    """In place: each site's input and output of ``ffn`` as outputs of ``probe``; their names (a main-graph input:
+    its own)."""
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(ffn.dtype))
-    d = ffn.w1_stored.shape[0]
-    return [expose(probe, s.scope, s.x, elem, d, ffn_tensor(ffn.name, f"Probe/{i}")) for i, s in enumerate(ffn.sites)]
+
+    def exposed(value: str, width: int, label: str) -> list[str]:
+        return [
+            expose(probe, s.scope, getattr(s, value), elem, width, ffn_tensor(ffn.name, f"{label}/{i}"))
+            for i, s in enumerate(ffn.sites)
+        ]
+
+    return exposed("x", ffn.w1_stored.shape[0], "Probe"), exposed("output", ffn.w2_stored.shape[1], "ProbeOutput")
 
 
 def fallback_budgets(ffns: list[FfnMatch], config: TardisConfig) -> list[float]:
@@ -430,28 +455,20 @@ def _uniform_lines(ffn: FfnMatch, table: budget.CandidateTable, coverage: float)
 class FfnTokens:
     """One FFN's tokens in its precision (float64; float32 for a large FFN), with what every candidate's fold is
     measured against: the pre-activations ``z = x·W1 + b1`` (computed once, ``n × h``, shared with the windows
-    and the predictors), the true outputs ``y`` and their spread ``Σ‖y − ȳ‖²``."""
+    and the predictors), the true outputs ``y`` (the model's, captured with the inputs) and their spread
+    ``Σ‖y − ȳ‖²``."""
 
-    def __init__(self, ffn: FfnMatch, x: np.ndarray) -> None:
+    def __init__(self, ffn: FfnMatch, samples: FfnSamples) -> None:
         self.ffn = ffn
-        self.x = np.asarray(x, dtype=ffn.precision)
+        self.x = np.asarray(samples.x, dtype=ffn.precision)
         self.z = self.x @ ffn.w1
         if ffn.b1 is not None:
             self.z += ffn.b1
-        n, d_out = self.x.shape[0], ffn.w2_stored.shape[1]
-        self.y = np.empty((n, d_out), dtype=ffn.precision)  # the true outputs
-        y_sum, y_sq = np.zeros(d_out), 0.0
-        for rows in self._blocks():
-            y = ffn.times_w2(self._gelu(self.z[rows]))
-            if ffn.b2 is not None:
-                y += ffn.b2
-            self.y[rows] = y
-            y_sum += y.sum(axis=0)
-            y_sq += float((y * y).sum())
+        self.y = np.asarray(samples.y, dtype=ffn.precision)
+        n = self.y.shape[0]
+        y_sum = self.y.sum(axis=0, dtype=np.float64)
+        y_sq = float(np.square(self.y).sum(dtype=np.float64))
         self.spread = y_sq - float((y_sum * y_sum).sum()) / n if n else 0.0
-
-    def _gelu(self, z: np.ndarray) -> np.ndarray:
-        return reference.gelu(z, self.ffn.gelu.form, self.ffn.precision)
 
     def _blocks(self) -> Iterator[slice]:
         step = max(1, (1 << 22) // max(self.ffn.hidden, 1))

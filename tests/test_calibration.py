@@ -143,8 +143,9 @@ def test_a_large_models_calibration_inputs_are_spilled_to_a_temporary_folder(mon
     ffns, _ = find_ffns(model)
     (spilled,) = capture_ffn_inputs(model, ffns, feeds, max_samples=20)
     folder = Path(spilled.store.name)
-    assert isinstance(spilled.x, np.memmap) and [p.name for p in folder.iterdir()] == ["0.bin"]
+    assert isinstance(spilled.x, np.memmap) and sorted(p.name for p in folder.iterdir()) == ["0.x", "0.y"]
     np.testing.assert_array_equal(spilled.x, small.x)
+    np.testing.assert_array_equal(spilled.y, small.y)
     fit, held = spilled.split(0.2)
     spilled.release()  # once folded: the split copies go, the file stays until the samples do
     assert not spilled.tables and folder.is_dir()
@@ -153,16 +154,26 @@ def test_a_large_models_calibration_inputs_are_spilled_to_a_temporary_folder(mon
     assert not folder.exists()
 
 
-def test_streaming_capture_equals_the_exact_preactivations():
+def test_streaming_capture_equals_the_exact_preactivations_and_outputs():
     model = ffn_model("erf_div")
     feeds = [random_feeds(model, 2, 8, seed=i) for i in range(3)]
     ffns, _ = find_ffns(model)
+    ffn = ffns[0]
     (everything,) = capture_ffn_inputs(model, ffns, feeds, max_samples=10_000)
-    z = everything.preactivations(ffns[0])
+    z = everything.preactivations(ffn)
     x = np.concatenate([f["x"].reshape(-1, D) for f in feeds]).astype(np.float64)
-    np.testing.assert_allclose(z, x @ ffns[0].w1 + ffns[0].b1, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(z, x @ ffn.w1 + ffn.b1, rtol=1e-6, atol=1e-5)
+
+    def outputs(x):  # the FFN in numpy: what the model computes from x
+        return reference.gelu(np.asarray(x, np.float64) @ ffn.w1 + ffn.b1, ffn.gelu.form) @ ffn.w2 + ffn.b2
+
+    np.testing.assert_allclose(everything.y, outputs(x), rtol=1e-5, atol=1e-5)
     (kept,) = capture_ffn_inputs(model, ffns, feeds, max_samples=20)
-    assert kept.x.shape == (20, D) and kept.seen == 48
+    assert kept.x.shape == (20, D) and kept.y.shape == (20, D) and kept.seen == 48
+    np.testing.assert_allclose(kept.y, outputs(kept.x), rtol=1e-5, atol=1e-5)  # each kept output its input's
+    fit, held = kept.split(0.25)
+    for part in (fit, held):
+        np.testing.assert_allclose(part.y, outputs(part.x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "layer", "global"])
