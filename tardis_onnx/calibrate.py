@@ -15,6 +15,7 @@ calibration tokens every token is kept and the statistics equal the exact refere
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -482,14 +483,17 @@ class FfnTokens:
         ffn, precision = self.ffn, self.ffn.precision
         miss = np.empty((self.x.shape[0], ffn.w2_stored.shape[1]), dtype=precision)
 
-        def inside(z: np.ndarray) -> np.ndarray:  # line(z) − GELU(z) inside the windows, 0 outside
-            return np.where(
-                reference.outside_window(z, lines), 0.0, -reference.residual(z, lines, ffn.gelu.form, precision)
-            )
+        def inside(z: np.ndarray, g: np.ndarray) -> np.ndarray:  # line(z) − GELU(z) inside the windows, 0 outside
+            return np.where(reference.outside_window(z, lines), 0.0, reference.line(z, lines, precision) - g)
 
         for rows in self._blocks():
-            miss[rows] = ffn.times_w2(parallel.map_rows(inside, self.z[rows]))
+            miss[rows] = ffn.times_w2(parallel.map_rows(inside, self.z[rows], self.gelu[rows]))
         return miss
+
+    @functools.cached_property
+    def gelu(self) -> np.ndarray:
+        """``GELU(z)``, once for every candidate's miss."""
+        return reference.gelu(self.z, self.ffn.gelu.form, self.ffn.precision)
 
     def error(self, miss: np.ndarray) -> float:
         """``Σ‖ŷ − y‖² / Σ‖y − ȳ‖²`` of a fold whose outputs miss the target (the true output with the exact
