@@ -283,7 +283,9 @@ class Refit:
 
     def _system(self, ridge: float) -> np.ndarray:
         """``AAᵀ + ρI`` (the kernel form) or ``AᵀA + ρI``."""
-        return self.products + self._rho(ridge) * np.eye(self.products.shape[0])
+        system = self.products.copy()
+        system[np.diag_indices_from(system)] += self._rho(ridge)
+        return system
 
     def correction(self, ridge: float) -> tuple[np.ndarray, np.ndarray, float]:
         """``(ΔWf, Δbf)`` and the refitted fold's ``Σ‖A·(B0 + Δ) − target‖²`` on the fit tokens (in the kernel

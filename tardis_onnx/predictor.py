@@ -612,7 +612,7 @@ def predicted_residual_errors(
     wf, bf = fold if fold is not None else fold_weights(ffn.w1, ffn.b1, ffn.w2, ffn.b2, lines)
     z_hat = predictor.predict(x, ffn.w1, ffn.b1) if z_hat is None else z_hat
     flagged = outside_window(z_hat, flags, margin)
-    base = x @ wf + bf
+    base = np.asarray(x, dtype=wf.dtype) @ wf + bf  # in the fold's precision (a large FFN's float32)
     spread = max(float(np.square(y - y.mean(axis=0)).sum()), 1e-300)
     errors = []
     for pre in (z, z_hat):
