@@ -184,4 +184,9 @@ def test_the_fit_profile_names_where_one_ffns_time_goes(tmp_path):
     assert result["predictor"] in PREDICTORS and result["recipe"] and result["peak_traced_mib"] > 0
     times = [f["cumulative_s"] for f in result["functions"]]
     assert times == sorted(times, reverse=True) and any("fit_ffns" in f["name"] for f in result["functions"])
+    assert fit_profile.main([*argv, "--steps"]) == 0  # wall-clock steps, none left patched
+    steps = json.loads(out.read_text())["steps"]
+    assert list(steps) == [label for label, _, _ in fit_profile.STEPS] and sum(steps.values()) > 0
+    assert steps["z = x·W1 (FfnTokens)"] > 0 and steps["window tables (plan_windows)"] > 0
+    assert all(getattr(owner, name).__name__ != "timed" for _, owner, name in fit_profile.STEPS)
     assert fit_profile.main([str(model), "--calib", str(feeds), "--ffn", "9"]) == 2
