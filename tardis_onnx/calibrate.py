@@ -314,9 +314,9 @@ def capture_ffn_inputs(
             finite = ok if finite is None or finite.shape != ok.shape else finite & ok
             rows_per_ffn.append((rows, ok))
         for (rows, ok), pair in zip(rows_per_ffn, reservoirs, strict=True):
-            kept = finite if finite.shape == ok.shape else ok
+            taken = finite if finite.shape == ok.shape else ok  # finite for every FFN, where their tokens align
             for part, reservoir in zip(rows, pair, strict=True):
-                reservoir.add(part[kept])
+                reservoir.add(part[taken])
         stats.batches += 1
         stats.tokens += int(finite.size)
         stats.skipped_tokens += int(finite.size - finite.sum())
