@@ -31,13 +31,14 @@ RANDOM_FEEDS_WARNING = (
 
 @dataclass
 class Captured:
-    """Each FFN's kept inputs (in :func:`find_ffns` order), what calibration saw and where it came from,
-    the reservoirs' memory bound, and warnings for the user."""
+    """Each FFN's kept inputs and outputs (in :func:`find_ffns` order), what calibration saw and where it came
+    from, the reservoirs' bound (in memory, or for a large model in files), and warnings for the user."""
 
     samples: list[FfnSamples]
     stats: CaptureStats
     source: str
     bound_mib: float
+    in_files: bool = False
     warnings: list[str] = field(default_factory=list)
 
     def summary(self, config: TardisConfig) -> dict:
@@ -53,6 +54,7 @@ class Captured:
             "fit_tokens_per_ffn": max(f.x.shape[0] for f, _ in fit_tokens),
             "heldout_tokens_per_ffn": max((0 if h is None else h.x.shape[0]) for _, h in fit_tokens),
             "reservoir_bound_mib": round(self.bound_mib, 1),
+            "reservoir_in_files": self.in_files,
         }
 
 
@@ -94,9 +96,10 @@ def capture(
                 model, ffns, calibration, config.max_samples, config.seed, stats, bar.update, weights_dir
             )
         if stats.skipped_tokens:
-            warnings.append(f"skipped {stats.skipped_tokens} calibration tokens whose FFN inputs are not finite")
+            skipped = stats.skipped_tokens
+            warnings.append(f"skipped {skipped} calibration tokens whose FFN inputs or outputs are not finite")
     source = getattr(calibration, "source", "samples given" if calibration is None else "feeds given")
-    return Captured(samples, stats, source, bound_mib, warnings)
+    return Captured(samples, stats, source, bound_mib, is_large(ffns), warnings)
 
 
 def _length(calibration) -> int | None:

@@ -262,6 +262,7 @@ def test_a_large_ffn_is_fitted_in_float32_to_the_float64_result(monkeypatch, hol
         config = TardisConfig(fallback="portable", speed_check=False, calib_batches=16, holdout=holdout)
         results[large] = optimize_model(model, config)
     (full,), (single,) = results[False].ffns, results[True].ffns
+    assert [results[k].calibration["reservoir_in_files"] for k in (False, True)] == [False, True]
     assert full.recipe == "least-error/layer" + ("+refit" if holdout == 0 else "")
     assert (single.recipe, single.predictor) == (full.recipe, full.predictor)
     assert single.calibration_error == pytest.approx(full.calibration_error, rel=1e-4)
