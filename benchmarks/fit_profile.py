@@ -75,6 +75,30 @@ def timed_steps(seconds: dict[str, float]):
             setattr(owner, name, function)
 
 
+@contextlib.contextmanager
+def profiled(result: dict, top: int):
+    """Meanwhile, cProfile and tracemalloc; then ``result["rows"]``: the ``top`` functions by cumulative seconds
+    ``(name, cumulative, own)``, and ``result["peak_mib"]``: the most memory numpy and Python held at once."""
+    profile = cProfile.Profile()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    profile.enable()
+    try:
+        yield result
+    finally:
+        profile.disable()
+        result["peak_mib"] = (tracemalloc.get_traced_memory()[1] - base) / 2**20
+        tracemalloc.stop()
+    stats = pstats.Stats(profile)
+    result["rows"] = sorted(
+        (
+            (f"{Path(file).name}:{line}({name})", cumulative, own)
+            for (file, line, name), (_, _, own, cumulative, _) in stats.stats.items()
+        ),
+        key=lambda r: -r[1],
+    )[:top]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fit_profile.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="an ONNX model (external data is memory-mapped)")
@@ -99,35 +123,15 @@ def run(args: argparse.Namespace) -> int:
         model, [ffn], load_feeds(args.calib, model), config.max_samples, weights_dir=weights_dir
     )
     form = fallback_form(config.fallback)
-    if args.steps:
-        steps: dict[str, float] = defaultdict(float)
-        started = time.perf_counter()
-        with timed_steps(steps):
-            fitted = next(fit_ffns([ffn], samples, config, form.standard_only))
-        fitted_s = time.perf_counter() - started
-        choice, _, _, row = emit_fastest(fitted, form, OPSET, not args.no_speed_check, config, [])
-        emitted_s, peak_mib = time.perf_counter() - started - fitted_s, None
-    else:
-        profile = cProfile.Profile()
-        tracemalloc.start()
-        base = tracemalloc.get_traced_memory()[0]
-        started = time.perf_counter()
-        profile.enable()
+    steps: dict[str, float] = defaultdict(float)
+    profile: dict = {}
+    started = time.perf_counter()
+    with timed_steps(steps) if args.steps else profiled(profile, args.top):
         fitted = next(fit_ffns([ffn], samples, config, form.standard_only))
         fitted_s = time.perf_counter() - started
         choice, _, _, row = emit_fastest(fitted, form, OPSET, not args.no_speed_check, config, [])
-        profile.disable()
-        emitted_s = time.perf_counter() - started - fitted_s
-        peak_mib = (tracemalloc.get_traced_memory()[1] - base) / 2**20
-        tracemalloc.stop()
-        stats = pstats.Stats(profile)
-        rows = sorted(
-            (
-                (f"{Path(file).name}:{line}({name})", cumulative, own)
-                for (file, line, name), (_, _, own, cumulative, _) in stats.stats.items()
-            ),
-            key=lambda r: -r[1],
-        )[: args.top]
+    emitted_s = time.perf_counter() - started - fitted_s
+    peak_mib, rows = profile.get("peak_mib"), profile.get("rows")
     d, h = ffn.w1_stored.shape
     peak = "" if peak_mib is None else f"; peak {peak_mib:.0f} MiB over the captured inputs"
     print(

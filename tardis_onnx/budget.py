@@ -140,7 +140,7 @@ def _window_errors(prefix: list[np.ndarray], k: int) -> np.ndarray:
         return np.subtract(p[k:], p[:starts])
 
     sz, sg, sxx, sxy, syy = window(p_z), window(p_g), window(p_zz), window(p_zg), window(p_gg)
-    term = np.multiply(sz, sz)
+    term = np.empty_like(sz)
     for total, a, b in ((sxx, sz, sz), (sxy, sz, sg), (syy, sg, sg)):  # centred: total − a·b / k
         np.multiply(a, b, out=term)
         term /= k
