@@ -8,7 +8,10 @@ Runtime on the CPU (``ORT_ENABLE_ALL``, 2 intra-op threads), as these variants:
 - ``int4``: ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric, ``accuracy_level=4``), weight-only;
 - ``tardis``: ``python -m tardis_onnx.optimize model.onnx``, the plain command;
 - ``tardis+int8`` / ``tardis+int4``: the same quantizers run on the rewritten model (naive composition:
-  the folded and attention MatMuls are quantized, the fallback op and its predictor stay as they are).
+  the folded and attention MatMuls are quantized, the fallback op and its predictor stay as they are);
+- ``tardis --quantize int8``: the command composing with int8 itself (the folded map and the int8 predictor
+  in one int8 product, int8 fallback rows, then ``quantize_dynamic`` of the rest; each FFN kept as its int8
+  self where that is not slower).
 
 For each: STS-B dev Spearman × 100 (mean pooling, cosine), the weight bytes stored, and latency at the
 shapes an encoder serves: one sentence of 12 and of 33 tokens (batch-1 latency) and 32 sentences of
@@ -66,6 +69,10 @@ def build_variants(source: Path, folder: Path) -> dict[str, Path]:
     for name, quantize in (("tardis+int8", quantize_int8), ("tardis+int4", quantize_int4)):
         files[name] = folder / f"{name}.onnx"
         quantize(files["tardis"], files[name])
+    files["tardis --quantize int8"] = folder / "tardis-quantize-int8.onnx"
+    command = [str(source), "-o", str(files["tardis --quantize int8"]), "--quantize", "int8"]
+    if optimize.main([*command, "--tokenizer", str(source.parent), "-q"]):
+        raise TardisError("optimize --quantize int8 failed")
     return files
 
 

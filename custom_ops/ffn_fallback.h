@@ -10,6 +10,11 @@
 // c = x·U that the folded MatMul appends to each y_folded row: z_hat[i] = sum over r of c[r] * v[r, i]
 // (r increasing, float accumulation).
 // Element type T is float or IEEE half (passed as its uint16_t bits); `lines` is always float32.
+// With `row_scales` set (int8 rows, the --quantize int8 rewrite), w1t and w2 are null and their
+// rows come as int8 in w1t_q and w2_q: row k stands for q[k, :] * scale[k] (scale: row_scales[k] for
+// W1ᵀ, row_scales[h + k] for W2). Decode applies it as z_i = scale * dot(x, float(q_i)) + b1[i] and
+// adds (r * scale) * float(q_i) (no converted copy); prefill converts each row (segment) to float once
+// per block, float(q) * scale.
 #pragma once
 
 #include <cstddef>
@@ -36,6 +41,9 @@ struct FallbackArgs {
   const T* v;            // [rank, h] second low-rank factor, or null (then z_hat is read)
   int64_t rank;          // 0 when v is null
   int64_t folded_stride; // row length of y_folded: d, or d + rank when v is set
+  const int8_t* w1t_q = nullptr;      // [h, d] int8 rows of W1ᵀ, or null (then w1t, or neither)
+  const int8_t* w2_q = nullptr;       // [h, d] int8 rows of W2 when row_scales is set
+  const float* row_scales = nullptr;  // [2, h]: scales of the W1ᵀ rows, then of the W2 rows; or null
 };
 
 // Runs fn(data, i) for every i in [0, total), possibly concurrently; the CPU kernel's only

@@ -14,7 +14,9 @@
 //      block's flagged neurons are packed contiguously (rows 4 KiB apart would alias in L1/L2;
 //      each W2 byte is read from memory once per block), then per token 64 accumulators live
 //      in registers while the token's pairs add r * w2[i, tile].
-// Only the W1/W2 rows of neurons flagged by some token of the block are read.
+// Only the W1/W2 rows of neurons flagged by some token of the block are read. Int8 rows (row_scales
+// set) are read as int8: the decode schedule dots and adds them converted on the fly (dots_int8,
+// axpy_int8_row), phases A2 and B convert a row or tile segment to float once per block.
 // With the low-rank predictor fused in (FallbackArgs::v), z_hat is computed where it is tested: a
 // decode part first sums its neurons' z_hat over the rows of V, two at a time (`lowrank_z`), phase
 // A1 packs its chunk's V columns once and sums each token's z_hat from them in registers
@@ -100,6 +102,11 @@ inline uint16_t float_to_half(float f) {
 
 TARDIS_CLONES void half_to_float_row(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
+}
+
+// An int8 row as the contract reads it: dst[j] = float(src[j]) * scale, rounded to float.
+TARDIS_CLONES void int8_to_float_row(const int8_t* __restrict src, float scale, float* __restrict dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]) * scale;
 }
 
 void float_to_half_row(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
@@ -202,6 +209,39 @@ TARDIS_CLONES void axpy_row(float* __restrict acc, float r, const float* __restr
     store(acc + j + kHalf, load(acc + j + kHalf) + rv * load(w + j + kHalf));
   }
   for (; j < n; ++j) acc[j] += r * w[j];
+}
+
+// acc[0:n] += rs * float(q[0:n]): an int8 row times its residual and scale (rs = r * scale), converted
+// as it is added.
+TARDIS_CLONES void axpy_int8_row(float* __restrict acc, float rs, const int8_t* __restrict q, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += rs * static_cast<float>(q[j]);
+}
+
+// out[k] = scale * dot(x[k], float(q)) for m = 1 or 2 rows x[k] and one int8 row q (16 float lanes
+// per row of x, folded as `dots` folds them).
+TARDIS_CLONES void dots_int8(const float* const* x, int m, const int8_t* __restrict q, float scale, int64_t n,
+                             float* out) {
+  for (int k = 0; k < m; ++k) {
+    Vec lo = Vec{}, hi = Vec{};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      Vec ql, qh;
+      for (int l = 0; l < kHalf; ++l) {
+        ql[l] = static_cast<float>(q[j + l]);
+        qh[l] = static_cast<float>(q[j + kHalf + l]);
+      }
+      lo += load(x[k] + j) * ql;
+      hi += load(x[k] + j + kHalf) * qh;
+    }
+    float lane[kLanes];
+    std::memcpy(lane, &lo, sizeof lo);
+    std::memcpy(lane + kHalf, &hi, sizeof hi);
+    for (int l = 0; j < n; ++j, ++l) lane[l] += x[k][j] * static_cast<float>(q[j]);
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+    }
+    out[k] = scale * lane[0];
+  }
 }
 
 // out[k] = dot(x[k], w) for m = 1 or 2 rows x[k]; along the way streams in the row `next` (same
@@ -460,6 +500,37 @@ struct Fallback {
   const float* code_block = nullptr;
   int64_t code_stride = 0;
 
+  // ---- weight rows: W1ᵀ (kW1) and W2 (kW2) as T (float or half) or as scaled int8 ----
+  enum Matrix { kW1 = 0, kW2 = 1 };
+  bool int8_rows() const { return a.row_scales != nullptr; }
+  bool has_w1() const { return a.w1t != nullptr || a.w1t_q != nullptr; }
+  // float rows are read in place; half and int8 rows are converted first.
+  bool rows_in_place() const { return std::is_same_v<T, float> && !int8_rows(); }
+  int64_t element_bytes() const { return int8_rows() ? 1 : static_cast<int64_t>(sizeof(T)); }
+  int64_t row_bytes() const { return a.d * element_bytes(); }
+  // Address of element j of row i of `m`.
+  const void* row_address(Matrix m, int64_t i, int64_t j = 0) const {
+    if (int8_rows()) return (m == kW1 ? a.w1t_q : a.w2_q) + i * a.d + j;
+    return (m == kW1 ? a.w1t : a.w2) + i * a.d + j;
+  }
+  // Elements [j0, j0 + n) of row i of `m` in float, written to dst.
+  void row_to_float(Matrix m, int64_t i, int64_t j0, int64_t n, float* dst) const {
+    if (int8_rows()) {
+      int8_to_float_row(static_cast<const int8_t*>(row_address(m, i, j0)), a.row_scales[m * a.h + i], dst, n);
+    } else if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(dst, row_address(m, i, j0), sizeof(float) * static_cast<size_t>(n));
+    } else {
+      half_to_float_row(static_cast<const uint16_t*>(row_address(m, i, j0)), dst, n);
+    }
+  }
+  // Row i of `m` in float: the weights themselves when rows_in_place(), else converted into `scratch`.
+  const float* row_float(Matrix m, int64_t i, std::vector<float>& scratch) const {
+    if (rows_in_place()) return static_cast<const float*>(row_address(m, i));
+    scratch.resize(static_cast<size_t>(a.d));
+    row_to_float(m, i, 0, a.d, scratch.data());
+    return scratch.data();
+  }
+
   static void phase_a1(void* self, size_t c) { static_cast<Fallback*>(self)->flags(static_cast<int64_t>(c)); }
   static void phase_a2(void* self, size_t c) { static_cast<Fallback*>(self)->residuals(static_cast<int64_t>(c)); }
   static void phase_b(void* self, size_t k) { static_cast<Fallback*>(self)->accumulate(static_cast<int64_t>(k)); }
@@ -539,11 +610,10 @@ struct Fallback {
     const Chunk& ch = ws.chunks[c];
     int64_t* cursor = ws.pair_cursor.data() + c * nb;
     std::vector<float> w_row, r(static_cast<size_t>(nb));
-    if constexpr (!std::is_same_v<T, float>) w_row.resize(static_cast<size_t>(d));
     const float* slope = a.lines + kSlope * h;
     const float* intercept = a.lines + kIntercept * h;
     const auto n_entries = static_cast<int64_t>(ch.neuron.size());
-    if (a.w1t == nullptr) {  // z from the prediction: no W1 row read
+    if (!has_w1()) {  // z from the prediction: no W1 row read
       for (int64_t e = 0; e < n_entries; ++e) {
         const int64_t i = ch.neuron[e];
         const float b = to_float(a.b1[i]);
@@ -557,22 +627,18 @@ struct Fallback {
       }
       return;
     }
-    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
-    for (int64_t e = 1; e < std::min(kRowsAhead, n_entries); ++e) prefetch_bytes(a.w1t + ch.neuron[e] * d, row_bytes);
+    const int64_t bytes = row_bytes();
+    for (int64_t e = 1; e < std::min(kRowsAhead, n_entries); ++e) prefetch_bytes(row_address(kW1, ch.neuron[e]), bytes);
     for (int64_t e = 0; e < n_entries; ++e) {
       const int64_t i = ch.neuron[e];
-      const T* row = a.w1t + i * d;
-      const T* next_row = e + kRowsAhead < n_entries ? a.w1t + ch.neuron[e + kRowsAhead] * d : nullptr;
-      const float* w;
-      const float* next = nullptr;
-      if constexpr (std::is_same_v<T, float>) {
-        w = row;
-        next = next_row;
-      } else {
-        if (next_row != nullptr) prefetch_bytes(next_row, row_bytes);
-        half_to_float_row(row, w_row.data(), d);
-        w = w_row.data();
+      const void* next_row = e + kRowsAhead < n_entries ? row_address(kW1, ch.neuron[e + kRowsAhead]) : nullptr;
+      const float* next = nullptr;  // float rows: the next one streams in during the dot
+      if (rows_in_place()) {
+        next = static_cast<const float*>(next_row);
+      } else if (next_row != nullptr) {
+        prefetch_bytes(next_row, bytes);
       }
+      const float* w = row_float(kW1, i, w_row);
       const int64_t p0 = ch.first[e], m = ch.first[e + 1] - p0;
       const int32_t* token = ch.token.data() + p0;
       neuron_dots(x_block, d, token, m, w, next, r.data());
@@ -597,15 +663,10 @@ struct Fallback {
     std::vector<float> acc(kTile);
     for (int64_t e = 0; e < n_entries; ++e) {
       if (e + kPrefetchAhead < n_entries) {
-        prefetch_bytes(a.w2 + ws.entry_neuron[e + kPrefetchAhead] * d + j0, n * static_cast<int64_t>(sizeof(T)));
+        prefetch_bytes(row_address(kW2, ws.entry_neuron[e + kPrefetchAhead], j0), n * element_bytes());
       }
-      const T* src = a.w2 + ws.entry_neuron[e] * d + j0;
       float* dst = packed.data() + e * kTile;
-      if constexpr (std::is_same_v<T, float>) {
-        std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
-      } else {
-        half_to_float_row(src, dst, n);
-      }
+      row_to_float(kW2, ws.entry_neuron[e], j0, n, dst);
       std::fill(dst + n, dst + kTile, 0.0f);
     }
     for (int64_t t = 0; t < nb; ++t) {
@@ -645,9 +706,9 @@ struct Fallback {
     uint64_t* mask = ws.decode_mask.data() + i0;
     const float* lo = a.lines + kLo * h;
     const float* hi = a.lines + kHi * h;
-    const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+    const int64_t full_bytes = row_bytes();
     const int64_t ahead = kDecodeAhead, lag = std::max(kDecodeAhead, kDecodeLag);
-    const int64_t touch_bytes = std::min(row_bytes, kDecodeTouchLines * 64);
+    const int64_t touch_bytes = std::min(full_bytes, kDecodeTouchLines * 64);
     float* partial = ws.partials.data() + g * nb * d;
     float* z_fused = a.v != nullptr ? ws.decode_z.data() : nullptr;  // [nb, h]: this part's columns
     if (z_fused != nullptr) {
@@ -696,9 +757,9 @@ struct Fallback {
           uint64_t m = 0;  // bit t: token t flags it
           for (int64_t t = 0; t < nb; ++t) m |= static_cast<uint64_t>(flag[t][k8 + byte]) << t;
           const int64_t i = k0 + k8 + byte;
-          const int64_t bytes = n < e + ahead ? row_bytes : touch_bytes;
-          if (a.w1t != nullptr) prefetch_bytes(a.w1t + i * d, bytes);
-          prefetch_bytes(a.w2 + i * d, bytes);
+          const int64_t bytes = n < e + ahead ? full_bytes : touch_bytes;
+          if (has_w1()) prefetch_bytes(row_address(kW1, i), bytes);
+          prefetch_bytes(row_address(kW2, i), bytes);
           prefetch(a.lines + kSlope * h + i);
           prefetch(a.lines + kIntercept * h + i);
           prefetch(a.b1 + i);
@@ -719,12 +780,12 @@ struct Fallback {
   void process(const int32_t* neuron, const uint64_t* mask, int64_t n, int64_t e, int64_t ahead, float* partial) {
     const int64_t d = a.d, h = a.h;
     const int64_t i = neuron[e];
-    if (a.w1t == nullptr) {  // z from the prediction: only the W2 row is read
+    if (!has_w1()) {  // z from the prediction: only the W2 row is read
       process_predicted(neuron, mask, n, e, ahead, partial);
       return;
     }
-    const T* next1 = e + ahead < n ? a.w1t + neuron[e + ahead] * d : nullptr;
-    const T* next2 = e + ahead < n ? a.w2 + neuron[e + ahead] * d : nullptr;
+    const void* next1 = e + ahead < n ? row_address(kW1, neuron[e + ahead]) : nullptr;
+    const void* next2 = e + ahead < n ? row_address(kW2, neuron[e + ahead]) : nullptr;
     const float* x_rows[kFewTokens];
     float r[kFewTokens];
     int32_t tok[kFewTokens];
@@ -735,31 +796,36 @@ struct Fallback {
         x_rows[m++] = x_block + t * d;
       }
     }
-    const float* w2;
+    const float* w2 = nullptr;
     const float* next_w2 = nullptr;  // float rows: W1's next row streams in during the dot, W2's during the axpy
-    if constexpr (std::is_same_v<T, float>) {
-      w2 = a.w2 + i * d;
-      next_w2 = next2;
-      dots_prefetch(x_rows, m, a.w1t + i * d, d, next1, r);
-    } else {
-      const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+    if (int8_rows()) {  // no converted copy: each int8 row is read as it is used
       if (next1 != nullptr) {
-        prefetch_bytes(next1, row_bytes);
-        prefetch_bytes(next2, row_bytes);
+        prefetch_bytes(next1, row_bytes());
+        prefetch_bytes(next2, row_bytes());
+      }
+      dots_int8(x_rows, m, a.w1t_q + i * d, a.row_scales[i], d, r);
+    } else if (rows_in_place()) {
+      w2 = static_cast<const float*>(row_address(kW2, i));
+      next_w2 = static_cast<const float*>(next2);
+      dots_prefetch(x_rows, m, static_cast<const float*>(row_address(kW1, i)), d, static_cast<const float*>(next1), r);
+    } else {
+      if (next1 != nullptr) {
+        prefetch_bytes(next1, row_bytes());
+        prefetch_bytes(next2, row_bytes());
       }
       TaskScratch& scratch = task_scratch();
-      scratch.w1_row.resize(static_cast<size_t>(d));
-      scratch.w2_row.resize(static_cast<size_t>(d));
-      half_to_float_row(a.w1t + i * d, scratch.w1_row.data(), d);
-      half_to_float_row(a.w2 + i * d, scratch.w2_row.data(), d);
-      w2 = scratch.w2_row.data();
-      dots_prefetch(x_rows, m, scratch.w1_row.data(), d, nullptr, r);
+      w2 = row_float(kW2, i, scratch.w2_row);
+      dots_prefetch(x_rows, m, row_float(kW1, i, scratch.w1_row), d, nullptr, r);
     }
     const float b = to_float(a.b1[i]);
     const float slope = a.lines[kSlope * h + i], intercept = a.lines[kIntercept * h + i];
     for (int k = 0; k < m; ++k) {
       const float rk = residual(r[k] + b, slope, intercept, a.approximate);
-      axpy_row(partial + tok[k] * d, rk, w2, d, k == 0 ? next_w2 : nullptr);
+      if (int8_rows()) {
+        axpy_int8_row(partial + tok[k] * d, rk * a.row_scales[h + i], a.w2_q + i * d, d);
+      } else {
+        axpy_row(partial + tok[k] * d, rk, w2, d, k == 0 ? next_w2 : nullptr);
+      }
     }
   }
 
@@ -768,18 +834,15 @@ struct Fallback {
                          float* partial) {
     const int64_t d = a.d, h = a.h;
     const int64_t i = neuron[e];
-    const T* next = e + ahead < n ? a.w2 + neuron[e + ahead] * d : nullptr;
-    const float* w2;
+    const void* next = e + ahead < n ? row_address(kW2, neuron[e + ahead]) : nullptr;
+    const float* w2 = nullptr;
     const float* next_w2 = nullptr;
-    if constexpr (std::is_same_v<T, float>) {
-      w2 = a.w2 + i * d;
-      next_w2 = next;
+    if (rows_in_place()) {
+      w2 = static_cast<const float*>(row_address(kW2, i));
+      next_w2 = static_cast<const float*>(next);
     } else {
-      if (next != nullptr) prefetch_bytes(next, d * static_cast<int64_t>(sizeof(T)));
-      TaskScratch& scratch = task_scratch();
-      scratch.w2_row.resize(static_cast<size_t>(d));
-      half_to_float_row(a.w2 + i * d, scratch.w2_row.data(), d);
-      w2 = scratch.w2_row.data();
+      if (next != nullptr) prefetch_bytes(next, row_bytes());
+      if (!int8_rows()) w2 = row_float(kW2, i, task_scratch().w2_row);  // int8 rows: converted as added
     }
     const float b = to_float(a.b1[i]);
     const float slope = a.lines[kSlope * h + i], intercept = a.lines[kIntercept * h + i];
@@ -787,7 +850,11 @@ struct Fallback {
     for (uint64_t m = mask[e]; m != 0; m &= m - 1) {
       const int64_t t = __builtin_ctzll(m);
       const float rk = residual(to_float(a.z_hat[(t0 + t) * h + i]) + b, slope, intercept, a.approximate);
-      axpy_row(partial + t * d, rk, w2, d, first ? next_w2 : nullptr);
+      if (int8_rows()) {
+        axpy_int8_row(partial + t * d, rk * a.row_scales[h + i], a.w2_q + i * d, d);
+      } else {
+        axpy_row(partial + t * d, rk, w2, d, first ? next_w2 : nullptr);
+      }
       first = false;
     }
   }
@@ -839,7 +906,7 @@ struct Fallback {
 
   // Tokens up to which a block runs the decode schedule.
   int64_t few_tokens() const {
-    if (a.w1t != nullptr) return kFewTokens;
+    if (has_w1()) return kFewTokens;
     return std::clamp<int64_t>(kDecodePartialBytes / (a.d * static_cast<int64_t>(sizeof(float))), kFewTokens,
                                kFewPredicted);
   }

@@ -1,9 +1,10 @@
 // ONNX Runtime registration of the ai.tardis custom-op domain.
 //
 // Exported symbol: RegisterCustomOps(OrtSessionOptions*, const OrtApiBase*). Registers
-// ai.tardis::FfnFallback (version 1; inputs x, y_folded, z_hat?, w1t?, b1, w2, lines, predictor_v?)
-// for float and float16 on the CPU execution provider and,
-// when built with USE_CUDA, on the CUDA execution provider. The kernels themselves live in
+// ai.tardis::FfnFallback (version 1; inputs x, y_folded, z_hat?, w1t?, b1, w2, lines, predictor_v?,
+// row_scales?) for float and float16 on the CPU execution provider and, when built with USE_CUDA, on
+// the CUDA execution provider; with int8 rows (w1t and w2 int8, row_scales given) on the CPU only, so
+// that ONNX Runtime places such a node on the CPU in a CUDA session. The kernels themselves live in
 // ffn_fallback_cpu.cc and ffn_fallback_cuda.cu; this file only reads attributes, checks shapes
 // and hands pointers over.
 #define ORT_API_MANUAL_INIT
@@ -89,14 +90,15 @@ OrtStatusPtr read_attributes(const OrtApi& api, const OrtKernelInfo* info, Attri
 }
 
 // Inputs; z_hat (2) and predictor_v (7) are optional and exactly one of them is given; w1t (3) is
-// optional with z_hat (absent: the residual is computed from z = z_hat + b1, no W1 row is read).
-constexpr size_t kInputs = 8;
-constexpr size_t kZHat = 2, kW1t = 3, kW2 = 5, kLines = 6, kPredictorV = 7;
+// optional with z_hat (absent: the residual is computed from z = z_hat + b1, no W1 row is read);
+// row_scales (8, [2, h] float32) is given exactly when w1t and w2 are int8 rows.
+constexpr size_t kInputs = 9;
+constexpr size_t kZHat = 2, kW1t = 3, kW2 = 5, kLines = 6, kPredictorV = 7, kRowScales = 8;
 
 // Checks the input shapes against each other (an absent input has no shape); returns "" when
 // they agree, else a message.
-std::string check_shapes(const std::vector<std::vector<int64_t>>& s, const std::vector<bool>& given, int64_t* tokens,
-                         int64_t* d, int64_t* h, int64_t* rank) {
+std::string check_shapes(const std::vector<std::vector<int64_t>>& s, const std::vector<bool>& given, bool int8_rows,
+                         int64_t* tokens, int64_t* d, int64_t* h, int64_t* rank) {
   const auto& x = s[0];
   if (x.empty()) return "x must have at least one dimension, got a scalar";
   if (given[kZHat] == given[kPredictorV]) return "give exactly one of z_hat and predictor_v";
@@ -125,6 +127,11 @@ std::string check_shapes(const std::vector<std::vector<int64_t>>& s, const std::
   *tokens = 1;
   for (size_t k = 0; k + 1 < x.size(); ++k) *tokens *= x[k];
   const std::vector<int64_t> hd{*h, *d}, hh{*h}, lines{4, *h};
+  if (given[kRowScales] != int8_rows) return "row_scales must be given exactly when w1t and w2 are int8 rows";
+  const std::vector<int64_t> scales{2, *h};
+  if (int8_rows && s[kRowScales] != scales) {
+    return "row_scales shape " + shape_string(s[kRowScales]) + " must be [2, h] = " + shape_string(scales);
+  }
   if (given[kW1t] && s[3] != hd) return "w1t shape " + shape_string(s[3]) + " must be [h, d] = " + shape_string(hd);
   if (s[4] != hh) return "b1 shape " + shape_string(s[4]) + " must be [h] = " + shape_string(hh);
   if (s[5] != hd) return "w2 shape " + shape_string(s[5]) + " must be [h, d] = " + shape_string(hd);
@@ -140,7 +147,9 @@ void run_parallel(void* context, void (*fn)(void*, size_t), size_t total, void* 
   Ort::KernelContext(static_cast<OrtKernelContext*>(context)).ParallelFor(fn, total, 0, data);
 }
 
-template <typename T, Device kDevice>
+// T: the element type of x, y_folded, z_hat, b1, predictor_v and y; kInt8Rows: w1t and w2 are int8 rows
+// scaled by row_scales, else T.
+template <typename T, Device kDevice, bool kInt8Rows = false>
 struct FfnFallbackKernel {
   const OrtApi& api;
   Attributes attributes;
@@ -167,7 +176,7 @@ struct FfnFallbackKernel {
       if (given[k]) shapes[k] = inputs[k].GetTensorTypeAndShapeInfo().GetShape();
     }
     int64_t tokens = 0, d = 0, h = 0, rank = 0;
-    const std::string problem = check_shapes(shapes, given, &tokens, &d, &h, &rank);
+    const std::string problem = check_shapes(shapes, given, kInt8Rows, &tokens, &d, &h, &rank);
     if (!problem.empty()) {
       return api.CreateStatus(ORT_INVALID_ARGUMENT, ("ai.tardis::FfnFallback: " + problem).c_str());
     }
@@ -177,12 +186,13 @@ struct FfnFallbackKernel {
     const auto data = [&](size_t k) {
       return given[k] ? reinterpret_cast<const C*>(inputs[k].GetTensorRawData()) : nullptr;
     };
+    const auto rows = [&](size_t k) { return kInt8Rows ? nullptr : data(k); };
     tardis::FallbackArgs<C> args{data(0),
                                  data(1),
                                  data(2),
-                                 data(3),
+                                 rows(kW1t),
                                  data(4),
-                                 data(5),
+                                 rows(kW2),
                                  inputs[6].GetTensorData<float>(),
                                  reinterpret_cast<C*>(output.GetTensorMutableRawData()),
                                  tokens,
@@ -193,6 +203,14 @@ struct FfnFallbackKernel {
                                  data(kPredictorV),
                                  rank,
                                  d + rank};
+    if constexpr (kInt8Rows) {
+      const auto int8_data = [&](size_t k) {
+        return given[k] ? static_cast<const int8_t*>(inputs[k].GetTensorRawData()) : nullptr;
+      };
+      args.w1t_q = int8_data(kW1t);
+      args.w2_q = int8_data(kW2);
+      args.row_scales = inputs[kRowScales].GetTensorData<float>();
+    }
     if constexpr (kDevice == Device::kCpu) {
       tardis::ffn_fallback_cpu(args, tardis::ParallelRunner{run_parallel, raw_context});
     } else {
@@ -213,8 +231,9 @@ struct FfnFallbackKernel {
   }
 };
 
-template <typename T, Device kDevice>
-struct FfnFallbackOp : Ort::CustomOpBase<FfnFallbackOp<T, kDevice>, FfnFallbackKernel<T, kDevice>, true> {
+template <typename T, Device kDevice, bool kInt8Rows = false>
+struct FfnFallbackOp
+    : Ort::CustomOpBase<FfnFallbackOp<T, kDevice, kInt8Rows>, FfnFallbackKernel<T, kDevice, kInt8Rows>, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     Attributes attributes;
     if (OrtStatusPtr status = read_attributes(api, info, &attributes)) return status;
@@ -229,11 +248,12 @@ struct FfnFallbackOp : Ort::CustomOpBase<FfnFallbackOp<T, kDevice>, FfnFallbackK
         }
         if (is_constant == 0 || value == nullptr) continue;
         const Ort::ConstValue tensor(value);
-        const size_t bytes = tensor.GetTensorTypeAndShapeInfo().GetElementCount() * sizeof(typename Element<T>::Compute);
+        const size_t element = kInt8Rows ? 1 : sizeof(typename Element<T>::Compute);
+        const size_t bytes = tensor.GetTensorTypeAndShapeInfo().GetElementCount() * element;
         tardis::back_with_huge_pages(tensor.GetTensorRawData(), bytes);
       }
     }
-    *kernel = new FfnFallbackKernel<T, kDevice>{api, attributes};
+    *kernel = new FfnFallbackKernel<T, kDevice, kInt8Rows>{api, attributes};
     return nullptr;
   }
 
@@ -242,10 +262,13 @@ struct FfnFallbackOp : Ort::CustomOpBase<FfnFallbackOp<T, kDevice>, FfnFallbackK
 
   size_t GetInputTypeCount() const { return kInputs; }
   ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == kLines ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : Element<T>::kType;  // `lines` is float32
+    if (index == kLines || index == kRowScales) return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // always float32
+    if (kInt8Rows && (index == kW1t || index == kW2)) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+    return Element<T>::kType;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == kZHat || index == kW1t || index == kPredictorV ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    const bool optional = index == kZHat || index == kW1t || index == kPredictorV || index == kRowScales;
+    return optional ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return Element<T>::kType; }
@@ -261,12 +284,14 @@ std::vector<std::unique_ptr<OrtCustomOpDomain, void (*)(OrtCustomOpDomain*)>>& d
 OrtStatusPtr register_domain(const OrtApi& api, OrtSessionOptions* options) {
   static const FfnFallbackOp<float, Device::kCpu> cpu_f32;
   static const FfnFallbackOp<Ort::Float16_t, Device::kCpu> cpu_f16;
+  static const FfnFallbackOp<float, Device::kCpu, true> cpu_f32_int8_rows;
+  static const FfnFallbackOp<Ort::Float16_t, Device::kCpu, true> cpu_f16_int8_rows;
 #ifdef USE_CUDA
   static const FfnFallbackOp<float, Device::kCuda> cuda_f32;
   static const FfnFallbackOp<Ort::Float16_t, Device::kCuda> cuda_f16;
-  const OrtCustomOp* ops[] = {&cpu_f32, &cpu_f16, &cuda_f32, &cuda_f16};
+  const OrtCustomOp* ops[] = {&cpu_f32, &cpu_f16, &cpu_f32_int8_rows, &cpu_f16_int8_rows, &cuda_f32, &cuda_f16};
 #else
-  const OrtCustomOp* ops[] = {&cpu_f32, &cpu_f16};
+  const OrtCustomOp* ops[] = {&cpu_f32, &cpu_f16, &cpu_f32_int8_rows, &cpu_f16_int8_rows};
 #endif
 
   OrtCustomOpDomain* raw = nullptr;

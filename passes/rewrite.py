@@ -40,10 +40,12 @@ def emit_fastest(
     ffn, result = fitted.ffn, fitted.calibration
 
     def emit(c):
-        return emit_ffn(ffn, c.flags, form, opset, config.margin, result.coverage, c.predictor, fold=result.fold)
+        flags, margin, coverage = c.flags, config.margin, result.coverage
+        return emit_ffn(ffn, flags, form, opset, margin, coverage, c.predictor, result.fold, config.quantize)
 
     candidates, x = fitted.candidates, fitted.samples.x
-    return _fold_fastest(ffn, result, candidates, x, timing, emit, config, warnings, timings, weights)
+    in_op = config.quantize == "int8" and form.int8_in_op(ffn)
+    return _fold_fastest(ffn, result, candidates, x, timing, emit, config, warnings, timings, weights, in_op)
 
 
 def _fold_fastest(
@@ -57,6 +59,7 @@ def _fold_fastest(
     warnings: list[str],
     timings=None,
     weights=None,
+    int8_in_op: bool = False,
 ):
     """The first predictor choice (cheapest first) whose rewrite is not slower than the original at any
     serving shape, with its nodes, initializers and report row. Untimed: the cheapest. Where none pays:
@@ -65,9 +68,8 @@ def _fold_fastest(
     for choice in candidates:
         nodes, constants = emit(choice)  # its initializers made only if it is timed or kept
         initializers = None
-        row = FfnReport.of(
-            ffn, result, constants.nbytes, choice.predictor, choice.flagged_fraction, choice.recall, config.quantize
-        )
+        flagged, recall, quantize = choice.flagged_fraction, choice.recall, config.quantize
+        row = FfnReport.of(ffn, result, constants.nbytes, choice.predictor, flagged, recall, quantize, int8_in_op)
         key = timing_key(ffn, choice.predictor.kind, nodes, config.shapes, config.quantize)
         reused = timings.lookup(key, choice.flagged_fraction) if timing and timings is not None else None
         try:

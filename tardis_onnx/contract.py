@@ -11,11 +11,14 @@ from __future__ import annotations
 DOMAIN = "ai.tardis"
 FALLBACK_OP = "FfnFallback"
 OP_VERSION = 1
-# Its inputs, in order. z_hat and predictor_v: exactly one is given; w1t may be left out with z_hat.
-FALLBACK_INPUTS = ("x", "y_folded", "z_hat", "w1t", "b1", "w2", "lines", "predictor_v")
-OPTIONAL_INPUTS = frozenset({"z_hat", "w1t", "predictor_v"})
+# Its inputs, in order. z_hat and predictor_v: exactly one is given; w1t may be left out with z_hat;
+# row_scales is given exactly when w1t and w2 are int8 rows (the --quantize int8 rewrite).
+FALLBACK_INPUTS = ("x", "y_folded", "z_hat", "w1t", "b1", "w2", "lines", "predictor_v", "row_scales")
+OPTIONAL_INPUTS = frozenset({"z_hat", "w1t", "predictor_v", "row_scales"})
 # Rows of the packed `lines` input ([4, h] float32).
 LINES_ROWS = ("slope", "intercept", "lo", "hi")
+# Rows of the `row_scales` input ([2, h] float32): the scale of each int8 row of w1t, then of w2.
+ROW_SCALES_ROWS = ("w1t", "w2")
 # Attributes and their defaults.
 ATTRIBUTES = {"margin": 0.0, "approximate": "none"}
 

@@ -15,7 +15,8 @@ from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MA
 from tardis_onnx.errors import TardisError
 from tardis_onnx.io import ExternalDataWriter
 from tardis_onnx.passes.ffn import FfnMatch
-from tardis_onnx.predictor import ExactPredictor, LowRankPredictor, Predictor
+from tardis_onnx.predictor import ExactPredictor, Int8Predictor, LowRankPredictor, Predictor, quantize_int8
+from tardis_onnx.quantize import quantize_rows
 from tardis_onnx.subgraphs import Scope, walk
 
 MIN_OPSET = 13  # GreaterOrEqual/LessOrEqual (12), Where, MatMul on any rank
@@ -76,13 +77,15 @@ def emit_ffn(
     coverage: float,
     predictor: Predictor | None = None,
     fold: tuple[np.ndarray, np.ndarray] | None = None,
+    quantize: str = "none",
 ) -> tuple[list[onnx.NodeProto], Constants]:
     """Nodes and initializers (deferred: :meth:`Constants.tensors` makes them) computing ``ffn.output`` from
     ``ffn.x``: folded map + outlier fallback in ``form``.
 
     The fallback flags neuron ``i`` when the predictor's ``z_hat_i`` is outside its window and adds
     the exact residual ``GELU(z_i) − (a_i z_i + c_i)`` times ``W2[i, :]``. ``fold`` overrides the
-    plain ``(Wf, bf)`` (the refit).
+    plain ``(Wf, bf)`` (the refit). ``quantize="int8"``: the rewrite is composed with int8 where the form
+    can (:meth:`FallbackForm.int8_in_op`); elsewhere ``quantize_dynamic`` quantizes its MatMuls afterwards.
     """
     predictor = predictor or ExactPredictor()
     b = _Builder(ffn_prefix(ffn.name), ffn.dtype)
@@ -95,8 +98,8 @@ def emit_ffn(
         f"at coverage {coverage:g}"
     )
     b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
-    w2 = b.constant("w2", ffn.w2)
-    form.emit(b, ffn, lines, predictor, wf=wf, bf=bf, b1=b1, w2=w2, doc=doc, margin=margin, opset=opset)
+    int8 = quantize == "int8" and form.int8_in_op(ffn)
+    form.emit(b, ffn, lines, predictor, wf=wf, bf=bf, b1=b1, doc=doc, margin=margin, opset=opset, int8=int8)
     return b.nodes, b.constants
 
 
@@ -115,6 +118,11 @@ class FallbackForm:
         """The domains, beyond the standard one, a model whose FFNs were folded with ``predictors`` declares."""
         return []
 
+    def int8_in_op(self, ffn: FfnMatch) -> bool:
+        """Whether, under ``--quantize int8``, this form emits ``ffn``'s rewrite in int8 itself (fold and
+        fallback rows), rather than leaving its MatMuls to ``quantize_dynamic``."""
+        return False
+
     def emit(
         self,
         b: _Builder,
@@ -125,13 +133,13 @@ class FallbackForm:
         wf: np.ndarray,
         bf: np.ndarray,
         b1: np.ndarray,
-        w2: str,
         doc: str,
         margin: float,
         opset: int,
+        int8: bool = False,
     ) -> None:
         """Through ``b``: the folded MatMul ``x·wf + bf`` (``doc`` its doc string) and the fallback writing
-        ``ffn.output`` (``w2``: W2's initializer)."""
+        ``ffn.output``; ``int8``: in int8 (:meth:`int8_in_op`)."""
         raise NotImplementedError
 
 
@@ -150,9 +158,17 @@ class CustomFallback(FallbackForm):
         contrib = [p.contrib_domain for p in predictors if p.contrib_domain]
         return [DOMAIN, *dict.fromkeys(contrib)] if predictors else []
 
-    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, w2, doc, margin, opset):
+    def int8_in_op(self, ffn):
+        # ONNX Runtime's DynamicQuantizeMatMul computes in float32 only.
+        return np.dtype(ffn.dtype) == np.float32
+
+    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, doc, margin, opset, int8=False):
+        w2 = "" if int8 else b.constant("w2", ffn.w2)  # int8: its rows are made below
         # The flag test compares z_hat without b1 against windows shifted by −b1: one Add fewer.
-        if isinstance(predictor, LowRankPredictor):
+        if int8 and not isinstance(predictor, LowRankPredictor):
+            folded, z_hat = _folded_int8(b, ffn, wf, bf, predictor, doc)
+            fused_v = []
+        elif isinstance(predictor, LowRankPredictor):
             # x·[Wf | U] in one MatMul: the folded output and the predictor's code, which the op reads
             # from the folded rows' last `rank` columns and multiplies by V itself.
             rank = predictor.rank
@@ -173,9 +189,18 @@ class CustomFallback(FallbackForm):
         shifted = reference.NeuronLines(lines.slope, lines.intercept, lines.lo - b1, lines.hi - b1)
         packed = b.constant("lines", reference.pack_lines(shifted), np.float32)
         # An accurate predictor stands for the pre-activation: no W1ᵀ, the residual is taken from z_hat.
-        w1t = "" if predictor.residual_from_prediction else b.constant("w1t", np.ascontiguousarray(ffn.w1.T))
-        given = {"x": ffn.x, "y_folded": folded, "z_hat": z_hat, "w1t": w1t, "b1": b.constant("b1", b1)}
-        given.update(w2=w2, lines=packed, predictor_v=fused_v[0] if fused_v else "")
+        w1t = None if predictor.residual_from_prediction else np.ascontiguousarray(ffn.w1.T)
+        given = {"x": ffn.x, "y_folded": folded, "z_hat": z_hat, "lines": packed, "row_scales": ""}
+        if int8:  # int8 rows, each with its scale
+            (w2_rows, w2_scales), (w1t_rows, w1t_scales) = quantize_rows(ffn.w2), (None, np.ones(len(b1)))
+            if w1t is not None:
+                w1t_rows, w1t_scales = quantize_rows(w1t)
+            given["w1t"] = "" if w1t_rows is None else b.constant("w1t_int8", w1t_rows, np.int8)
+            w2 = b.constant("w2_int8", w2_rows, np.int8)
+            given["row_scales"] = b.constant("row_scales", np.stack([w1t_scales, w2_scales]))
+        else:
+            given["w1t"] = "" if w1t is None else b.constant("w1t", w1t)
+        given.update(b1=b.constant("b1", b1), w2=w2, predictor_v=fused_v[0] if fused_v else "")
         inputs = [given[name] for name in FALLBACK_INPUTS]
         while inputs and not inputs[-1]:  # trailing optional inputs left out
             inputs.pop()
@@ -200,7 +225,8 @@ class PortableFallback(FallbackForm):
     name = "portable"
     standard_only = True
 
-    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, w2, doc, margin, opset):
+    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, doc, margin, opset, int8=False):
+        w2 = b.constant("w2", ffn.w2)
         folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], FOLDED_MATMUL, doc_string=doc)
         folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
         b1_name = b.constant("b1", b1)
@@ -245,6 +271,29 @@ def fallback_form(choice: str) -> FallbackForm:
     if problem is not None:
         raise TardisError(problem)
     return form
+
+
+def _folded_int8(b: _Builder, ffn: FfnMatch, wf: np.ndarray, bf: np.ndarray, predictor: Predictor, doc: str):
+    """The folded map ``x·wf + bf`` as one ``DynamicQuantizeMatMul`` (int8 weights with a scale per column, as
+    the int8 predictor's: :func:`~tardis_onnx.predictor.quantize_int8`), and the predictor's ``z_hat``. The int8
+    predictor shares that node: ``x·[Wf | W1]`` in one product (one rounding of x, one pass), split after."""
+    folded_q, folded_scales = quantize_int8(wf)
+    d_out = folded_q.shape[1]
+    share = isinstance(predictor, Int8Predictor)
+    weights = np.hstack([folded_q, predictor.weights]) if share else folded_q
+    scales = np.concatenate([folded_scales, predictor.scales]) if share else folded_scales
+    bias = np.concatenate([bf, np.zeros(predictor.scales.size)]) if share else bf
+    inputs = [ffn.x, b.constant("folded_weight_int8", weights, np.int8), b.constant("folded_scales", scales)]
+    inputs += ["", b.constant("folded_bias", bias)]
+    extra = "; also the int8 predictor's x.W1 in the last columns" if share else ""
+    domain = Int8Predictor.contrib_domain
+    product = b.op("DynamicQuantizeMatMul", inputs, FOLDED_MATMUL, domain=domain, doc_string=doc + extra)
+    if not share:
+        return product, predictor.emit(b, ffn, False)
+    folded, z_hat = f"{b.prefix}/FoldedOutput", f"{b.prefix}/Predictor/Output"
+    sizes = b.constant("split_sizes", np.array([d_out, predictor.scales.size]), np.int64)
+    b.nodes.append(helper.make_node("Split", [product, sizes], [folded, z_hat], name=f"{b.prefix}/Split", axis=-1))
+    return folded, z_hat
 
 
 def _gelu(b: _Builder, z: str, form: str, opset: int) -> str:

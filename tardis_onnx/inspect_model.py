@@ -152,8 +152,9 @@ def folded_ffns(model: onnx.ModelProto) -> list[FoldedFfn]:
         folded = next((n for n in nodes if n.name == prefix + FOLDED_MATMUL), None)
         doc = folded.doc_string if folded is not None else ""
         record = recorded.get(name, {})
-        d, d_out = (dims.get("folded_weight") or [None, None])[:2]
-        hidden = (dims.get("w2") or [None])[0]
+        # folded_weight [d, d_out], or with columns appended (the low-rank code; the int8 predictor's x·W1)
+        d = next((shape[0] for part, shape in dims.items() if part.startswith("folded_weight")), None)
+        hidden, d_out = (dims.get("w2") or dims.get("w2_int8") or [None, None])[:2]
         ops: dict[str, int] = {}
         for node in nodes:
             ops[op_name(node)] = ops.get(op_name(node), 0) + 1

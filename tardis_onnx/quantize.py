@@ -1,11 +1,13 @@
 """``--quantize int8``: fold first, then run the rewritten model's MatMuls in int8, as ONNX Runtime's own
 ``quantize_dynamic`` does for the original (QInt8 weights, activations rounded at run time).
 
-The folded map and the rest of the model (attention, embeddings' projections) become
-``DynamicQuantizeMatMul``/``MatMulInteger``; the outlier fallback keeps its W2 rows in the model's
-float type (the residuals it adds are what the fold could not approximate; rounding them too would
-undo part of the fallback) and the int8 predictor is already int8. With the never-slower check, each
-FFN's rewrite is timed against the original FFN quantized the same way, so the result is never
+With the custom-op fallback (float32 models) the rewrite is emitted in int8 itself
+(:meth:`tardis_onnx.emit.CustomFallback.int8_in_op`): the folded map is a ``DynamicQuantizeMatMul`` with a scale
+per column, shared with the int8 predictor (one product ``x·[Wf | W1]``, split after), and the fallback op reads
+its W1ᵀ/W2 rows as int8 with a scale per row (:func:`quantize_rows`), a quarter of the bytes a flagged neuron
+costs in float32. The rest of the model (attention, embeddings' projections; with the portable fallback, the
+folded map too) then goes through ``quantize_dynamic`` (:func:`quantize_int8`). With the never-slower check,
+each FFN's rewrite is timed against the original FFN quantized by ``quantize_dynamic``, so the result is never
 slower than ``quantize_dynamic`` alone.
 """
 
@@ -14,11 +16,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from tardis_onnx.io import EXTERNAL_DATA_THRESHOLD, model_bytes
 
 QUANTIZE_CHOICES = ("none", "int8")
+# The fallback's int8 rows: symmetric per row. The op computes in float (each row converted, then
+# dotted or added), so the full int8 range is safe (no integer pair sums that could saturate).
+ROW_LIMIT = 127
 
 
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -33,3 +39,14 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         options = {"DefaultTensorType": onnx.TensorProto.FLOAT, "EnableSubgraph": True}
         quantize_dynamic(model, out, weight_type=QuantType.QInt8, use_external_data_format=large, extra_options=options)
         return onnx.load(out)
+
+
+def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``w [h, d]`` as int8 rows ``q`` and per-row scales ``s`` (float32): ``q = round(w / s)``, ``s = max|w| /
+    127`` (a zero row gets scale 1); :func:`tardis_onnx.reference.int8_rows` reads them back."""
+    w = np.asarray(w, dtype=np.float64)
+    scales = np.abs(w).max(axis=1, initial=0.0) / ROW_LIMIT
+    scales[scales == 0] = 1.0
+    scales = scales.astype(np.float32)
+    q = np.clip(np.rint(w / scales.astype(np.float64)[:, None]), -ROW_LIMIT, ROW_LIMIT).astype(np.int8)
+    return q, scales

@@ -268,6 +268,7 @@ def fallback_op(
     w2: np.ndarray,
     lines: np.ndarray,
     predictor_v: np.ndarray | None = None,
+    row_scales: np.ndarray | None = None,
     margin: float = 0.0,
     form: str = "erf",
 ) -> np.ndarray:
@@ -279,8 +280,13 @@ def fallback_op(
     ``r_i(z_i) · w2[i, :]`` is added to ``y_folded``. With the low-rank predictor fused in,
     ``z_hat`` is None and ``y_folded`` carries the code ``c = x·U`` in its last ``rank`` columns:
     ``z_hat = c · predictor_v`` (``predictor_v``: ``[rank, h]``). Without ``w1t`` (an accurate predictor,
-    z_hat given) the residual is taken from the prediction: ``z_i = z_hat_i + b1_i``.
+    z_hat given) the residual is taken from the prediction: ``z_i = z_hat_i + b1_i``. With ``row_scales``
+    (``[2, h]``), ``w1t`` and ``w2`` are int8 rows: row ``k`` stands for ``q[k]·scale[k]`` (:func:`int8_rows`).
     """
+    if row_scales is not None:
+        scales = np.asarray(row_scales, dtype=np.float32)
+        w1t = None if w1t is None else int8_rows(w1t, scales[0])
+        w2 = int8_rows(w2, scales[1])
     if (z_hat is None) == (predictor_v is None):
         raise ValueError("give exactly one of z_hat and predictor_v")
     if w1t is None and z_hat is None:
@@ -298,3 +304,9 @@ def fallback_op(
         z = np.asarray(x, dtype=np.float64) @ np.asarray(w1t, dtype=np.float64).T + np.asarray(b1, dtype=np.float64)
     r = np.where(flagged, residual(z, unpacked, form), 0.0)
     return np.asarray(y_folded, dtype=np.float64) + r @ np.asarray(w2, dtype=np.float64)
+
+
+def int8_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The rows int8 rows ``q [h, d]`` stand for: ``q·scale`` per row (float64; the kernel applies a row's scale
+    after its dot with ``x``, or to the residual it adds the row with: the same up to float rounding)."""
+    return np.asarray(q, dtype=np.float64) * np.asarray(scales, dtype=np.float32).astype(np.float64)[:, None]

@@ -92,10 +92,12 @@ class FfnReport:
         flagged_fraction: float,
         recall: float,
         quantize: str = "none",
+        int8_in_op: bool = False,
     ) -> FfnReport:
-        """``stored_bytes``: the rewrite's initializers'. ``quantize="int8"``: the MatMuls run in int8
-        afterwards, so the original FFN and the fold count one byte a weight (the fallback op's rows stay in the
-        model's dtype)."""
+        """``stored_bytes``: the rewrite's initializers'. ``quantize="int8"``: the MatMuls run in int8, so the
+        original FFN and the fold count one byte a weight; ``int8_in_op``: the rewrite was emitted in int8 (its
+        fold and fallback rows already int8 in ``stored_bytes``), else its fold is quantized afterwards and the
+        fallback op's rows stay in the model's dtype."""
         item = np.dtype(ffn.dtype).itemsize
         matmul_item = 1 if quantize == "int8" else item
         d, h = ffn.w1_stored.shape
@@ -103,8 +105,8 @@ class FfnReport:
         dense = (ffn.w1_stored.size + ffn.w2_stored.size) * matmul_item
         fold = fold_weights * matmul_item
         rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
-        rows *= item  # the flagged neurons' rows read
-        stored = stored_bytes - fold_weights * (item - matmul_item)
+        rows *= 1 if int8_in_op else item  # the flagged neurons' rows read
+        stored = stored_bytes if int8_in_op else stored_bytes - fold_weights * (item - matmul_item)
         return cls(
             name=ffn.name,
             gelu=ffn.gelu.spelling,

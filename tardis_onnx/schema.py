@@ -6,8 +6,9 @@
   ``onnx.shape_inference.infer_shapes(strict_mode=True)`` carries shapes through it.
 * :func:`annotate_shapes` writes ``value_info`` (type and shape) for every tensor the rewrite added, so
   that tools without the schema (Netron, ONNX Runtime's optimizers, other processes) see them too.
-  ``com.microsoft::MatMulNBits`` (the int4 predictor) has no onnx schema: its output shape is
-  read off its ``N`` attribute.
+  ``com.microsoft::MatMulNBits`` (the int4 predictor) and ``DynamicQuantizeMatMul`` (the int8 predictor,
+  the ``--quantize int8`` fold) have no onnx schema: their output shape is read off ``N`` or the weight's
+  columns.
 """
 
 from __future__ import annotations
@@ -29,16 +30,18 @@ from tardis_onnx.subgraphs import resolve, walk
 _SMALL_INITIALIZER = 1024  # elements: kept for shape inference's data propagation (Reshape targets)
 
 # (name, type, description) of FfnFallback's inputs, in the contract's order; `lines` is float32
-# whatever T is. z_hat and predictor_v are optional: exactly one is given; w1t is optional with z_hat.
+# whatever T is. z_hat and predictor_v are optional: exactly one is given; w1t is optional with z_hat;
+# w1t and w2 are T, or int8 rows with row_scales.
 INPUT_DOCS = (
     ("x", "T", "FFN input [..., d]"),
     ("y_folded", "T", "folded map x·Wf + bf [..., d]; with predictor_v, followed by the code x·U [..., d + rank]"),
     ("z_hat", "T", "predicted pre-activations [..., h]: a neuron falls back when outside its window (optional)"),
-    ("w1t", "T", "first projection, transposed [h, d] (optional with z_hat: absent, z = z_hat + b1)"),
+    ("w1t", "R", "first projection, transposed [h, d] (optional with z_hat: absent, z = z_hat + b1)"),
     ("b1", "T", "first bias [h]"),
-    ("w2", "T", "second projection [h, d]"),
+    ("w2", "R", "second projection [h, d]"),
     ("lines", "tensor(float)", "rows slope, intercept, lo, hi per neuron [4, h] (float32; windows shifted by -b1)"),
     ("predictor_v", "T", "low-rank predictor's second factor [rank, h]: z_hat = code·V, computed in the op (optional)"),
+    ("row_scales", "tensor(float)", "with int8 w1t and w2: each row's scale, w1t's then w2's [2, h] (optional)"),
 )
 
 ATTRIBUTE_DOCS = {
@@ -72,7 +75,10 @@ def fallback_schema() -> defs.OpSchema:
         "neuron i is flagged when z_hat_i is outside [lo_i - margin, hi_i + margin] (or NaN).",
         inputs=[param(name, kind, doc, param_option=_option(name)) for name, kind, doc in INPUT_DOCS],
         outputs=[param("y", "T", "folded plus the outliers' exact residuals [..., d]")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "compute type of the FFN")],
+        type_constraints=[
+            ("T", ["tensor(float)", "tensor(float16)"], "compute type of the FFN"),
+            ("R", ["tensor(float)", "tensor(float16)", "tensor(int8)"], "W1ᵀ and W2 rows: T, or int8 scaled per row"),
+        ],
         attributes=[
             attr(name, make_attribute(name, default), ATTRIBUTE_DOCS[name]) for name, default in ATTRIBUTES.items()
         ],
@@ -109,14 +115,14 @@ def annotate_shapes(model: onnx.ModelProto) -> list[str]:
     graphs = list(walk(model.graph))
     wanted = [_emitted(graph) for _, graph in graphs]
     annotated = [{v.name for v in graph.value_info} for _, graph in graphs]
-    for _ in range(3):  # a MatMulNBits shape lets the next round infer what reads it
+    for _ in range(3):  # a contrib op's shape lets the next round infer what reads it
         inferred = _inferred_model(model).graph
         progress = False
         for (scope, graph), names, done in zip(graphs, wanted, annotated, strict=True):
             known = {}
             for depth in range(len(scope) + 1):  # a subgraph sees the values around it
                 known.update(_types(resolve(inferred, scope[:depth])))
-            known.update(_matmulnbits_types(graph, known))
+            known.update(_contrib_types(graph, known))
             added = [name for name in names if name not in done and _has_shape(known.get(name))]
             for name in added:
                 graph.value_info.append(onnx.helper.make_value_info(name, known[name]))
@@ -161,14 +167,20 @@ def _types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
     return {v.name: v.type for v in values if v.type.HasField("tensor_type")}
 
 
-def _matmulnbits_types(graph: onnx.GraphProto, known: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
-    """``com.microsoft::MatMulNBits(A, ...)``: A's type with the last dimension replaced by ``N``."""
+def _contrib_types(graph: onnx.GraphProto, known: dict[str, onnx.TypeProto]) -> dict[str, onnx.TypeProto]:
+    """``com.microsoft::MatMulNBits(A, ...)`` and ``DynamicQuantizeMatMul(A, B, ...)``: A's type (float) with the
+    last dimension replaced by ``N`` or by B's columns."""
     found = {}
     for node in graph.node:
-        if node.domain != "com.microsoft" or node.op_type != "MatMulNBits" or _has_shape(known.get(node.output[0])):
+        if node.domain != "com.microsoft" or _has_shape(known.get(node.output[0])):
             continue
         a = known.get(node.input[0])
-        n = next((attr.i for attr in node.attribute if attr.name == "N"), None)
+        if node.op_type == "MatMulNBits":
+            n = next((attr.i for attr in node.attribute if attr.name == "N"), None)
+        elif node.op_type == "DynamicQuantizeMatMul" and _has_shape(known.get(node.input[1])):
+            n = known[node.input[1]].tensor_type.shape.dim[-1].dim_value or None
+        else:
+            continue
         if not _has_shape(a) or not a.tensor_type.shape.dim or n is None:
             continue
         out = onnx.TypeProto()

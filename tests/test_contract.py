@@ -30,11 +30,11 @@ def test_the_cpp_kernel_registers_the_contracts_op_and_input_order():
     assert cpp["kDomain"] == contract.DOMAIN and cpp["kFfnFallback"] == contract.FALLBACK_OP
     assert int(cpp["kInputs"]) == len(contract.FALLBACK_INPUTS)
     indices = {"kZHat": "z_hat", "kW1t": "w1t", "kW2": "w2", "kLines": "lines", "kPredictorV": "predictor_v"}
+    indices["kRowScales"] = "row_scales"
     for constant, name in indices.items():
         assert int(cpp[constant]) == contract.FALLBACK_INPUTS.index(name), constant
-    optional = re.search(r"return (index == .*?) \? INPUT_OUTPUT_OPTIONAL", CC).group(1)
-    by_constant = {"kZHat": "z_hat", "kW1t": "w1t", "kPredictorV": "predictor_v"}
-    assert {by_constant[c] for c in re.findall(r"index == (k\w+)", optional)} == contract.OPTIONAL_INPUTS
+    optional = re.search(r"const bool optional = (index == .*?);", CC).group(1)
+    assert {indices[c] for c in re.findall(r"index == (k\w+)", optional)} == contract.OPTIONAL_INPUTS
 
 
 def test_the_cpp_attribute_defaults_and_lines_rows_are_the_contracts():

@@ -16,11 +16,13 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from native_build import ort_headers
 from onnx import TensorProto, helper
 
 from tardis_onnx import runtime
+from tardis_onnx.quantize import quantize_rows
 from tardis_onnx.reference import fallback_op
 
 ort = pytest.importorskip("onnxruntime")
@@ -40,15 +42,21 @@ def needs_library(cuda: bool = False) -> None:
 
 
 def fallback_model(
-    dtype, margin: float | None = None, approximate: str | None = None, fused: bool = False, w1t: bool = True
+    dtype,
+    margin: float | None = None,
+    approximate: str | None = None,
+    fused: bool = False,
+    w1t: bool = True,
+    int8_rows: bool = False,
 ) -> bytes:
     elem = ELEM[dtype]
     names = [n if n != "w1t" or w1t else "" for n in (FUSED_INPUTS if fused else INPUTS)]
-    inputs = [
-        helper.make_tensor_value_info(name, TensorProto.FLOAT if name == "lines" else elem, None)
-        for name in names
-        if name
-    ]
+    if int8_rows:  # W1ᵀ and W2 int8, their row scales the ninth input
+        names = [*names, "", "row_scales"][:9]
+    types = {"lines": TensorProto.FLOAT, "row_scales": TensorProto.FLOAT}
+    if int8_rows:
+        types.update(w1t=TensorProto.INT8, w2=TensorProto.INT8)
+    inputs = [helper.make_tensor_value_info(name, types.get(name, elem), None) for name in names if name]
     attrs = {}
     if margin is not None:
         attrs["margin"] = margin
@@ -110,14 +118,15 @@ def make_fused_case(rng, lead: tuple[int, ...], d: int, h: int, rank: int, dtype
 
 def oracle(case: dict, margin: float = 0.0, approximate: str = "none") -> np.ndarray:
     # The attribute is stored as float32: the oracle must see the same margin.
-    inputs = [case.get(k) for k in INPUTS] + [case.get("predictor_v")]
+    inputs = [case.get(k) for k in INPUTS] + [case.get("predictor_v"), case.get("row_scales")]
     return fallback_op(*inputs, margin=float(np.float32(margin)), form=FORMS[approximate])
 
 
 def run_op(case: dict, margin=None, approximate=None, threads: int = 1, cuda_library: bool = False) -> np.ndarray:
     dtype = case["x"].dtype.type
     so = runtime.session_options(threads=threads, optimization="disable", cuda=cuda_library)
-    model = fallback_model(dtype, margin, approximate, fused="predictor_v" in case, w1t="w1t" in case)
+    fused, int8_rows = "predictor_v" in case, "row_scales" in case
+    model = fallback_model(dtype, margin, approximate, fused=fused, w1t="w1t" in case, int8_rows=int8_rows)
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     return session.run(None, case)[0]
 
@@ -315,6 +324,52 @@ def test_without_w1t_the_residual_comes_from_z_hat(cpu_library, lead, threads, f
     # It differs from the recomputed residual (z_hat is noisy): the op really read z_hat.
     recomputed = oracle({**case, "w1t": np.ones((300, 40), dtype)}, 0.05, "tanh")
     assert np.abs(want - recomputed).max() > 1e-2
+
+
+def with_int8_rows(case: dict) -> dict:
+    """``case`` with its W1ᵀ (when given) and W2 as int8 rows and their scales (``--quantize int8``)."""
+    h = case["w2"].shape[0]
+    w2, w2_scales = quantize_rows(case["w2"])
+    w1t, w1t_scales = quantize_rows(case["w1t"]) if "w1t" in case else (None, np.ones(h, np.float32))
+    rows = {"w2": w2, "row_scales": np.stack([w1t_scales, w2_scales])}
+    return {**case, **rows} | ({} if w1t is None else {"w1t": w1t})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("w1t", [True, False], ids=["w1t", "no-w1t"])
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("lead", [(1,), (2,), (4, 9), (600,)], ids=["1", "2", "4x9", "600"])
+def test_int8_rows_match_reference(cpu_library, lead, threads, w1t, dtype):
+    """W1ᵀ and W2 as int8 rows with a scale each: row k is float32(q)·scale_k, decode and prefill schedules."""
+    case = make_case(np.random.default_rng(23), lead, d=40, h=300, dtype=dtype)
+    if not w1t:
+        del case["w1t"]
+    quantized = with_int8_rows(case)
+    want = oracle(quantized, 0.05, "tanh")
+    assert_matches(run_op(quantized, 0.05, "tanh", threads=threads), want, dtype)
+    if dtype == np.float32:  # the rounding shows: the op really read the int8 rows
+        assert np.abs(want - oracle(case, 0.05, "tanh")).max() > 1e-4
+
+
+@pytest.mark.parametrize("rows", ["int8 without scales", "float with scales"])
+def test_row_scales_go_with_int8_rows(cpu_library, rows):
+    case = make_case(np.random.default_rng(24), (2,), d=16, h=32)
+    quantized = with_int8_rows(case)
+    proto = onnx.load_from_string(fallback_model(np.float32, int8_rows=True))
+    if rows == "float with scales":  # the same node with float W1ᵀ and W2
+        quantized.update(w1t=case["w1t"], w2=case["w2"])
+        for value in proto.graph.input:
+            if value.name in ("w1t", "w2"):
+                value.type.tensor_type.elem_type = TensorProto.FLOAT
+    else:
+        del quantized["row_scales"]
+        proto.graph.node[0].input[8] = ""
+        del proto.graph.input[-1]
+    model = proto.SerializeToString()
+    so = runtime.session_options(threads=1, optimization="disable")
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="row_scales must be given exactly when w1t and w2 are int8 rows"):
+        session.run(None, quantized)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])

@@ -6,14 +6,21 @@ import numpy as np
 import onnx
 import pytest
 from ffn_graphs import D, ffn_model, if_model
+from onnx import numpy_helper
 from test_speed import _fake_timings, two_ffn_model
 
 from tardis_onnx import runtime
 from tardis_onnx.config import TardisConfig
+from tardis_onnx.contract import ffn_prefix
+from tardis_onnx.emit import CustomFallback, emit_ffn
 from tardis_onnx.feeds import random_feeds
 from tardis_onnx.optimize import main, optimize_model
+from tardis_onnx.passes import find_ffns
+from tardis_onnx.predictor import ExactPredictor, Int8Predictor, quantize_activations_uint8
 from tardis_onnx.quantize import quantize_int8
+from tardis_onnx.reference import NeuronLines, fallback_op
 from tardis_onnx.session import create_session
+from tardis_onnx.speed import rewritten_ffn_model
 
 pytestmark = pytest.mark.skipif(not runtime.library_available(), reason="the ai.tardis library is not built")
 
@@ -37,10 +44,10 @@ def test_folded_and_quantized_where_it_pays(monkeypatch):
     ops = [n.op_type for n in model.graph.node]
     assert not any(r.kept_original for r in result.ffns)
     assert ops.count("FfnFallback") == 2 and "MatMul" not in ops  # every MatMul runs in int8
-    for row in result.ffns:  # bytes as the int8 model reads them: a byte per W1, W2 and fold weight
+    for row in result.ffns:  # bytes as the int8 model reads them: a byte per W1, W2, fold weight and fallback row
         assert row.dense_bytes == 2 * row.d * row.hidden and row.fold_bytes == row.d * row.d
-        matrices = 1 if row.predictor == "int8" else 2  # W2's rows, or W1's and W2's, in the op's own fp32 copy
-        assert row.fallback_read_bytes - row.fold_bytes == int(row.flagged_fraction * matrices * row.hidden * row.d * 4)
+        matrices = 1 if row.predictor == "int8" else 2  # W2's rows, or W1's and W2's, int8 in the op
+        assert row.fallback_read_bytes - row.fold_bytes == int(row.flagged_fraction * matrices * row.hidden * row.d)
     assert any(n.name.startswith("tardis/") and "MatMul" in n.op_type for n in model.graph.node)
     assert {p.key for p in model.metadata_props} >= {"tardis_onnx.version", "tardis_onnx.config"}
     got = create_session(model).run(None, feeds)[0]
@@ -91,3 +98,36 @@ def test_matmuls_inside_branches_are_quantized_too():
         want = create_session(original).run(None, feeds)[0]
         got = create_session(quantized).run(None, feeds)[0]
         assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("predictor", [Int8Predictor, ExactPredictor])
+def test_the_composed_rewrite_is_one_int8_product_then_the_fallback_on_int8_rows(predictor):
+    """Composed with int8 in the op's form: the fold (and the int8 predictor, which shares its node) is one
+    DynamicQuantizeMatMul with a scale per column, the fallback reads int8 rows; ONNX Runtime computes what
+    the numpy reference of exactly that computes."""
+    model = ffn_model("erf_div")
+    (ffn,), _ = find_ffns(model)
+    x = np.random.default_rng(1).standard_normal((3, 5, D)).astype(np.float32)
+    z = x.reshape(-1, D).astype(np.float64) @ ffn.w1 + ffn.b1
+    h = ffn.hidden
+    lines = NeuronLines(np.full(h, 0.5), np.zeros(h), np.quantile(z, 0.15, axis=0), np.quantile(z, 0.85, axis=0))
+    chosen = predictor.fit(x.reshape(-1, D), ffn.w1, 0)
+    nodes, constants = emit_ffn(ffn, lines, CustomFallback(), 17, 0.0, 0.0, chosen, quantize="int8")
+    ops = [n.op_type for n in nodes]
+    assert ops.count("DynamicQuantizeMatMul") == 1 and ("Split" in ops) == (predictor is Int8Predictor)
+    initializers = constants.tensors()
+    got = runtime.make_session(rewritten_ffn_model(ffn, nodes, initializers)).run(None, {ffn.x: x})[0]
+
+    weights = {t.name.removeprefix(ffn_prefix(ffn.name) + "/"): numpy_helper.to_array(t) for t in initializers}
+    assert weights["w2_int8"].dtype == np.int8 and weights["row_scales"].shape == (2, h)
+    product = quantize_activations_uint8(x.reshape(-1, D)) @ (weights["folded_weight_int8"] * weights["folded_scales"])
+    product += weights["folded_bias"]
+    d_out = ffn.w2.shape[1]
+    z_hat = product[:, d_out:] if predictor is Int8Predictor else x.reshape(-1, D) @ weights["w1"]
+    w1t = weights.get("w1t_int8")
+    assert (w1t is None) == (predictor is Int8Predictor)  # the int8 predictor's residuals come from z_hat
+    args = (weights["b1"], weights["w2_int8"], weights["lines"], None, weights["row_scales"])
+    want = fallback_op(x.reshape(-1, D), product[:, :d_out], z_hat, w1t, *args).reshape(got.shape)
+    flagged = ~((z_hat >= weights["lines"][2]) & (z_hat <= weights["lines"][3]))
+    assert 0.05 < flagged.mean() < 0.95  # the fallback added rows
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

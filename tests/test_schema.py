@@ -91,4 +91,22 @@ def test_annotation_works_without_the_weights(tmp_path):
 def test_registration_is_idempotent():
     register_schemas()
     register_schemas()
-    assert [p.name for p in onnx.defs.get_schema("FfnFallback", 1, "ai.tardis").inputs][6:] == ["lines", "predictor_v"]
+    inputs = [p.name for p in onnx.defs.get_schema("FfnFallback", 1, "ai.tardis").inputs]
+    assert inputs[6:] == ["lines", "predictor_v", "row_scales"]
+
+
+def test_the_int8_composition_passes_the_full_check_with_shapes():
+    """--quantize int8: one DynamicQuantizeMatMul for the fold and the int8 predictor, a Split, the op on int8
+    rows (its `R` type) with row scales; every new tensor keeps a shape."""
+    if not runtime.library_available():
+        pytest.skip(f"custom-op library not built: run `{runtime.BUILD_COMMAND}`")
+    config = TardisConfig(coverage=0.9, fallback="custom", predictor="int8", quantize="int8", speed_check=False)
+    model = optimize_model(ffn_model("erf_div"), config).model
+    (fallback,) = [n for n in model.graph.node if n.op_type == "FfnFallback"]
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert types[fallback.input[5]] == onnx.TensorProto.INT8 and fallback.input[8].endswith("/row_scales")
+    assert annotate_shapes(model) == []
+    register_schemas()
+    onnx.checker.check_model(model, full_check=True)
+    shapes = {v.name: _shape(v) for v in model.graph.value_info}
+    assert shapes[fallback.input[1]] == ["batch", "sequence", 16] and shapes[fallback.input[2]][2] == 64
