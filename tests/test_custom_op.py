@@ -255,6 +255,22 @@ def test_nan_and_inf_propagate(cpu_library, lead, dtype):
     assert_matches(y, ref, dtype)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("rows", ["float", "int8"])
+def test_residuals_from_z_hat_at_every_value(cpu_library, rows, approximate):
+    """Prefill without W1ᵀ (many tokens: the residuals eight at a time): pre-activations over the whole float
+    range, ±inf and NaN, every neuron flagged, match the oracle (GELU(−inf) is NaN, GELU(inf) is inf)."""
+    case = make_case(np.random.default_rng(8), (70,), d=24, h=40, flagged="all")
+    del case["w1t"]
+    case["b1"][:] = 0
+    grid = np.concatenate([np.linspace(-40, 40, 70 * 40 - 6), [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-30]])
+    case["z_hat"] = grid.astype(np.float32).reshape(70, 40)
+    if rows == "int8":
+        case = with_int8_rows(case)
+    assert_matches(run_op(case, approximate=approximate, threads=2), oracle(case, 0.0, approximate), np.float32)
+
+
 @pytest.mark.parametrize(("d", "h"), [(16, 0), (0, 8)], ids=["h=0", "d=0"])
 @pytest.mark.parametrize("lead", [(1,), (3, 4)], ids=["decode", "prefill"])
 def test_empty_hidden_or_model_dim(cpu_library, lead, d, h):
