@@ -9,7 +9,8 @@
 //  A2. residuals, same chunks: each flagged neuron's W1 row is read once (the next one
 //      prefetched meanwhile) and dotted with the x rows of its tokens four at a time (one W1
 //      load feeds four products; the block's x rows stay in cache); the residuals r_i(z) go to
-//      per-token pair lists, neurons in increasing order.
+//      per-token pair lists, neurons in increasing order. Without W1ᵀ (residuals from z_hat) a
+//      neuron's residuals are computed eight at a time (`residuals_batch`: vectorised erfc/exp).
 //  B.  accumulation, split over tiles of 64 output columns: the tile's W2 segments of the
 //      block's flagged neurons are packed contiguously (rows 4 KiB apart would alias in L1/L2;
 //      each W2 byte is read from memory once per block), then per token 64 accumulators live
@@ -505,16 +506,6 @@ constexpr int64_t kDecodeLag = 8;
 constexpr int64_t kDecodeTouchLines = 2;
 constexpr int64_t kDecodeParts = 4;
 
-// Prefill from z_hat: tokens per task; the token-by-token schedule runs above kPredictedFloatTokens
-// tokens with float rows (below, the decode schedule, which reads a row once for all the tokens
-// flagging it, was faster: d = 384, h = 1536, 9% flagged, 12 tokens 109 vs 140 us, level at 33, 64
-// tokens 577 vs 412 us), above kFewTokens with int8 rows (faster from 3 tokens on: 33 tokens 280 vs
-// 176 us).
-constexpr int64_t kPredictedTokens = 8;
-constexpr int64_t kPredictedFloatTokens = 32;
-// Prefill from z_hat: a token's flagged W2 rows are prefetched this many neurons ahead.
-constexpr int64_t kPredictedAhead = 2;
-
 // Phase A1 runs on the calling thread up to this many (token, neuron) window tests.
 constexpr int64_t kSerialFlags = int64_t{1} << 15;
 
@@ -541,7 +532,6 @@ struct Workspace {
   std::vector<float> y_row;            // decode, half: one output row in float
   std::vector<float> code_float;       // fused low-rank predictor, half: the block's code rows in float
   std::vector<float> decode_z;         // decode, fused low-rank predictor: [nb, h] z_hat, by part
-  std::vector<float> lower, upper;     // prefill from z_hat: the windows' float bounds [h]
 };
 
 // Per-task scratch of the pool threads, reused across calls.
@@ -551,10 +541,7 @@ struct TaskScratch {
   std::vector<float> w1_row, w2_row;  // decode, half: the current rows in float
   // Fused low-rank predictor: prefill, a chunk's V columns [rank, chunk]; decode, half: one V row segment.
   std::vector<float> v_chunk;
-  std::vector<float> z_row, acc;  // prefill from z_hat: a token's z_hat (half) and output row in float
-  std::vector<uint8_t> flag;      // prefill from z_hat: a token's flags [h, rounded up to 8]
-  std::vector<int32_t> flagged;   // prefill from z_hat: a token's flagged neurons
-  std::vector<float> pre, slope, intercept, r;  // ... and their pre-activations, lines and residuals
+  std::vector<float> pre, slope, intercept, r;  // phase A2 from z_hat: a neuron's tokens' pre-activations, residuals
 };
 
 TaskScratch& task_scratch() {
@@ -689,16 +676,23 @@ struct Fallback {
     const float* slope = a.lines + kSlope * h;
     const float* intercept = a.lines + kIntercept * h;
     const auto n_entries = static_cast<int64_t>(ch.neuron.size());
-    if (!has_w1()) {  // z from the prediction: no W1 row read
+    if (!has_w1()) {  // z from the prediction: no W1 row read; a neuron's residuals eight at a time
+      TaskScratch& scratch = task_scratch();
       for (int64_t e = 0; e < n_entries; ++e) {
         const int64_t i = ch.neuron[e];
         const float b = to_float(a.b1[i]);
         const auto global = static_cast<int32_t>(ch.entry_base + e);
-        for (int32_t p0 = ch.first[e]; p0 < ch.first[e + 1]; ++p0) {
-          const int32_t t = ch.token[p0];
-          const int64_t p = cursor[t]++;
+        const int32_t p0 = ch.first[e], m = ch.first[e + 1] - p0;
+        for (std::vector<float>* v : {&scratch.pre, &scratch.r}) v->resize(static_cast<size_t>(m));
+        scratch.slope.assign(static_cast<size_t>(m), slope[i]);
+        scratch.intercept.assign(static_cast<size_t>(m), intercept[i]);
+        for (int32_t k = 0; k < m; ++k) scratch.pre[k] = to_float(a.z_hat[(t0 + ch.token[p0 + k]) * h + i]) + b;
+        residuals_batch(scratch.pre.data(), scratch.slope.data(), scratch.intercept.data(), a.approximate, m,
+                        scratch.r.data());
+        for (int32_t k = 0; k < m; ++k) {
+          const int64_t p = cursor[ch.token[p0 + k]]++;
           ws.pair_entry[p] = global;
-          ws.pair_r[p] = residual(to_float(a.z_hat[(t0 + t) * h + i]) + b, slope[i], intercept[i], a.approximate);
+          ws.pair_r[p] = scratch.r[k];
         }
       }
       return;
@@ -964,89 +958,6 @@ struct Fallback {
     }
   }
 
-  // ---- prefill from z_hat (no W1ᵀ, no fused predictor): token by token ----
-  // Tasks of kPredictedTokens tokens; a token tests its z_hat row against the windows (float bounds,
-  // as phase A1), computes its flagged neurons' residuals eight at a time (residuals_batch), then adds
-  // each r * w2[i, :] to its output row, neurons in increasing order, starting from y_folded: phase B's
-  // arithmetic (int8 rows: (r * scale) * q), without the lists, the packing and the column-wise z_hat
-  // reads the residual phase needs when W1 rows are shared; tokens share W2 rows through the caches.
-  // Measured (benchmark harness, 6 FFNs in turn, d = 384, h = 1536, 9% flagged, 544 tokens, 2
-  // threads): 4.1-4.2 ms through phases A1/A2/B, 2.3-2.5 ms so.
-  static void phase_predicted(void* self, size_t k) {
-    static_cast<Fallback*>(self)->predicted_tokens(static_cast<int64_t>(k));
-  }
-
-  void predicted_tokens(int64_t task) {
-    const int64_t d = a.d, h = a.h;
-    const int64_t first = task * kPredictedTokens, last = std::min(a.tokens, first + kPredictedTokens);
-    TaskScratch& scratch = task_scratch();
-    scratch.flag.resize(static_cast<size_t>(ceil_div(h, 8) * 8));
-    std::fill(scratch.flag.begin() + h, scratch.flag.end(), uint8_t{0});
-    if constexpr (!std::is_same_v<T, float>) {
-      scratch.z_row.resize(static_cast<size_t>(h));
-      scratch.acc.resize(static_cast<size_t>(d));
-      scratch.w2_row.resize(static_cast<size_t>(d));
-    }
-    const float* slope = a.lines + kSlope * h;
-    const float* intercept = a.lines + kIntercept * h;
-    for (int64_t t = first; t < last; ++t) {
-      const float* z;
-      float* acc;
-      if constexpr (std::is_same_v<T, float>) {
-        z = a.z_hat + t * h;
-        acc = a.y + t * d;
-        std::memcpy(acc, a.y_folded + t * a.folded_stride, sizeof(float) * static_cast<size_t>(d));
-      } else {
-        half_to_float_row(a.z_hat + t * h, scratch.z_row.data(), h);
-        z = scratch.z_row.data();
-        acc = scratch.acc.data();
-        half_to_float_row(a.y_folded + t * a.folded_stride, acc, d);
-      }
-      window_flags(z, ws.lower.data(), ws.upper.data(), h, scratch.flag.data());
-      std::vector<int32_t>& flagged = scratch.flagged;
-      flagged.clear();
-      for (int64_t k8 = 0; k8 < h; k8 += 8) {
-        uint64_t bits;
-        std::memcpy(&bits, scratch.flag.data() + k8, sizeof bits);
-        for (; bits != 0; bits &= bits - 1) flagged.push_back(static_cast<int32_t>(k8 + __builtin_ctzll(bits) / 8));
-      }
-      const auto m = static_cast<int64_t>(flagged.size());
-      for (std::vector<float>* v : {&scratch.pre, &scratch.slope, &scratch.intercept, &scratch.r}) {
-        v->resize(static_cast<size_t>(m));
-      }
-      for (int64_t p = 0; p < m; ++p) {
-        const int64_t i = flagged[p];
-        scratch.pre[p] = z[i] + to_float(a.b1[i]);
-        scratch.slope[p] = slope[i];
-        scratch.intercept[p] = intercept[i];
-      }
-      residuals_batch(scratch.pre.data(), scratch.slope.data(), scratch.intercept.data(), a.approximate, m,
-                      scratch.r.data());
-      for (int64_t p = 0; p < std::min(kPredictedAhead, m); ++p) prefetch_bytes(row_address(kW2, flagged[p]), row_bytes());
-      for (int64_t p = 0; p < m; ++p) {
-        const int64_t i = flagged[p];
-        if (p + kPredictedAhead < m) prefetch_bytes(row_address(kW2, flagged[p + kPredictedAhead]), row_bytes());
-        if (int8_rows()) {
-          axpy_int8_row(acc, scratch.r[p] * a.row_scales[h + i], a.w2_q + i * d, d);
-        } else {
-          axpy_row(acc, scratch.r[p], row_float(kW2, i, scratch.w2_row), d, nullptr);
-        }
-      }
-      if constexpr (!std::is_same_v<T, float>) float_to_half_row(acc, a.y + t * d, d);
-    }
-  }
-
-  void run_predicted(const ParallelRunner& runner) {
-    const int64_t h = a.h;
-    ws.lower.resize(static_cast<size_t>(h));
-    ws.upper.resize(static_cast<size_t>(h));
-    for (int64_t k = 0; k < h; ++k) {
-      ws.lower[k] = float_at_or_above(lower_bound(a.lines[kLo * h + k], a.margin));
-      ws.upper[k] = float_at_or_below(upper_bound(a.lines[kHi * h + k], a.margin));
-    }
-    parallel_for(runner, static_cast<size_t>(ceil_div(a.tokens, kPredictedTokens)), phase_predicted, this);
-  }
-
   // code_block: the block's low-rank code rows (the last a.rank columns of y_folded) in float.
   void set_code_block() {
     const T* first = a.y_folded + t0 * a.folded_stride + a.d;
@@ -1072,10 +983,6 @@ struct Fallback {
 
   void run(const ParallelRunner& runner) {
     const int64_t d = a.d, h = a.h;
-    if (!has_w1() && a.v == nullptr && a.tokens > (int8_rows() ? kFewTokens : kPredictedFloatTokens)) {
-      run_predicted(runner);
-      return;
-    }
     block_tokens = std::clamp<int64_t>(kBlockBytes / (d * static_cast<int64_t>(sizeof(float))), 1, kMaxBlockTokens);
     block_tokens = ceil_div(a.tokens, ceil_div(a.tokens, block_tokens));  // even blocks
     // Few tokens: big chunks (cheap serial flag tests); many tokens: 64 neurons per chunk.
