@@ -11,7 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from tardis_onnx import reference, runtime
-from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MATMUL, ffn_prefix
+from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MATMUL, ROW_SCALES_ROWS, ffn_prefix
 from tardis_onnx.errors import TardisError
 from tardis_onnx.io import ExternalDataWriter
 from tardis_onnx.passes.ffn import FfnMatch
@@ -197,7 +197,8 @@ class CustomFallback(FallbackForm):
                 w1t_rows, w1t_scales = quantize_rows(w1t)
             given["w1t"] = "" if w1t_rows is None else b.constant("w1t_int8", w1t_rows, np.int8)
             w2 = b.constant("w2_int8", w2_rows, np.int8)
-            given["row_scales"] = b.constant("row_scales", np.stack([w1t_scales, w2_scales]))
+            scales = {"w1t": w1t_scales, "w2": w2_scales}
+            given["row_scales"] = b.constant("row_scales", np.stack([scales[row] for row in ROW_SCALES_ROWS]))
         else:
             given["w1t"] = "" if w1t is None else b.constant("w1t", w1t)
         given.update(b1=b.constant("b1", b1), w2=w2, predictor_v=fused_v[0] if fused_v else "")

@@ -20,6 +20,7 @@ import numpy as np
 from scipy.special import erf
 
 from tardis_onnx import parallel
+from tardis_onnx.contract import ROW_SCALES_ROWS
 
 GELU_FORMS = ("erf", "tanh")
 _TANH_SCALE = math.sqrt(2.0 / math.pi)
@@ -284,9 +285,9 @@ def fallback_op(
     (``[2, h]``), ``w1t`` and ``w2`` are int8 rows: row ``k`` stands for ``q[k]·scale[k]`` (:func:`int8_rows`).
     """
     if row_scales is not None:
-        scales = np.asarray(row_scales, dtype=np.float32)
-        w1t = None if w1t is None else int8_rows(w1t, scales[0])
-        w2 = int8_rows(w2, scales[1])
+        scales = dict(zip(ROW_SCALES_ROWS, np.asarray(row_scales, dtype=np.float32), strict=True))
+        w1t = None if w1t is None else int8_rows(w1t, scales["w1t"])
+        w2 = int8_rows(w2, scales["w2"])
     if (z_hat is None) == (predictor_v is None):
         raise ValueError("give exactly one of z_hat and predictor_v")
     if w1t is None and z_hat is None:

@@ -46,6 +46,12 @@ def test_the_cpp_attribute_defaults_and_lines_rows_are_the_contracts():
     assert packed[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]  # slope, intercept, lo, hi: the same order
 
 
+def test_the_cpp_row_scales_rows_are_the_contracts():
+    cpu = (OPS / "ffn_fallback_cpu.cc").read_text()
+    rows = dict(re.findall(r"(k\w+) = (\d)", re.search(r"enum Matrix \{([^}]*)\}", cpu).group(1)))
+    assert [int(rows[k]) for k in ("kW1", "kW2")] == [contract.ROW_SCALES_ROWS.index(r) for r in ("w1t", "w2")]
+
+
 def test_the_schema_declares_the_contract():
     op = schema.fallback_schema()
     assert (op.name, op.domain, op.since_version) == (contract.FALLBACK_OP, contract.DOMAIN, contract.OP_VERSION)
