@@ -12,9 +12,8 @@
 // Element type T is float or IEEE half (passed as its uint16_t bits); `lines` is always float32.
 // With `row_scales` set (int8 rows, the --quantize int8 rewrite), w1t and w2 are null and their
 // rows come as int8 in w1t_q and w2_q: row k stands for q[k, :] * scale[k] (scale: row_scales[k] for
-// W1ᵀ, row_scales[h + k] for W2). Decode applies it as z_i = scale * dot(x, float(q_i)) + b1[i] and
-// adds (r * scale) * float(q_i) (no converted copy); prefill converts each row (segment) to float once
-// per block, float(q) * scale.
+// W1ᵀ, row_scales[h + k] for W2). Rows are converted to float as float(q) * scale, except where
+// decode adds a W2 row: (r * scale) * float(q), with no converted copy.
 #pragma once
 
 #include <cstddef>

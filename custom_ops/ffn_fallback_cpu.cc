@@ -16,8 +16,8 @@
 //      each W2 byte is read from memory once per block), then per token 64 accumulators live
 //      in registers while the token's pairs add r * w2[i, tile].
 // Only the W1/W2 rows of neurons flagged by some token of the block are read. Int8 rows (row_scales
-// set) are read as int8: the decode schedule dots and adds them converted on the fly (dots_int8,
-// axpy_int8_row), phases A2 and B convert a row or tile segment to float once per block.
+// set) are read as int8: the decode schedule adds W2's converted on the fly (axpy_int8_row) and
+// converts W1ᵀ's once for its dot; phases A2 and B convert a row or tile segment once per block.
 // With the low-rank predictor fused in (FallbackArgs::v), z_hat is computed where it is tested: a
 // decode part first sums its neurons' z_hat over the rows of V, two at a time (`lowrank_z`), phase
 // A1 packs its chunk's V columns once and sums each token's z_hat from them in registers
@@ -277,33 +277,6 @@ TARDIS_CLONES void axpy_row(float* __restrict acc, float r, const float* __restr
 // as it is added.
 TARDIS_CLONES void axpy_int8_row(float* __restrict acc, float rs, const int8_t* __restrict q, int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] += rs * static_cast<float>(q[j]);
-}
-
-// out[k] = scale * dot(x[k], float(q)) for m = 1 or 2 rows x[k] and one int8 row q (16 float lanes
-// per row of x, folded as `dots` folds them).
-TARDIS_CLONES void dots_int8(const float* const* x, int m, const int8_t* __restrict q, float scale, int64_t n,
-                             float* out) {
-  for (int k = 0; k < m; ++k) {
-    Vec lo = Vec{}, hi = Vec{};
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-      Vec ql, qh;
-      for (int l = 0; l < kHalf; ++l) {
-        ql[l] = static_cast<float>(q[j + l]);
-        qh[l] = static_cast<float>(q[j + kHalf + l]);
-      }
-      lo += load(x[k] + j) * ql;
-      hi += load(x[k] + j + kHalf) * qh;
-    }
-    float lane[kLanes];
-    std::memcpy(lane, &lo, sizeof lo);
-    std::memcpy(lane + kHalf, &hi, sizeof hi);
-    for (int l = 0; j < n; ++j, ++l) lane[l] += x[k][j] * static_cast<float>(q[j]);
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
-    }
-    out[k] = scale * lane[0];
-  }
 }
 
 // out[k] = dot(x[k], w) for m = 1 or 2 rows x[k]; along the way streams in the row `next` (same
@@ -868,12 +841,12 @@ struct Fallback {
     }
     const float* w2 = nullptr;
     const float* next_w2 = nullptr;  // float rows: W1's next row streams in during the dot, W2's during the axpy
-    if (int8_rows()) {  // no converted copy: each int8 row is read as it is used
+    if (int8_rows()) {  // W1ᵀ's row converted once for the dot; W2's added as it is read, below
       if (next1 != nullptr) {
         prefetch_bytes(next1, row_bytes());
         prefetch_bytes(next2, row_bytes());
       }
-      dots_int8(x_rows, m, a.w1t_q + i * d, a.row_scales[i], d, r);
+      dots_prefetch(x_rows, m, row_float(kW1, i, task_scratch().w1_row), d, nullptr, r);
     } else if (rows_in_place()) {
       w2 = static_cast<const float*>(row_address(kW2, i));
       next_w2 = static_cast<const float*>(next2);

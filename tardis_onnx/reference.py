@@ -308,6 +308,6 @@ def fallback_op(
 
 
 def int8_rows(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """The rows int8 rows ``q [h, d]`` stand for: ``q·scale`` per row (float64; the kernel applies a row's scale
-    after its dot with ``x``, or to the residual it adds the row with: the same up to float rounding)."""
+    """The rows int8 rows ``q [h, d]`` stand for: ``q·scale`` per row (float64; where the kernel adds a W2 row at
+    decode it scales the residual instead: the same up to float rounding)."""
     return np.asarray(q, dtype=np.float64) * np.asarray(scales, dtype=np.float32).astype(np.float64)[:, None]
