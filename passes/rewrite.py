@@ -44,7 +44,7 @@ def emit_fastest(
         return emit_ffn(ffn, flags, form, opset, margin, coverage, c.predictor, result.fold, config.quantize)
 
     candidates, x = fitted.candidates, fitted.samples.x
-    in_op = config.quantize == "int8" and form.int8_in_op(ffn)
+    in_op = form.int8_in_op(ffn, config.quantize)
     return _fold_fastest(ffn, result, candidates, x, timing, emit, config, warnings, timings, weights, in_op)
 
 

@@ -98,7 +98,7 @@ def emit_ffn(
         f"at coverage {coverage:g}"
     )
     b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
-    int8 = quantize == "int8" and form.int8_in_op(ffn)
+    int8 = form.int8_in_op(ffn, quantize)
     form.emit(b, ffn, lines, predictor, wf=wf, bf=bf, b1=b1, doc=doc, margin=margin, opset=opset, int8=int8)
     return b.nodes, b.constants
 
@@ -118,8 +118,8 @@ class FallbackForm:
         """The domains, beyond the standard one, a model whose FFNs were folded with ``predictors`` declares."""
         return []
 
-    def int8_in_op(self, ffn: FfnMatch) -> bool:
-        """Whether, under ``--quantize int8``, this form emits ``ffn``'s rewrite in int8 itself (fold and
+    def int8_in_op(self, ffn: FfnMatch, quantize: str) -> bool:
+        """Whether, under ``--quantize quantize``, this form emits ``ffn``'s rewrite in int8 itself (fold and
         fallback rows), rather than leaving its MatMuls to ``quantize_dynamic``."""
         return False
 
@@ -158,9 +158,9 @@ class CustomFallback(FallbackForm):
         contrib = [p.contrib_domain for p in predictors if p.contrib_domain]
         return [DOMAIN, *dict.fromkeys(contrib)] if predictors else []
 
-    def int8_in_op(self, ffn):
+    def int8_in_op(self, ffn, quantize):
         # ONNX Runtime's DynamicQuantizeMatMul computes in float32 only.
-        return np.dtype(ffn.dtype) == np.float32
+        return quantize == "int8" and np.dtype(ffn.dtype) == np.float32
 
     def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, doc, margin, opset, int8=False):
         w2 = "" if int8 else b.constant("w2", ffn.w2)  # int8: its rows are made below

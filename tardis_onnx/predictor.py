@@ -392,17 +392,17 @@ def quantize_activations_int8(x: np.ndarray, block: int = INT4_BLOCK) -> np.ndar
 INT8_WEIGHT_LIMIT = 64
 
 
-def quantize_int8(w1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``w1 [d, h]`` as int8 with one scale per column (neuron): ``q = round(w / s)``, ``s = max|w| / 64``
-    (``INT8_WEIGHT_LIMIT``)."""
+def quantize_int8(w1: np.ndarray, limit: int = INT8_WEIGHT_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """``w1 [d, h]`` as int8 with one scale per column (neuron): ``q = round(w / s)``, ``s = max|w| / limit``
+    (``INT8_WEIGHT_LIMIT``, 64, for ONNX Runtime's integer products; a zero column gets scale 1)."""
     w1 = np.asarray(w1)
     q, scales = np.empty(w1.shape, dtype=np.int8), np.empty(w1.shape[1])
 
     def quantize(cols: slice) -> None:
         block = np.asarray(w1[:, cols], dtype=np.float64)
-        scale = np.abs(block).max(axis=0) / INT8_WEIGHT_LIMIT
+        scale = np.abs(block).max(axis=0, initial=0.0) / limit
         scale[scale == 0] = 1.0
-        q[:, cols], scales[cols] = np.clip(np.rint(block / scale), -INT8_WEIGHT_LIMIT, INT8_WEIGHT_LIMIT), scale
+        q[:, cols], scales[cols] = np.clip(np.rint(block / scale), -limit, limit), scale
 
     parallel.map_each(quantize, neuron_slices(*w1.shape))
     return q, scales

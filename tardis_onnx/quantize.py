@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from tardis_onnx.io import EXTERNAL_DATA_THRESHOLD, model_bytes
+from tardis_onnx.predictor import quantize_int8 as quantize_columns
 
 QUANTIZE_CHOICES = ("none", "int8")
 # The fallback's int8 rows: symmetric per row. The op computes in float (each row converted, then
@@ -42,11 +43,8 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``w [h, d]`` as int8 rows ``q`` and per-row scales ``s`` (float32): ``q = round(w / s)``, ``s = max|w| /
-    127`` (a zero row gets scale 1); :func:`tardis_onnx.reference.int8_rows` reads them back."""
-    w = np.asarray(w, dtype=np.float64)
-    scales = np.abs(w).max(axis=1, initial=0.0) / ROW_LIMIT
-    scales[scales == 0] = 1.0
-    scales = scales.astype(np.float32)
-    q = np.clip(np.rint(w / scales.astype(np.float64)[:, None]), -ROW_LIMIT, ROW_LIMIT).astype(np.int8)
-    return q, scales
+    """``w [h, d]`` as int8 rows ``q`` and per-row scales ``s`` (float32): the int8 predictor's quantizer
+    (:func:`tardis_onnx.predictor.quantize_int8`, a block of rows at a time) on ``wᵀ`` with ``s = max|w| / 127``;
+    :func:`tardis_onnx.reference.int8_rows` reads them back."""
+    q, scales = quantize_columns(np.asarray(w).T, ROW_LIMIT)
+    return np.ascontiguousarray(q.T), scales.astype(np.float32)
