@@ -191,6 +191,15 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
             r.fold_bytes + r.predictor_bytes + fi * r.dense_bytes for r, fi in zip(result.ffns, f, strict=True)
         )
         label = spec or "default"
+        kept, timed = [r.kept_original for r in result.ffns], [r.speedups for r in result.ffns]
+        checked = [speedups for speedups in timed if speedups]
+        if checked:  # what the never-slower check decided, per FFN: its least speedup over the shapes
+            least = [min(speedups.values()) for speedups in checked]
+            print(
+                f"{arch} {label}: kept {sum(kept)} of {len(kept)} FFNs as they were; the never-slower check's "
+                f"least speedups {min(least):.2f}-{max(least):.2f}x",
+                flush=True,
+            )
         file = workdir / f"{arch}-{len(rows)}.onnx"
         written = save_model(result.model, file)
         del rewritten, result
@@ -214,6 +223,8 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
                 "end_to_end_bytes_read_bound": dense_bytes / (dense_bytes - ffn_dense + ffn_read),
                 "bytes_per_token_original": dense_bytes,
                 "bytes_per_token_rewritten": dense_bytes - ffn_dense + ffn_read,
+                "ffns_kept": sum(kept),
+                "timed_speedups": timed,
             }
         )
     timing = time_decoders(sessions, empty_past, tokens, args)

@@ -190,3 +190,32 @@ def test_the_fit_profile_names_where_one_ffns_time_goes(tmp_path):
     assert steps["z = x·W1 (FfnTokens)"] > 0 and steps["window tables (plan_windows)"] > 0
     assert all(getattr(owner, name).__name__ != "timed" for _, owner, name in fit_profile.STEPS)
     assert fit_profile.main([str(model), "--calib", str(feeds), "--ffn", "9"]) == 2
+
+
+def test_the_ffn_share_baseline_is_the_model_with_free_ffns(tmp_path, capsys):
+    """benchmarks/ffn_share.py's baseline: every FFN computes x · 0, so two residual FFNs leave x as it was and no
+    MatMul is left; the command times both and prints the ceiling."""
+    import json
+
+    import ffn_share
+    from ffn_graphs import D
+    from test_speed import two_ffn_model
+
+    model = two_ffn_model()
+    bare, replaced = ffn_share.without_ffns(model)
+    assert replaced == 2 and not any(n.op_type == "MatMul" for n in bare.graph.node)
+    x = np.random.default_rng(0).normal(size=(2, 3, D)).astype(np.float32)
+    session = ort.InferenceSession(bare.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], x)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    argv = ["--model", str(path), "--shape", "2x3", "--past", "0", "--runs", "3", "--out", str(tmp_path / "out")]
+    assert ffn_share.main(argv) == 0
+    result = json.loads((tmp_path / "out" / "ffn_share_m_2x3.json").read_text())
+    assert (
+        result["ffns"] == 2
+        and result["run_ms"] > 0
+        and result["ceiling"] == result["run_ms"] / result["run_without_ffns_ms"]
+    )
+    assert "no FFN rewrite can make it more than" in capsys.readouterr().out
+    assert ffn_share.main([*argv[:2], "--shape", "1x1,1x2"]) == 2  # one shape only
