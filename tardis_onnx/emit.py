@@ -17,7 +17,7 @@ from tardis_onnx.io import ExternalDataWriter
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.predictor import ExactPredictor, Int8Predictor, LowRankPredictor, Predictor, quantize_int8
 from tardis_onnx.quantize import quantize_rows
-from tardis_onnx.subgraphs import Scope, walk
+from tardis_onnx.subgraphs import Scope, prune, walk
 
 MIN_OPSET = 13  # GreaterOrEqual/LessOrEqual (12), Where, MatMul on any rank
 
@@ -367,28 +367,4 @@ def remove_unused(model: onnx.ModelProto) -> None:
 
 
 def _prune(graph: onnx.GraphProto) -> None:
-    used = {o.name for o in graph.output} | _subgraph_reads(graph)
-    kept = []
-    for node in reversed(graph.node):
-        if any(o in used for o in node.output):
-            kept.append(node)
-            used.update(node.input)
-    kept.reverse()
-    if len(kept) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(kept)
-    initializers = [t for t in graph.initializer if t.name in used]
-    if len(initializers) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(initializers)
-
-
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    reads: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                for inner in sub.node:
-                    reads.update(inner.input)
-                reads |= _subgraph_reads(sub)
-    return reads
+    prune(graph, [o.name for o in graph.output])
