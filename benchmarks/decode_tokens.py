@@ -50,7 +50,7 @@ from tardis_onnx.calibrate import capture_ffn_inputs  # noqa: E402
 from tardis_onnx.errors import TardisError, non_negative_int, parse_arguments, positive_int, run_command  # noqa: E402
 from tardis_onnx.feeds import Feeds, random_feeds  # noqa: E402
 from tardis_onnx.files import StagedWrites  # noqa: E402
-from tardis_onnx.io import save_model  # noqa: E402
+from tardis_onnx.io import check_output_folders, make_output_folders, save_model  # noqa: E402
 from tardis_onnx.optimize import build_parser as optimize_parser  # noqa: E402
 from tardis_onnx.optimize import config_from_args, optimize_model  # noqa: E402
 from tardis_onnx.passes import find_ffns  # noqa: E402
@@ -388,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folders(args.out, *([args.plot.parent] if args.plot else []))  # before any work
     import onnxruntime as ort
 
     if args.tokenizer is None:
@@ -396,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
         args.tokenizer = fetch_gpt2_bpe(zoo.default_cache_dir())
     tokenizer = text.load_tokenizer(args.tokenizer)
     tokenizer.model_max_length = 1 << 30  # the held-out text is cut after tokenizing
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     print_row(None)
     rows = []
     with tempfile.TemporaryDirectory(prefix="tardis-decode-") as workdir:

@@ -34,6 +34,7 @@ from tardis_onnx import optimize, text  # noqa: E402
 from tardis_onnx.errors import positive_int, run_command  # noqa: E402
 from tardis_onnx.feeds import random_feeds  # noqa: E402
 from tardis_onnx.files import StagedWrites  # noqa: E402
+from tardis_onnx.io import check_output_folders, make_output_folders  # noqa: E402
 
 WIKITEXT = Path("wikitext-2-raw/wiki.test.raw")
 SMALL_PARAGRAPHS, SMALL_SEQ_LEN = 30, 20  # about 570 tokens: the case that once collapsed the refit
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folders(args.out)  # before any work
     data = data_dir(args.data)
     source = export_minilm()
     original = onnx.load(source)
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     dense = evaluator.spearman(reference)
     rows = [{"variant": "dense", "stsb": dense, "cosine": 1.0}]
     print(f"dense: STS-B dev {dense:.2f} ({len(evaluator.gold)} pairs, {evaluator.tokens} tokens)", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     with tempfile.TemporaryDirectory(prefix="tardis-defaults-") as tmp:
         folder = Path(tmp)
         for label, extra in variants(folder, data, original).items():

@@ -31,6 +31,7 @@ from real_models import session  # noqa: E402
 from tardis_onnx import runtime  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 from tardis_onnx.files import StagedWrites  # noqa: E402
+from tardis_onnx.io import check_output_folders, make_output_folders  # noqa: E402
 from tardis_onnx.quantize import quantize_int8  # noqa: E402  (as --quantize int8 runs quantize_dynamic)
 
 VARIANTS = {"tardis": ["--predictor", "int8"], "tardis+int8": ["--predictor", "int8", "--quantize", "int8"]}
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folders(args.out)  # before any work
     if not runtime.library_available():
         raise TardisError("the ai.tardis library is not built (python custom_ops/build.py)")
     (d, h), layers = args.dims, args.layers
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:12s} {us:7.1f} µs per FFN   {ratios}")
     for name, ops in kernels.items():
         print(f"{name} kernels, µs per FFN: " + ", ".join(f"{op} {us:.1f}" for op, us in ops.items()))
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     result = {"d": d, "h": h, "layers": layers, "threads": args.threads, "us_per_ffn": per_ffn, "kernels_us": kernels}
     with StagedWrites() as staged:
         staged.write_text(args.out / "ffn_composition.json", json.dumps(result, indent=2) + "\n")

@@ -36,6 +36,7 @@ from tardis_onnx import reference, runtime
 from tardis_onnx.emit import CustomFallback, emit_ffn, replace_nodes
 from tardis_onnx.errors import finite_float, fraction, non_negative_int, positive_int, run_command
 from tardis_onnx.files import StagedWrites
+from tardis_onnx.io import make_output_folders
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.predictor import PREDICTORS, predictor_class
 
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     rows = []
     print(
         f"{'d':>5} {'tokens':>6} {'f':>5} {'flagged':>7} {'dense us':>9} {'tardis us':>9} {'speedup':>7} {'bound':>6}"

@@ -32,6 +32,7 @@ from ffn_latency import grid_parser, plot  # this script's folder is on sys.path
 from tardis_onnx import reference, runtime
 from tardis_onnx.errors import TardisError, positive_int, run_command
 from tardis_onnx.files import StagedWrites
+from tardis_onnx.io import check_output_folders, make_output_folders
 from tardis_onnx.predictor import fit_lowrank
 
 L2_BYTES = 60 << 20  # the H200's
@@ -165,11 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folders(args.out)  # before any work
     import torch
 
     if not torch.cuda.is_available():
         raise TardisError("no CUDA device")
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     fused = args.form == "fused"
     rng = np.random.default_rng(0)
     rows = []

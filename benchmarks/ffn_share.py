@@ -39,6 +39,7 @@ from tardis_onnx.emit import replace_nodes  # noqa: E402
 from tardis_onnx.errors import TardisError, non_negative_int, positive_int, run_command  # noqa: E402
 from tardis_onnx.feeds import random_feeds  # noqa: E402
 from tardis_onnx.files import StagedWrites  # noqa: E402
+from tardis_onnx.io import load_model, make_output_folders  # noqa: E402
 from tardis_onnx.passes import find_ffns  # noqa: E402
 from tardis_onnx.speed import parse_shapes  # noqa: E402
 
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if len(args.shape) != 1:
         raise TardisError("give one --shape")
     (batch, sequence) = args.shape[0]
-    model = onnx.load(args.model)
+    make_output_folders(args.out)
+    model = load_model(args.model)
     feeds = random_feeds(model, batch, sequence, past=args.past)
     feeds = {i.name: feeds[i.name] for i in model.graph.input if i.name in feeds}
     bare, ffns = without_ffns(model)
@@ -122,7 +124,6 @@ def run(args: argparse.Namespace) -> int:
         f"{label}: a run {full * 1e3:.2f} ms, {bare_s * 1e3:.2f} ms with its {ffns} FFNs costing nothing: the FFNs "
         f"are {share:.1%} of a run, so no FFN rewrite can make it more than {ceiling:.2f}x faster"
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     name = f"ffn_share_{args.model.stem}{'_int8' if args.int8 else ''}_{batch}x{sequence}"
     with StagedWrites() as staged:
         staged.write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")

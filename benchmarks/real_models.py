@@ -50,6 +50,7 @@ from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, runtime, text  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 from tardis_onnx.files import StagedWrites  # noqa: E402
+from tardis_onnx.io import check_output_folders, make_output_folders  # noqa: E402
 
 SHAPES = ((1, 12), (1, 33), (32, 17))
 INPUTS_PER_SHAPE = 8
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folders(args.out, *([args.plot.parent] if args.plot else []))  # before any work
     data = data_dir(args.data)
     source = export_minilm()
     tokenizer = text.load_tokenizer(source.parent)
@@ -146,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": platform.processor() or platform.machine(),
         "shapes": [f"{b}x{t}" for b, t in SHAPES],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     with StagedWrites() as staged:
         staged.write_text(args.out / "real_models.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         if args.plot:

@@ -51,6 +51,7 @@ from tardis_onnx.files import (
     StagedWrites,  # noqa: E402
     all_tensors,  # noqa: E402
 )
+from tardis_onnx.io import check_output_folders, make_output_folders  # noqa: E402
 from tardis_onnx.session import create_session  # noqa: E402
 from tardis_onnx.text import embedding_rows  # noqa: E402
 
@@ -233,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folders(args.out, *([args.plot.parent] if args.plot else []))  # before any work
     wanted = [] if args.baselines == "none" else [b.strip() for b in args.baselines.split(",")]
     if unknown := set(wanted) - set(BASELINES):
         raise TardisError(f"unknown baselines: {', '.join(sorted(unknown))}")
@@ -273,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         "same_tokens": decode["dense"]["tokens"] == decode["tardis"]["tokens"],
         "machine": {"cpus": platform.processor() or platform.machine(), "python": platform.python_version()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     with StagedWrites() as staged:
         staged.write_text(args.out / "scale.json", json.dumps(result, indent=2) + "\n")
         if args.plot:

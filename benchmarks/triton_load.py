@@ -37,6 +37,7 @@ from models.minilm import export_minilm  # noqa: E402
 from tardis_onnx import optimize, text, triton  # noqa: E402
 from tardis_onnx.errors import TardisError, non_negative_float, positive_int, run_command  # noqa: E402
 from tardis_onnx.files import StagedWrites  # noqa: E402
+from tardis_onnx.io import check_output_folders, make_output_folders  # noqa: E402
 from tardis_onnx.session import create_session  # noqa: E402
 
 OUTPUT = "last_hidden_state"
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folders(args.out)  # before any work
     data = data_dir(args.data)
     source = export_minilm()
     feeds = requests_for(source, data)
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                     flush=True,
                 )
     meta = {"model": "all-MiniLM-L6-v2, 1 sentence x 12 tokens per request", "seconds": args.seconds}
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     with StagedWrites() as staged:
         staged.write_text(
             args.out / "triton_load.json", json.dumps({"meta": meta, "rows": rows, "soak": soak}, indent=2) + "\n"

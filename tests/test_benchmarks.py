@@ -219,3 +219,31 @@ def test_the_ffn_share_baseline_is_the_model_with_free_ffns(tmp_path, capsys):
     )
     assert "no FFN rewrite can make it more than" in capsys.readouterr().out
     assert ffn_share.main([*argv[:2], "--shape", "1x1,1x2"]) == 2  # one shape only
+
+
+BENCHMARKS = [
+    "decode_tokens",
+    "defaults",
+    "ffn_composition",
+    "ffn_latency",
+    "ffn_latency_cuda",
+    "ffn_share",
+    "real_models",
+    "scale",
+    "triton_load",
+    "whisper_asr",
+]
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_a_benchmark_refuses_an_output_folder_that_is_a_file_before_any_work(name, tmp_path, capsys):
+    import importlib
+
+    module = importlib.import_module(name)
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"keep me")
+    required = ["--model", str(tmp_path / "absent.onnx")] if name == "ffn_share" else []
+    assert module.main([*required, "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: output folder") and "is not a folder" in err[0]
+    assert taken.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
