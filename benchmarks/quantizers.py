@@ -30,9 +30,9 @@ def quantize_int8(source: Path, target: Path) -> None:
 
 
 def quantize_int4(source: Path, target: Path) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    """``--quantize int4``'s quantizer (``tardis_onnx.quantize.quantize_int4``) on the model at ``source``."""
+    from tardis_onnx import quantize
 
     large = model_file_bytes(source) > EXTERNAL_DATA_BYTES
-    quantizer = MatMulNBitsQuantizer(onnx.load(source), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=large)
+    quantized = quantize.quantize_int4(onnx.load(source))
+    onnx.save(quantized, str(target), save_as_external_data=large, location=f"{Path(target).name}.data")

@@ -11,7 +11,8 @@ Runtime on the CPU (``ORT_ENABLE_ALL``, 2 intra-op threads), as these variants:
   the folded and attention MatMuls are quantized, the fallback op and its predictor stay as they are);
 - ``tardis --quantize int8``: the command composing with int8 itself (the folded map and the int8 predictor
   in one int8 product, int8 fallback rows, then ``quantize_dynamic`` of the rest; each FFN kept as its int8
-  self where that is not slower).
+  self where that is not slower); ``tardis --quantize int4`` likewise with 4 bits (the fold a ``MatMulNBits``,
+  shared with the int4 predictor when that is chosen, then ``MatMulNBitsQuantizer`` of the rest).
 
 For each: STS-B dev Spearman × 100 (mean pooling, cosine), the weight bytes stored, and latency at the
 shapes an encoder serves: one sentence of 12 and of 33 tokens (batch-1 latency) and 32 sentences of
@@ -70,10 +71,12 @@ def build_variants(source: Path, folder: Path) -> dict[str, Path]:
     for name, quantize in (("tardis+int8", quantize_int8), ("tardis+int4", quantize_int4)):
         files[name] = folder / f"{name}.onnx"
         quantize(files["tardis"], files[name])
-    files["tardis --quantize int8"] = folder / "tardis-quantize-int8.onnx"
-    command = [str(source), "-o", str(files["tardis --quantize int8"]), "--quantize", "int8"]
-    if optimize.main([*command, "--tokenizer", str(source.parent), "-q"]):
-        raise TardisError("optimize --quantize int8 failed")
+    for bits in ("int8", "int4"):
+        name = f"tardis --quantize {bits}"
+        files[name] = folder / f"tardis-quantize-{bits}.onnx"
+        command = [str(source), "-o", str(files[name]), "--quantize", bits, "--tokenizer", str(source.parent), "-q"]
+        if optimize.main(command):
+            raise TardisError(f"optimize --quantize {bits} failed")
     return files
 
 

@@ -1,5 +1,5 @@
 """Finish, the pass's last step: the rewrites put into the graph, the domains they use declared, the model
-quantized when asked (``--quantize int8``), what was done recorded in the metadata, and the new tensors'
+quantized when asked (``--quantize int8|int4``), what was done recorded in the metadata, and the new tensors'
 shapes annotated (:func:`tardis_onnx.schema.annotate_shapes`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tardis_onnx.config import TardisConfig
 from tardis_onnx.contract import METADATA_CONFIG, METADATA_FFNS, METADATA_VERSION
 from tardis_onnx.emit import FallbackForm, replace_nodes
 from tardis_onnx.predictor import Predictor
-from tardis_onnx.quantize import quantize_int8
+from tardis_onnx.quantize import quantize_model
 from tardis_onnx.report import FfnReport
 from tardis_onnx.schema import annotate_shapes
 
@@ -33,8 +33,8 @@ def finish(
     for domain in form.domains(folded_predictors):
         if not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
-    if config.quantize == "int8":
-        model.CopyFrom(quantize_int8(model))
+    if config.quantize != "none":
+        model.CopyFrom(quantize_model(model, config.quantize))
     _set_metadata(model, config, form.name, rows)
     annotate_shapes(model)
 

@@ -44,7 +44,7 @@ def emit_fastest(
         return emit_ffn(ffn, flags, form, opset, margin, coverage, c.predictor, result.fold, config.quantize)
 
     candidates, x = fitted.candidates, fitted.samples.x
-    in_op = form.int8_in_op(ffn, config.quantize)
+    in_op = form.quantized_in_op(ffn, config.quantize)
     return _fold_fastest(ffn, result, candidates, x, timing, emit, config, warnings, timings, weights, in_op)
 
 
@@ -59,7 +59,7 @@ def _fold_fastest(
     warnings: list[str],
     timings=None,
     weights=None,
-    int8_in_op: bool = False,
+    quantized_in_op: bool = False,
 ):
     """The first predictor choice (cheapest first) whose rewrite is not slower than the original at any
     serving shape, with its nodes, initializers and report row. Untimed: the cheapest. Where none pays:
@@ -69,7 +69,7 @@ def _fold_fastest(
         nodes, constants = emit(choice)  # its initializers made only if it is timed or kept
         initializers = None
         flagged, recall, quantize = choice.flagged_fraction, choice.recall, config.quantize
-        row = FfnReport.of(ffn, result, constants.nbytes, choice.predictor, flagged, recall, quantize, int8_in_op)
+        row = FfnReport.of(ffn, result, constants.nbytes, choice.predictor, flagged, recall, quantize, quantized_in_op)
         key = timing_key(ffn, choice.predictor.kind, nodes, config.shapes, config.quantize)
         reused = timings.lookup(key, choice.flagged_fraction) if timing and timings is not None else None
         try:

@@ -80,9 +80,10 @@ class TardisConfig:
     min_recall: the ``auto`` predictor's least recall of true outliers on the held-out tokens.
     max_samples: calibration tokens kept per FFN (a uniform reservoir beyond that; memory
         ``max_samples · (4·d + 8)`` bytes per FFN).
-    quantize: "none", or "int8": after folding, the model's MatMuls (the folded one included) run in
-        int8 as ``onnxruntime.quantization.quantize_dynamic`` makes them (``tardis_onnx.quantize``); the
-        speed check then compares each rewrite with the original FFN quantized the same way.
+    quantize: "none", "int8" or "int4": after folding, the model's MatMuls (the folded one included) run in
+        int8 as ``onnxruntime.quantization.quantize_dynamic`` makes them, or in 4 bits as its
+        ``MatMulNBitsQuantizer`` does (``tardis_onnx.quantize``); the speed check then compares each rewrite
+        with the original FFN quantized the same way.
     speed_check: time every FFN's rewrite against the original in ONNX Runtime on this machine at
         each of ``shapes`` (``(batch, sequence)`` pairs) on calibration inputs, and keep the original
         FFN wherever the rewrite is slower at any of them (``tardis_onnx.speed``). Default: on, unless

@@ -15,7 +15,17 @@ from tardis_onnx.contract import DOMAIN, FALLBACK_INPUTS, FALLBACK_OP, FOLDED_MA
 from tardis_onnx.errors import TardisError
 from tardis_onnx.io import ExternalDataWriter
 from tardis_onnx.passes.ffn import FfnMatch
-from tardis_onnx.predictor import ExactPredictor, Int8Predictor, LowRankPredictor, Predictor, quantize_int8
+from tardis_onnx.predictor import (
+    INT4_ACCURACY_LEVEL,
+    INT4_BLOCK,
+    ExactPredictor,
+    Int4Predictor,
+    Int8Predictor,
+    LowRankPredictor,
+    Predictor,
+    quantize_int4,
+    quantize_int8,
+)
 from tardis_onnx.quantize import quantize_rows
 from tardis_onnx.subgraphs import Scope, prune, walk
 
@@ -84,8 +94,9 @@ def emit_ffn(
 
     The fallback flags neuron ``i`` when the predictor's ``z_hat_i`` is outside its window and adds
     the exact residual ``GELU(z_i) − (a_i z_i + c_i)`` times ``W2[i, :]``. ``fold`` overrides the
-    plain ``(Wf, bf)`` (the refit). ``quantize="int8"``: the rewrite is composed with int8 where the form
-    can (:meth:`FallbackForm.int8_in_op`); elsewhere ``quantize_dynamic`` quantizes its MatMuls afterwards.
+    plain ``(Wf, bf)`` (the refit). ``quantize="int8"`` or ``"int4"``: the rewrite is composed with that
+    quantization where the form can (:meth:`FallbackForm.quantized_in_op`); elsewhere the quantizer
+    (:func:`tardis_onnx.quantize.quantize_model`) quantizes its MatMuls afterwards.
     """
     predictor = predictor or ExactPredictor()
     b = _Builder(ffn_prefix(ffn.name), ffn.dtype)
@@ -98,8 +109,8 @@ def emit_ffn(
         f"at coverage {coverage:g}"
     )
     b1 = ffn.b1 if ffn.b1 is not None else np.zeros(h)
-    int8 = form.int8_in_op(ffn, quantize)
-    form.emit(b, ffn, lines, predictor, wf=wf, bf=bf, b1=b1, doc=doc, margin=margin, opset=opset, int8=int8)
+    quantized = quantize if form.quantized_in_op(ffn, quantize) else "none"
+    form.emit(b, ffn, lines, predictor, wf=wf, bf=bf, b1=b1, doc=doc, margin=margin, opset=opset, quantized=quantized)
     return b.nodes, b.constants
 
 
@@ -118,9 +129,9 @@ class FallbackForm:
         """The domains, beyond the standard one, a model whose FFNs were folded with ``predictors`` declares."""
         return []
 
-    def int8_in_op(self, ffn: FfnMatch, quantize: str) -> bool:
-        """Whether, under ``--quantize quantize``, this form emits ``ffn``'s rewrite in int8 itself (fold and
-        fallback rows), rather than leaving its MatMuls to ``quantize_dynamic``."""
+    def quantized_in_op(self, ffn: FfnMatch, quantize: str) -> bool:
+        """Whether, under ``--quantize quantize``, this form emits ``ffn``'s rewrite quantized itself (the fold in
+        int8 or int4, the fallback's rows in int8), rather than leaving its MatMuls to the quantizer."""
         return False
 
     def emit(
@@ -136,10 +147,10 @@ class FallbackForm:
         doc: str,
         margin: float,
         opset: int,
-        int8: bool = False,
+        quantized: str = "none",
     ) -> None:
         """Through ``b``: the folded MatMul ``x·wf + bf`` (``doc`` its doc string) and the fallback writing
-        ``ffn.output``; ``int8``: in int8 (:meth:`int8_in_op`)."""
+        ``ffn.output``; ``quantized``: "int8" or "int4" when emitted quantized (:meth:`quantized_in_op`)."""
         raise NotImplementedError
 
 
@@ -158,15 +169,16 @@ class CustomFallback(FallbackForm):
         contrib = [p.contrib_domain for p in predictors if p.contrib_domain]
         return [DOMAIN, *dict.fromkeys(contrib)] if predictors else []
 
-    def int8_in_op(self, ffn, quantize):
-        # ONNX Runtime's DynamicQuantizeMatMul computes in float32 only.
-        return quantize == "int8" and np.dtype(ffn.dtype) == np.float32
+    def quantized_in_op(self, ffn, quantize):
+        # ONNX Runtime's DynamicQuantizeMatMul computes in float32 only (and the int4 fold is kept alike).
+        return quantize in ("int8", "int4") and np.dtype(ffn.dtype) == np.float32
 
-    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, doc, margin, opset, int8=False):
-        w2 = "" if int8 else b.constant("w2", ffn.w2)  # int8: its rows are made below
+    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, doc, margin, opset, quantized="none"):
+        int8_rows = quantized != "none"
+        w2 = "" if int8_rows else b.constant("w2", ffn.w2)  # int8 rows: made below
         # The flag test compares z_hat without b1 against windows shifted by −b1: one Add fewer.
-        if int8 and not isinstance(predictor, LowRankPredictor):
-            folded, z_hat = _folded_int8(b, ffn, wf, bf, predictor, doc)
+        if int8_rows and not isinstance(predictor, LowRankPredictor):
+            folded, z_hat = _folded_quantized(b, ffn, wf, bf, predictor, doc, quantized)
             fused_v = []
         elif isinstance(predictor, LowRankPredictor):
             # x·[Wf | U] in one MatMul: the folded output and the predictor's code, which the op reads
@@ -191,7 +203,7 @@ class CustomFallback(FallbackForm):
         # An accurate predictor stands for the pre-activation: no W1ᵀ, the residual is taken from z_hat.
         w1t = None if predictor.residual_from_prediction else np.ascontiguousarray(ffn.w1.T)
         given = {"x": ffn.x, "y_folded": folded, "z_hat": z_hat, "lines": packed, "row_scales": ""}
-        if int8:  # int8 rows, each with its scale
+        if int8_rows:  # each with its scale
             (w2_rows, w2_scales), (w1t_rows, w1t_scales) = quantize_rows(ffn.w2), (None, np.ones(len(b1)))
             if w1t is not None:
                 w1t_rows, w1t_scales = quantize_rows(w1t)
@@ -226,7 +238,7 @@ class PortableFallback(FallbackForm):
     name = "portable"
     standard_only = True
 
-    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, doc, margin, opset, int8=False):
+    def emit(self, b, ffn, lines, predictor, *, wf, bf, b1, doc, margin, opset, quantized="none"):
         w2 = b.constant("w2", ffn.w2)
         folded = b.op("MatMul", [ffn.x, b.constant("folded_weight", wf)], FOLDED_MATMUL, doc_string=doc)
         folded = b.op("Add", [folded, b.constant("folded_bias", bf)], "FoldedBias")
@@ -274,25 +286,43 @@ def fallback_form(choice: str) -> FallbackForm:
     return form
 
 
-def _folded_int8(b: _Builder, ffn: FfnMatch, wf: np.ndarray, bf: np.ndarray, predictor: Predictor, doc: str):
-    """The folded map ``x·wf + bf`` as one ``DynamicQuantizeMatMul`` (int8 weights with a scale per column, as
-    the int8 predictor's: :func:`~tardis_onnx.predictor.quantize_int8`), and the predictor's ``z_hat``. The int8
-    predictor shares that node: ``x·[Wf | W1]`` in one product (one rounding of x, one pass), split after."""
-    folded_q, folded_scales = quantize_int8(wf)
-    d_out = folded_q.shape[1]
-    share = isinstance(predictor, Int8Predictor)
-    weights = np.hstack([folded_q, predictor.weights]) if share else folded_q
-    scales = np.concatenate([folded_scales, predictor.scales]) if share else folded_scales
-    bias = np.concatenate([bf, np.zeros(predictor.scales.size)]) if share else bf
-    inputs = [ffn.x, b.constant("folded_weight_int8", weights, np.int8), b.constant("folded_scales", scales)]
-    inputs += ["", b.constant("folded_bias", bias)]
-    extra = "; also the int8 predictor's x.W1 in the last columns" if share else ""
-    domain = Int8Predictor.contrib_domain
-    product = b.op("DynamicQuantizeMatMul", inputs, FOLDED_MATMUL, domain=domain, doc_string=doc + extra)
+def _folded_quantized(
+    b: _Builder, ffn: FfnMatch, wf: np.ndarray, bf: np.ndarray, predictor: Predictor, doc: str, quantize: str
+):
+    """The folded map ``x·wf + bf`` as one quantized product, and the predictor's ``z_hat``: int8, a
+    ``DynamicQuantizeMatMul`` (int8 weights with a scale per column, as the int8 predictor's:
+    :func:`~tardis_onnx.predictor.quantize_int8`); int4, a ``MatMulNBits`` (4-bit blocks of 32, as the int4
+    predictor's: :func:`~tardis_onnx.predictor.quantize_int4`). The predictor of the same kind shares that node:
+    ``x·[Wf | W1]`` in one product (one rounding of x, one pass), split after."""
+    d, d_out = wf.shape
+    if quantize == "int8":
+        weights, scales = quantize_int8(wf)
+        share = isinstance(predictor, Int8Predictor)
+        if share:
+            weights, scales = np.hstack([weights, predictor.weights]), np.concatenate([scales, predictor.scales])
+        h = predictor.scales.size if share else 0
+        inputs = [ffn.x, b.constant("folded_weight_int8", weights, np.int8), b.constant("folded_scales", scales)]
+        op, attributes = "DynamicQuantizeMatMul", {}
+    else:
+        weights, scales = quantize_int4(wf)
+        share = isinstance(predictor, Int4Predictor)
+        if share:
+            weights = np.concatenate([weights, predictor.packed])
+            scales = np.concatenate([scales, predictor.scales])
+        h = predictor.packed.shape[0] if share else 0
+        inputs = [ffn.x, b.constant("folded_weight_int4", weights, np.uint8), b.constant("folded_scales", scales)]
+        inputs.append("")  # zero points: the default 8 (symmetric)
+        op = "MatMulNBits"
+        attributes = {"K": d, "N": d_out + h, "bits": 4, "block_size": INT4_BLOCK}
+        attributes["accuracy_level"] = INT4_ACCURACY_LEVEL
+    inputs += ["", b.constant("folded_bias", np.concatenate([bf, np.zeros(h)]))]  # after one more absent input
+    extra = f"; also the {predictor.kind} predictor's x.W1 in the last columns" if share else ""
+    domain = "com.microsoft"
+    product = b.op(op, inputs, FOLDED_MATMUL, domain=domain, doc_string=doc + extra, **attributes)
     if not share:
         return product, predictor.emit(b, ffn, False)
     folded, z_hat = f"{b.prefix}/FoldedOutput", f"{b.prefix}/Predictor/Output"
-    sizes = b.constant("split_sizes", np.array([d_out, predictor.scales.size]), np.int64)
+    sizes = b.constant("split_sizes", np.array([d_out, h]), np.int64)
     b.nodes.append(helper.make_node("Split", [product, sizes], [folded, z_hat], name=f"{b.prefix}/Split", axis=-1))
     return folded, z_hat
 

@@ -31,7 +31,7 @@ from tardis_onnx.contract import (
 )
 from tardis_onnx.errors import run_command
 from tardis_onnx.files import strict_json
-from tardis_onnx.graph import node_label
+from tardis_onnx.graph import attribute, node_label
 from tardis_onnx.io import load_model
 from tardis_onnx.passes import find_ffns
 from tardis_onnx.passes.ffn import scope_indexes
@@ -154,6 +154,8 @@ def folded_ffns(model: onnx.ModelProto) -> list[FoldedFfn]:
         record = recorded.get(name, {})
         # folded_weight [d, d_out], or with columns appended (the low-rank code; the int8 predictor's x·W1)
         d = next((shape[0] for part, shape in dims.items() if part.startswith("folded_weight")), None)
+        if folded is not None and folded.op_type == "MatMulNBits":  # packed [N, blocks, 16]: d is its K
+            d = attribute(folded, "K")
         hidden, d_out = (dims.get("w2") or dims.get("w2_int8") or [None, None])[:2]
         ops: dict[str, int] = {}
         for node in nodes:

@@ -298,8 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         choices=QUANTIZE_CHOICES,
         default="none",
-        help="int8: after folding, run the model's MatMuls in int8 as onnxruntime's quantize_dynamic does (the "
-        "fallback's rows stay in the model's float type); the speed check then compares with the int8 FFN",
+        help="int8 / int4: after folding, run the model's MatMuls in int8 as onnxruntime's quantize_dynamic does, "
+        "or in 4 bits as its MatMulNBitsQuantizer does (block 32, accuracy_level 4); the fold is quantized alike "
+        "and the fallback's rows are int8 (custom fallback, float32 models); the speed check then compares with "
+        "the original FFN quantized the same way",
     )
     parser.add_argument(
         "--shapes",

@@ -1,18 +1,20 @@
-"""``--quantize int8``: fold first, then run the rewritten model's MatMuls in int8, as ONNX Runtime's own
-``quantize_dynamic`` does for the original (QInt8 weights, activations rounded at run time).
+"""``--quantize int8|int4``: fold first, then run the rewritten model's MatMuls quantized, as ONNX Runtime's own
+quantizers do for the original: int8, ``quantize_dynamic`` (QInt8 weights, activations rounded at run time);
+int4, ``MatMulNBitsQuantizer`` (4-bit weights, block 32, symmetric, ``accuracy_level=4``: int8 activations).
 
-With the custom-op fallback (float32 models) the rewrite is emitted in int8 itself
-(:meth:`tardis_onnx.emit.CustomFallback.int8_in_op`): the folded map is a ``DynamicQuantizeMatMul`` with a scale
-per column, shared with the int8 predictor (one product ``x·[Wf | W1]``, split after), and the fallback op reads
-its W1ᵀ/W2 rows as int8 with a scale per row (:func:`quantize_rows`), a quarter of the bytes a flagged neuron
-costs in float32. The rest of the model (attention, embeddings' projections; with the portable fallback, the
-folded map too) then goes through ``quantize_dynamic`` (:func:`quantize_int8`). With the never-slower check,
-each FFN's rewrite is timed against the original FFN quantized by ``quantize_dynamic``, so the result is never
-slower than ``quantize_dynamic`` alone.
+With the custom-op fallback (float32 models) the rewrite is emitted quantized itself
+(:meth:`tardis_onnx.emit.CustomFallback.quantized_in_op`): the folded map is a ``DynamicQuantizeMatMul`` with a
+scale per column (int8) or a ``MatMulNBits`` (int4), shared with the predictor of the same kind (one product
+``x·[Wf | W1]``, split after), and the fallback op reads its W1ᵀ/W2 rows as int8 with a scale per row
+(:func:`quantize_rows`), a quarter of the bytes a flagged neuron costs in float32. The rest of the model
+(attention, embeddings' projections; with the portable fallback, the folded map too) then goes through the
+quantizer (:func:`quantize_model`). With the never-slower check, each FFN's rewrite is timed against the
+original FFN quantized the same way, so the result is never slower than the quantizer alone.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -20,9 +22,10 @@ import numpy as np
 import onnx
 
 from tardis_onnx.io import EXTERNAL_DATA_THRESHOLD, model_bytes
+from tardis_onnx.predictor import INT4_ACCURACY_LEVEL, INT4_BLOCK
 from tardis_onnx.predictor import quantize_int8 as quantize_columns
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 # The fallback's int8 rows: symmetric per row. The op computes in float (each row converted, then
 # dotted or added), so the full int8 range is safe (no integer pair sums that could saturate).
 ROW_LIMIT = 127
@@ -40,6 +43,47 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         options = {"DefaultTensorType": onnx.TensorProto.FLOAT, "EnableSubgraph": True}
         quantize_dynamic(model, out, weight_type=QuantType.QInt8, use_external_data_format=large, extra_options=options)
         return onnx.load(out)
+
+
+def quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its MatMuls quantized by ``onnxruntime.quantization``'s ``MatMulNBitsQuantizer`` (4 bits,
+    block 32, symmetric, ``accuracy_level=4``: the int4 predictor's settings), the MatMuls inside If/Loop
+    branches too; ``model`` unchanged."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    quantizer = MatMulNBitsQuantizer(
+        copy, bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL
+    )
+    log = logging.getLogger(MatMulNBitsQuantizer.__module__)  # a line per node at INFO otherwise
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        log.setLevel(level)
+    return quantizer.model.model
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
+
+
+def quantize_model(model: onnx.ModelProto, quantize: str) -> onnx.ModelProto:
+    """``model`` as ``--quantize quantize`` leaves it: ``quantize_dynamic`` (int8) or ``MatMulNBitsQuantizer``
+    (int4) of its float MatMuls; ``model`` itself for ``"none"``."""
+    return model if quantize == "none" else QUANTIZERS[quantize](model)
+
+
+def matmul_weight_bytes(k: int, n: int, quantize: str, itemsize: int) -> int:
+    """Bytes a ``[k, n]`` MatMul weight reads per token under ``--quantize quantize``: ``itemsize`` a weight; one
+    (int8); half a byte plus a float32 scale per block of ``INT4_BLOCK`` inputs (int4, ``MatMulNBits``)."""
+    if quantize == "int8":
+        return k * n
+    if quantize == "int4":
+        blocks = -(-k // INT4_BLOCK)
+        return n * blocks * (INT4_BLOCK // 2 + 4)
+    return k * n * itemsize
 
 
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tardis_onnx.predictor import Predictor
+from tardis_onnx.quantize import matmul_weight_bytes
 from tardis_onnx.speed import CLEAR_MARGIN
 from tardis_onnx.tables import text_table
 
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 class FfnReport:
     """One folded FFN. Bytes are FFN weight bytes in the model's dtype.
 
-    dense_bytes: W1 + W2 (what the original reads per token), one byte a weight under ``--quantize int8``.
+    dense_bytes: W1 + W2 (what the original reads per token), quantized under ``--quantize`` (int8: a byte a
+        weight; int4: half a byte and a float32 scale per 32 weights).
     fold_bytes: the folded matrix (likewise).
     outlier_fraction: true outliers (pre-activation outside the window) on the calibration tokens.
     predictor, flagged_fraction, recall: the predictor, the fraction of neurons it flags (what the
@@ -92,21 +94,21 @@ class FfnReport:
         flagged_fraction: float,
         recall: float,
         quantize: str = "none",
-        int8_in_op: bool = False,
+        quantized_in_op: bool = False,
     ) -> FfnReport:
-        """``stored_bytes``: the rewrite's initializers'. ``quantize="int8"``: the MatMuls run in int8, so the
-        original FFN and the fold count one byte a weight; ``int8_in_op``: the rewrite was emitted in int8 (its
-        fold and fallback rows already int8 in ``stored_bytes``), else its fold is quantized afterwards and the
-        fallback op's rows stay in the model's dtype."""
+        """``stored_bytes``: the rewrite's initializers'. ``quantize="int8"`` or ``"int4"``: the MatMuls run
+        quantized, so the original FFN and the fold count as their quantized weights
+        (:func:`~tardis_onnx.quantize.matmul_weight_bytes`); ``quantized_in_op``: the rewrite was emitted quantized
+        (its fold quantized and its fallback rows int8 in ``stored_bytes``), else its fold is quantized afterwards
+        and the fallback op's rows stay in the model's dtype."""
         item = np.dtype(ffn.dtype).itemsize
-        matmul_item = 1 if quantize == "int8" else item
         d, h = ffn.w1_stored.shape
-        fold_weights = d * ffn.w2_stored.shape[1]
-        dense = (ffn.w1_stored.size + ffn.w2_stored.size) * matmul_item
-        fold = fold_weights * matmul_item
+        d_out = ffn.w2_stored.shape[1]
+        dense = matmul_weight_bytes(d, h, quantize, item) + matmul_weight_bytes(h, d_out, quantize, item)
+        fold = matmul_weight_bytes(d, d_out, quantize, item)
         rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
-        rows *= 1 if int8_in_op else item  # the flagged neurons' rows read
-        stored = stored_bytes if int8_in_op else stored_bytes - fold_weights * (item - matmul_item)
+        rows *= 1 if quantized_in_op else item  # the flagged neurons' rows read
+        stored = stored_bytes if quantized_in_op else stored_bytes - (d * d_out * item - fold)
         return cls(
             name=ffn.name,
             gelu=ffn.gelu.spelling,

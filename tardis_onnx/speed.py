@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from tardis_onnx import runtime
 from tardis_onnx.errors import TardisError, first_line, is_onnxruntime_error
 from tardis_onnx.passes.ffn import FfnMatch
-from tardis_onnx.quantize import quantize_int8
+from tardis_onnx.quantize import quantize_model
 
 # Timing per (FFN, shape): at least MIN_RUNS runs of each model, more (up to MAX_RUNS) while under BUDGET_S
 # seconds in all: small shapes get hundreds of runs, so their medians hold to a few percent. A shape whose
@@ -269,11 +269,13 @@ def check_ffn(
 ) -> SpeedCheck:
     """Times ``ffn`` against its replacement (``nodes``, ``initializers``) at every shape (:func:`timed_shape`
     of it), fewest tokens first and up to the first where the rewrite is slower, on calibration rows ``x``; with
-    ``quantize="int8"`` both run as ``quantize_dynamic`` leaves them."""
+    ``quantize="int8"`` or ``"int4"`` both run as that quantizer leaves them."""
     measure = measure or measure_pair
     dense, rewritten = dense_ffn_model(ffn), rewritten_ffn_model(ffn, nodes, initializers)
-    if quantize == "int8":
-        dense, rewritten = (quantize_int8(onnx.load_from_string(m)).SerializeToString() for m in (dense, rewritten))
+    if quantize != "none":
+        dense, rewritten = (
+            quantize_model(onnx.load_from_string(m), quantize).SerializeToString() for m in (dense, rewritten)
+        )
     shapes = sorted(shapes, key=lambda shape: shape[0] * shape[1])
     timed = [timed_shape(shape, ffn.w1_stored.size + ffn.w2_stored.size) for shape in shapes]
     times = measure(dense, rewritten, [serving_inputs(x, shape, ffn.dtype) for shape in timed])

@@ -7,6 +7,7 @@ from ffn_graphs import ffn_model, fp16_model, gpt2_gemm_model
 
 from tardis_onnx import runtime
 from tardis_onnx.config import TardisConfig
+from tardis_onnx.inspect_model import folded_ffns
 from tardis_onnx.optimize import optimize_model
 from tardis_onnx.schema import annotate_shapes, emitted_tensors, register_schemas
 from tardis_onnx.session import create_session
@@ -95,13 +96,17 @@ def test_registration_is_idempotent():
     assert inputs[6:] == ["lines", "predictor_v", "row_scales"]
 
 
-def test_the_int8_composition_passes_the_full_check_with_shapes():
-    """--quantize int8: one DynamicQuantizeMatMul for the fold and the int8 predictor, a Split, the op on int8
-    rows (its `R` type) with row scales; every new tensor keeps a shape."""
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_quantized_composition_passes_the_full_check_with_shapes(quantize):
+    """--quantize int8 (int4): one DynamicQuantizeMatMul (MatMulNBits) for the fold and the predictor of the same
+    kind, a Split, the op on int8 rows (its `R` type) with row scales; every new tensor keeps a shape, and
+    `inspect` reads the FFN's sizes back."""
     if not runtime.library_available():
         pytest.skip(f"custom-op library not built: run `{runtime.BUILD_COMMAND}`")
-    config = TardisConfig(coverage=0.9, fallback="custom", predictor="int8", quantize="int8", speed_check=False)
+    config = TardisConfig(coverage=0.9, fallback="custom", predictor=quantize, quantize=quantize, speed_check=False)
     model = optimize_model(ffn_model("erf_div"), config).model
+    (folded,) = folded_ffns(model)
+    assert (folded.d, folded.hidden, folded.d_out) == (16, 64, 16)
     (fallback,) = [n for n in model.graph.node if n.op_type == "FfnFallback"]
     types = {t.name: t.data_type for t in model.graph.initializer}
     assert types[fallback.input[5]] == onnx.TensorProto.INT8 and fallback.input[8].endswith("/row_scales")
