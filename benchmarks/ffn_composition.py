@@ -1,5 +1,6 @@
-"""Where one token's time goes when TARDIS is composed with int8: a stack of FFNs (random weights) as dense,
-``quantize_dynamic`` int8, the plain rewrite and ``--quantize int8`` (folded, forced: ``--no-speed-check``).
+"""Where one token's time goes when TARDIS is composed with int8 (or int4): a stack of FFNs (random weights) as
+dense, ``quantize_dynamic`` int8 (``--bits int4``: ``MatMulNBitsQuantizer``), the plain rewrite with the predictor of
+that kind and ``--quantize int8`` (``int4``) (folded, forced: ``--no-speed-check``).
 
 Explains the end-to-end figures (docs/results.md, docs/whisper.md); it carries no headline. Each variant runs
 one token per call, the sessions taking turns after a warm-up (``ffn_latency.median_times``, workers sleeping
@@ -7,6 +8,7 @@ between runs), then an ONNX Runtime profile of the int8 model and the composed r
 time per FFN.
 
     python benchmarks/ffn_composition.py --dims 512 2048 --layers 6     # Whisper-base's decoder FFNs
+    python benchmarks/ffn_composition.py --dims 768 3072 --layers 12 --bits int4
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ from tardis_onnx import runtime  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 from tardis_onnx.files import StagedWrites  # noqa: E402
 from tardis_onnx.io import check_output_folders, make_output_folders  # noqa: E402
-from tardis_onnx.quantize import quantize_int8  # noqa: E402  (as --quantize int8 runs quantize_dynamic)
-
-VARIANTS = {"tardis": ["--predictor", "int8"], "tardis+int8": ["--predictor", "int8", "--quantize", "int8"]}
+from tardis_onnx.quantize import quantize_model  # noqa: E402  (as --quantize runs its quantizer)
 
 
 def ffn_stack(d: int, h: int, layers: int, seed: int = 0) -> onnx.ModelProto:
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dims", type=positive_int, nargs=2, default=[512, 2048], metavar=("D", "H"))
     parser.add_argument("--layers", type=positive_int, default=6)
+    parser.add_argument("--bits", choices=("int8", "int4"), default="int8", help="the quantization composed with")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument("--out", type=Path, default=Path("out/ffn_composition"))
@@ -98,31 +99,34 @@ def run(args: argparse.Namespace) -> int:
     check_output_folders(args.out)  # before any work
     if not runtime.library_available():
         raise TardisError("the ai.tardis library is not built (python custom_ops/build.py)")
-    (d, h), layers = args.dims, args.layers
+    (d, h), layers, bits = args.dims, args.layers, args.bits
+    composed = f"tardis+{bits}"
+    variants = {"tardis": ["--predictor", bits], composed: ["--predictor", bits, "--quantize", bits]}
     rng = np.random.default_rng(1)
     feeds = [{"x": rng.normal(size=(1, 1, d)).astype(np.float32)} for _ in range(32)]
     with tempfile.TemporaryDirectory(prefix="tardis-composition-") as tmp:
         folder = Path(tmp)
-        files = {"dense": folder / "dense.onnx", "int8": folder / "int8.onnx"}
+        files = {"dense": folder / "dense.onnx", bits: folder / f"{bits}.onnx"}
         onnx.save(ffn_stack(d, h, layers), files["dense"])
-        onnx.save(quantize_int8(onnx.load(files["dense"])), files["int8"])
-        for name, flags in VARIANTS.items():
+        onnx.save(quantize_model(onnx.load(files["dense"]), bits), files[bits])
+        for name, flags in variants.items():
             files[name] = folder / f"{name}.onnx"
             command = [sys.executable, "-m", "tardis_onnx.optimize", str(files["dense"]), "-o", str(files[name])]
             subprocess.run([*command, "--no-speed-check", "-q", *flags], check=True)
         sessions = {name: session(path, args.threads) for name, path in files.items()}
         seconds = median_times(sessions, feeds, args.repeats)
-        kernels = {name: kernel_times(files[name], feeds, args.threads, layers) for name in ("int8", "tardis+int8")}
+        kernels = {name: kernel_times(files[name], feeds, args.threads, layers) for name in (bits, composed)}
     per_ffn = {name: 1e6 * s / layers for name, s in seconds.items()}
     for name, us in per_ffn.items():
-        ratios = f"{per_ffn['int8'] / us:5.2f}x of int8   {per_ffn['dense'] / us:5.2f}x of dense"
+        ratios = f"{per_ffn[bits] / us:5.2f}x of {bits}   {per_ffn['dense'] / us:5.2f}x of dense"
         print(f"{name:12s} {us:7.1f} µs per FFN   {ratios}")
     for name, ops in kernels.items():
         print(f"{name} kernels, µs per FFN: " + ", ".join(f"{op} {us:.1f}" for op, us in ops.items()))
     make_output_folders(args.out)
-    result = {"d": d, "h": h, "layers": layers, "threads": args.threads, "us_per_ffn": per_ffn, "kernels_us": kernels}
+    result = {"d": d, "h": h, "layers": layers, "bits": bits, "threads": args.threads, "us_per_ffn": per_ffn}
+    result["kernels_us"] = kernels
     with StagedWrites() as staged:
-        staged.write_text(args.out / "ffn_composition.json", json.dumps(result, indent=2) + "\n")
+        staged.write_text(args.out / f"ffn_composition_{bits}.json", json.dumps(result, indent=2) + "\n")
     return 0
 
 
