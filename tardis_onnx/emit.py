@@ -301,7 +301,8 @@ def _folded_quantized(
         if share:
             weights, scales = np.hstack([weights, predictor.weights]), np.concatenate([scales, predictor.scales])
         h = predictor.scales.size if share else 0
-        inputs = [ffn.x, b.constant("folded_weight_int8", weights, np.int8), b.constant("folded_scales", scales)]
+        # A, B, B's scales, B's zero point (none: symmetric), bias
+        inputs = [ffn.x, b.constant("folded_weight_int8", weights, np.int8), b.constant("folded_scales", scales), ""]
         op, attributes = "DynamicQuantizeMatMul", {}
     else:
         weights, scales = quantize_int4(wf)
@@ -310,12 +311,13 @@ def _folded_quantized(
             weights = np.concatenate([weights, predictor.packed])
             scales = np.concatenate([scales, predictor.scales])
         h = predictor.packed.shape[0] if share else 0
+        # A, B, scales, zero points (none: the default 8), g_idx (none), bias
         inputs = [ffn.x, b.constant("folded_weight_int4", weights, np.uint8), b.constant("folded_scales", scales)]
-        inputs.append("")  # zero points: the default 8 (symmetric)
+        inputs += ["", ""]
         op = "MatMulNBits"
         attributes = {"K": d, "N": d_out + h, "bits": 4, "block_size": INT4_BLOCK}
         attributes["accuracy_level"] = INT4_ACCURACY_LEVEL
-    inputs += ["", b.constant("folded_bias", np.concatenate([bf, np.zeros(h)]))]  # after one more absent input
+    inputs.append(b.constant("folded_bias", np.concatenate([bf, np.zeros(h)])))
     extra = f"; also the {predictor.kind} predictor's x.W1 in the last columns" if share else ""
     domain = "com.microsoft"
     product = b.op(op, inputs, FOLDED_MATMUL, domain=domain, doc_string=doc + extra, **attributes)
