@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     profile: dict = {}
     started = time.perf_counter()
     with timed_steps(steps) if args.steps else profiled(profile, args.top):
-        fitted = next(fit_ffns([ffn], samples, config, form.standard_only))
+        fitted = next(fit_ffns([ffn], samples, config, form))
         fitted_s = time.perf_counter() - started
         choice, _, _, row = emit_fastest(fitted, form, OPSET, not args.no_speed_check, config, [])
     emitted_s = time.perf_counter() - started - fitted_s

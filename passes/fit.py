@@ -20,6 +20,7 @@ from tardis_onnx.calibrate import (
     window_candidates,
 )
 from tardis_onnx.config import TardisConfig
+from tardis_onnx.emit import FallbackForm
 from tardis_onnx.parallel import map_each
 from tardis_onnx.passes.ffn import FfnMatch
 from tardis_onnx.predictor import PredictorChoice, predictor_candidates, rank_predictors
@@ -36,15 +37,15 @@ class FittedFfn:
 
 
 def fit_ffns(
-    ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig, standard_only: bool
+    ffns: list[FfnMatch], samples: list[FfnSamples], config: TardisConfig, form: FallbackForm
 ) -> Iterator[FittedFfn]:
     """Each FFN fitted, in order; large ones (:func:`is_large`) one at a time when asked for, so that their
-    weight copies and pre-activations exist for one FFN at once. ``standard_only``: the fallback uses
-    standard ONNX ops only (:func:`predictor_candidates`)."""
+    weight copies and pre-activations exist for one FFN at once. ``form``: the fallback's (standard ONNX ops
+    only: :func:`predictor_candidates`; its rows int8 under ``--quantize``: the bytes predictors are ranked by)."""
     for ffn, sample in zip(ffns, samples, strict=True):
         if ffn.name != sample.name:
             raise ValueError(f"calibration samples for {sample.name!r} given for FFN {ffn.name!r}")
-    classes = predictor_candidates(config.predictor, standard_only)
+    classes = predictor_candidates(config.predictor, form.standard_only)
     budgets = fallback_budgets(ffns, config)
     large = is_large(ffns)
 
@@ -86,6 +87,7 @@ def fit_ffns(
             z_fit=fit_tokens.z,
             z_check=check.z,
             y_check=check.y,
+            rows_itemsize=1 if form.quantized_in_op(ffn, config.quantize) else None,
         )
         return FittedFfn(ffn, calibration, samples[i], choices)
 

@@ -128,7 +128,7 @@ def optimize_model(
     captured = capture(model, ffns, config, calibration, samples, stages, progress=progress, weights_dir=weights_dir)
     warnings = captured.warnings + refit_warnings(config, ffns, captured.samples)
     timing = config.speed_check and bool(config.shapes)
-    fitted = fit_ffns(ffns, captured.samples, config, form.standard_only)
+    fitted = fit_ffns(ffns, captured.samples, config, form)
     timings = TimingCache()
     replacements, rows, windows, predictors, flag_lines = [], [], [], [], []
     with progress_bar(progress, "folding", len(ffns), "FFN") as bar:

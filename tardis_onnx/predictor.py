@@ -314,6 +314,18 @@ def predictor_class(kind: str) -> type[Predictor]:
     return PREDICTOR_CLASSES[kind]
 
 
+def matmul_weight_bytes(k: int, n: int, quantize: str, itemsize: int) -> int:
+    """Bytes a ``[k, n]`` MatMul weight reads per token under ``--quantize quantize``: ``itemsize`` a weight; one
+    (int8, ``quantize_dynamic``); half a byte and a float32 scale per block of ``INT4_BLOCK`` inputs (int4,
+    ``MatMulNBits``)."""
+    if quantize == "int8":
+        return k * n
+    if quantize == "int4":
+        blocks = -(-k // INT4_BLOCK)
+        return n * blocks * (INT4_BLOCK // 2 + 4)
+    return k * n * itemsize
+
+
 def predictor_candidates(choice: str, standard_only: bool) -> tuple[type[Predictor], ...]:
     """The predictors ``--predictor choice`` tries: the one named, or for ``auto`` those ``in_auto``, but
     those whose portable form is dense where the fallback uses standard ONNX ops only."""
@@ -647,6 +659,7 @@ def rank_predictors(
     z_fit: np.ndarray | None = None,
     z_check: np.ndarray | None = None,
     y_check: np.ndarray | None = None,
+    rows_itemsize: int | None = None,
 ) -> list[PredictorChoice]:
     """The predictor ``classes`` fitted on ``fit_x`` and measured on ``check_x``, best first: those with
     recall ≥ ``min_recall`` (or, when none has it, those with the best recall) by bytes read per token;
@@ -654,7 +667,8 @@ def rank_predictors(
     A predictor the residuals are taken from (int8) is left out where that raises the FFN's error on
     ``check_x`` by more than ``MAX_PREDICTED_RESIDUAL_ERROR`` (``fold``: the folded map, default the plain fold).
     ``z_fit``, ``z_check``: the pre-activations ``x·W1 + b1`` of the two token sets, when known; ``y_check``: the
-    true outputs of the check tokens, when known."""
+    true outputs of the check tokens, when known. ``rows_itemsize``: the bytes of a fallback row's weight when not
+    the model's (the int8 rows of ``--quantize``: 1)."""
     d, h = ffn.w1_stored.shape
     item = np.dtype(ffn.dtype).itemsize
     bias = 0.0 if ffn.b1 is None else ffn.b1
@@ -685,7 +699,7 @@ def rank_predictors(
                 continue
         flagged, recall = predictor_quality(predictor, ffn, check_x, lines, flags, margin, z_check, z_hat_check)
         rows = ffn.w2_stored.size if predictor.residual_from_prediction else ffn.w1_stored.size + ffn.w2_stored.size
-        cost = predictor.read_bytes(d, h, item) + flagged * rows * item
+        cost = predictor.read_bytes(d, h, item) + flagged * rows * (rows_itemsize or item)
         choices.append(PredictorChoice(predictor, flags, flagged, recall, cost))
     good = [c for c in choices if c.recall >= min_recall - 1e-12]
     if not good:

@@ -75,17 +75,6 @@ def quantize_model(model: onnx.ModelProto, quantize: str) -> onnx.ModelProto:
     return model if quantize == "none" else QUANTIZERS[quantize](model)
 
 
-def matmul_weight_bytes(k: int, n: int, quantize: str, itemsize: int) -> int:
-    """Bytes a ``[k, n]`` MatMul weight reads per token under ``--quantize quantize``: ``itemsize`` a weight; one
-    (int8); half a byte plus a float32 scale per block of ``INT4_BLOCK`` inputs (int4, ``MatMulNBits``)."""
-    if quantize == "int8":
-        return k * n
-    if quantize == "int4":
-        blocks = -(-k // INT4_BLOCK)
-        return n * blocks * (INT4_BLOCK // 2 + 4)
-    return k * n * itemsize
-
-
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``w [h, d]`` as int8 rows ``q`` and per-row scales ``s`` (float32): the int8 predictor's quantizer
     (:func:`tardis_onnx.predictor.quantize_int8`, a block of rows at a time) on ``wᵀ`` with ``s = max|w| / 127``;

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tardis_onnx.predictor import Predictor
-from tardis_onnx.quantize import matmul_weight_bytes
+from tardis_onnx.predictor import Predictor, matmul_weight_bytes
 from tardis_onnx.speed import CLEAR_MARGIN
 from tardis_onnx.tables import text_table
 
@@ -98,7 +97,7 @@ class FfnReport:
     ) -> FfnReport:
         """``stored_bytes``: the rewrite's initializers'. ``quantize="int8"`` or ``"int4"``: the MatMuls run
         quantized, so the original FFN and the fold count as their quantized weights
-        (:func:`~tardis_onnx.quantize.matmul_weight_bytes`); ``quantized_in_op``: the rewrite was emitted quantized
+        (:func:`~tardis_onnx.predictor.matmul_weight_bytes`); ``quantized_in_op``: the rewrite was emitted quantized
         (its fold quantized and its fallback rows int8 in ``stored_bytes``), else its fold is quantized afterwards
         and the fallback op's rows stay in the model's dtype."""
         item = np.dtype(ffn.dtype).itemsize

@@ -277,6 +277,25 @@ def test_lowrank_predict_and_unknown_kinds():
     assert predictor_candidates("lowrank", True) == (LowRankPredictor,)
 
 
+def test_int8_fallback_rows_are_ranked_at_a_byte_a_weight():
+    """Under --quantize the fallback reads int8 rows: a candidate's bytes count its flagged rows at one byte a
+    weight, not the model's four."""
+    model = ffn_model("erf_div")
+    (ffn,) = find_ffns(model)[0]
+    x = np.random.default_rng(3).standard_normal((500, ffn.w1_stored.shape[0]))
+    z = x @ ffn.w1 + ffn.b1
+    lines = reference.NeuronLines(
+        np.zeros(ffn.hidden), np.zeros(ffn.hidden), np.quantile(z, 0.1, axis=0), np.quantile(z, 0.9, axis=0)
+    )
+    (plain,), (int8_rows,) = (rank_predictors((ExactPredictor,), ffn, x, x, lines, rows_itemsize=n) for n in (None, 1))
+    d, h = ffn.w1_stored.shape
+    rows = plain.flagged_fraction * (ffn.w1_stored.size + ffn.w2_stored.size)
+    assert 0 < plain.flagged_fraction < 1 and int8_rows.flagged_fraction == plain.flagged_fraction
+    assert plain.read_bytes == pytest.approx(d * h * 4 + rows * 4) and int8_rows.read_bytes == pytest.approx(
+        d * h * 4 + rows
+    )
+
+
 def test_int8_is_left_out_where_residuals_from_it_would_raise_the_error():
     """At coverage 0 the exact residuals make the rewrite exact: residuals from an int8 prediction would
     not, so the auto choice passes over int8 there (asked for alone, it is taken as it is)."""

@@ -22,10 +22,11 @@ from tardis_onnx.predictor import (
     Int4Predictor,
     Int8Predictor,
     dequantize_nbits,
+    matmul_weight_bytes,
     quantize_activations_int8,
     quantize_activations_uint8,
 )
-from tardis_onnx.quantize import matmul_weight_bytes, quantize_model
+from tardis_onnx.quantize import quantize_model
 from tardis_onnx.reference import NeuronLines, fallback_op
 from tardis_onnx.session import create_session
 from tardis_onnx.speed import rewritten_ffn_model
