@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from tardis_onnx.contract import ffn_of
 from tardis_onnx.io import EXTERNAL_DATA_THRESHOLD, model_bytes
 from tardis_onnx.predictor import INT4_ACCURACY_LEVEL, INT4_BLOCK
 from tardis_onnx.predictor import quantize_int8 as quantize_columns
+from tardis_onnx.subgraphs import walk
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
 # The fallback's int8 rows: symmetric per row. The op computes in float (each row converted, then
@@ -31,8 +33,16 @@ QUANTIZE_CHOICES = ("none", "int8", "int4")
 ROW_LIMIT = 127
 
 
+def predictor_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes of the rewrites' predictors (``tardis/<ffn>/Predictor/…``, in subgraphs too): the quantizers leave
+    them as they are, since a predictor's precision is its own (the exact predictor's ``x·W1`` stays exact: its
+    flag windows were fitted for it; the int8 and int4 predictors are quantized already)."""
+    return [n.name for _, g in walk(model.graph) for n in g.node if ffn_of(n.name) and "/Predictor/" in n.name]
+
+
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its MatMuls quantized by ``onnxruntime.quantization.quantize_dynamic`` (QInt8)."""
+    """``model`` with its MatMuls quantized by ``onnxruntime.quantization.quantize_dynamic`` (QInt8), but the
+    rewrites' predictors (:func:`predictor_nodes`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     large = model_bytes(model) >= EXTERNAL_DATA_THRESHOLD  # past protobuf's 2 GB limit: external data
@@ -41,20 +51,32 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
         # The custom op has no schema ONNX Runtime's quantizer sees: tensors it cannot type are float. The
         # MatMuls inside If/Loop branches (Optimum's merged decoders) are quantized too.
         options = {"DefaultTensorType": onnx.TensorProto.FLOAT, "EnableSubgraph": True}
-        quantize_dynamic(model, out, weight_type=QuantType.QInt8, use_external_data_format=large, extra_options=options)
+        quantize_dynamic(
+            model,
+            out,
+            weight_type=QuantType.QInt8,
+            use_external_data_format=large,
+            nodes_to_exclude=predictor_nodes(model),
+            extra_options=options,
+        )
         return onnx.load(out)
 
 
 def quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its MatMuls quantized by ``onnxruntime.quantization``'s ``MatMulNBitsQuantizer`` (4 bits,
     block 32, symmetric, ``accuracy_level=4``: the int4 predictor's settings), the MatMuls inside If/Loop
-    branches too; ``model`` unchanged."""
+    branches too, but the rewrites' predictors (:func:`predictor_nodes`); ``model`` unchanged."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     quantizer = MatMulNBitsQuantizer(
-        copy, bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL
+        copy,
+        bits=4,
+        block_size=INT4_BLOCK,
+        is_symmetric=True,
+        accuracy_level=INT4_ACCURACY_LEVEL,
+        nodes_to_exclude=predictor_nodes(copy),
     )
     log = logging.getLogger(MatMulNBitsQuantizer.__module__)  # a line per node at INFO otherwise
     level = log.level

@@ -197,3 +197,17 @@ def test_the_int4_composition_is_one_4_bit_product_then_the_fallback_on_int8_row
     flagged = ~((z_hat >= weights["lines"][2]) & (z_hat <= weights["lines"][3]))
     assert 0.05 < flagged.mean() < 0.95  # the fallback added rows
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_exact_predictor_stays_exact_under_the_quantizer(quantize):
+    """A predictor's precision is its own: the quantizer leaves the exact predictor's x·W1 in float (its windows
+    were fitted for it) while it quantizes every other MatMul; the report counts it at float width."""
+    model = two_ffn_model()
+    config = TardisConfig(coverage=0.9, predictor="exact", quantize=quantize, speed_check=False)
+    result = optimize_model(model, config)
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    assert matmuls == [f"tardis/layer.{k}/mlp/Predictor/MatMul" for k in range(2)]
+    assert all(r.predictor_bytes == r.d * r.hidden * 4 for r in result.ffns)
+    product = "DynamicQuantizeMatMul" if quantize == "int8" else "MatMulNBits"
+    assert sum(n.op_type == product for n in model.graph.node) == 2  # the folds
