@@ -14,21 +14,32 @@ from tardis_onnx.config import TardisConfig
 from tardis_onnx.contract import METADATA_VERSION
 from tardis_onnx.emit import MIN_OPSET
 from tardis_onnx.errors import TardisError
+from tardis_onnx.subgraphs import walk
 
 
 def prepare(model: onnx.ModelProto, config: TardisConfig, weights_dir: Path | None) -> int:
     """The model's standard opset; a :class:`TardisError` for a model already rewritten, an opset the
-    fallback cannot be written in, or ``--quantize`` on a model read graph-only (``weights_dir``)."""
+    fallback cannot be written in, ``--quantize`` on a model read graph-only (``weights_dir``), or ``--quantize
+    int8`` on a float16 model."""
     if is_rewritten(model):
         raise TardisError("the model was already rewritten by tardis-onnx: nothing to do")
     if weights_dir is not None and config.quantize != "none":
         raise TardisError(
             f"--quantize {config.quantize} needs the model's weights in memory: not for a model with external data"
         )
+    if config.quantize == "int8" and _has_float16_weights(model):
+        raise TardisError(
+            "--quantize int8 needs a float32 model (onnxruntime's quantize_dynamic cannot quantize float16 "
+            "MatMuls); --quantize int4 takes float16 models"
+        )
     opset = _default_opset(model)
     if opset < MIN_OPSET:
         raise TardisError(f"the model uses opset {opset}; tardis-onnx needs opset >= {MIN_OPSET}")
     return opset
+
+
+def _has_float16_weights(model: onnx.ModelProto) -> bool:
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for _, g in walk(model.graph) for t in g.initializer)
 
 
 def is_rewritten(model: onnx.ModelProto) -> bool:

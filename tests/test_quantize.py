@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from ffn_graphs import D, ffn_model, if_model
+from ffn_graphs import D, ffn_model, fp16_model, if_model
 from onnx import numpy_helper
 from test_speed import _fake_timings, two_ffn_model
 
@@ -41,6 +41,27 @@ def test_unknown_quantization_is_refused(tmp_path, capsys):
     onnx.save(ffn_model("erf_div"), path)
     assert main([str(path), "--quantize", "int3"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_int8_on_a_float16_model_is_refused_before_any_work_and_int4_takes_it(tmp_path, capsys):
+    """quantize_dynamic cannot quantize float16 MatMuls (the model would not load): --quantize int8 says so at once,
+    one error line, nothing written; MatMulNBits takes float16, so --quantize int4 folds and quantizes it."""
+    path = tmp_path / "m.onnx"
+    onnx.save(fp16_model(), path)
+    assert main([str(path), "--quantize", "int8", "--no-speed-check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "needs a float32 model" in err[0] and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    )
+    model = fp16_model()
+    feeds = random_feeds(model, seed=1)
+    want = create_session(fp16_model()).run(None, feeds)[0].astype(np.float32)
+    optimize_model(model, TardisConfig(coverage=0.9, quantize="int4", speed_check=False))
+    assert "MatMulNBits" in {n.op_type for n in model.graph.node} and "MatMul" not in {
+        n.op_type for n in model.graph.node
+    }
+    got = create_session(model).run(None, feeds)[0].astype(np.float32)
+    assert np.abs(got - want).max() <= 0.3 * np.abs(want).max()
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
