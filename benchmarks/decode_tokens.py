@@ -22,6 +22,7 @@ on ``f``, not on which neurons fall back.
     python benchmarks/decode_tokens.py --models gpt2_124m --new-tokens 16 --repeats 2 --calib-samples 16
     python benchmarks/decode_tokens.py --variants "" "--target-reduction 0.8 --predictor lowrank"
     python benchmarks/decode_tokens.py --models gpt2_124m --variants "" "--quantize int8" --int8   # beside int8
+    python benchmarks/decode_tokens.py --models gpt2_124m --variants "--quantize int4" --int4      # beside int4
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quantizers import quantize_int8  # noqa: E402
+from quantizers import quantize_int4, quantize_int8  # noqa: E402
 
 from models import optimum_zoo as zoo  # noqa: E402
 from tardis_onnx import runtime, text  # noqa: E402
@@ -163,9 +164,10 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
     calib_tokens = samples[0].seen
     empty_past = {k: v for k, v in random_feeds(dense, 1, 1, past=0).items() if k.startswith("past_key_values")}
     sessions = {"original": make_session(path, args)}
-    if args.int8:  # what a CPU user picks today
-        quantize_int8(path, workdir / f"{arch}-int8.onnx")
-        sessions["int8"] = make_session(workdir / f"{arch}-int8.onnx", args)
+    quantizers = {kind: QUANTIZERS[kind] for kind in QUANTIZERS if getattr(args, kind)}
+    for kind, quantize in quantizers.items():  # what a CPU user picks today
+        quantize(path, workdir / f"{arch}-{kind}.onnx")
+        sessions[kind] = make_session(workdir / f"{arch}-{kind}.onnx", args)
     decoded = capture_ffn_inputs(
         dense, ffns, decode_feeds(Decoder(sessions["original"], empty_past), tokens, args.prompt_tokens), tokens.size
     )
@@ -204,9 +206,9 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
         written = save_model(result.model, file)
         del rewritten, result
         sessions[label] = make_session(file, args)
-        if args.int8:  # the rewrite composed with int8: quantize_dynamic of it (the fallback op left as it is)
-            quantize_int8(file, file.with_suffix(".int8.onnx"))
-            sessions[label + " +int8"] = make_session(file.with_suffix(".int8.onnx"), args)
+        for kind, quantize in quantizers.items():  # the rewrite then quantized (the fallback op left as it is)
+            quantize(file, file.with_suffix(f".{kind}.onnx"))
+            sessions[f"{label} +{kind}"] = make_session(file.with_suffix(f".{kind}.onnx"), args)
         for written_path in written:  # the session holds the weights now
             written_path.unlink()
         rows.append(
@@ -228,18 +230,21 @@ def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -
             }
         )
     timing = time_decoders(sessions, empty_past, tokens, args)
-    if args.int8:  # the quantized sessions as rows of their own, beside the rewrites they come from
-        base = dict.fromkeys(
-            ("fallback_fraction", "recall", "ffn_bytes_read_bound", "end_to_end_bytes_read_bound"), 0.0
-        )
-        quantized = [{**row, "variant": row["variant"] + " +int8", **base} for row in rows]
-        rows = [{"model": arch, "variant": "int8", "fallback": "-", "predictor": "-", **base}, *rows, *quantized]
+    base = dict.fromkeys(("fallback_fraction", "recall", "ffn_bytes_read_bound", "end_to_end_bytes_read_bound"), 0.0)
+    baselines, quantized = [], []
+    for kind in quantizers:  # the quantized sessions as rows of their own, beside the rewrites they come from
+        baselines.append({"model": arch, "variant": kind, "fallback": "-", "predictor": "-", **base})
+        quantized += [{**row, "variant": f"{row['variant']} +{kind}", **base} for row in rows]
+    rows = [*baselines, *rows, *quantized]
     for row in rows:
         row.update(timing[row["variant"]])
         row["original_tokens_per_s"] = timing["original"]["tokens_per_s"]
         row["original_prefill_ms"] = timing["original"]["prefill_ms"]
         row["speedup"] = row["tokens_per_s"] / row["original_tokens_per_s"]
-        row["vs_int8"] = row["tokens_per_s"] / timing["int8"]["tokens_per_s"] if "int8" in timing else float("nan")
+        for kind in QUANTIZERS:
+            row[f"vs_{kind}"] = (
+                row["tokens_per_s"] / timing[kind]["tokens_per_s"] if kind in quantizers else float("nan")
+            )
         print_row(row)
     return rows
 
@@ -296,6 +301,8 @@ def time_decoders(sessions: dict, empty_past: Feeds, tokens: np.ndarray, args: a
     }
 
 
+# What a CPU user picks instead, timed beside the rewrites with --int8 / --int4.
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
 COLUMNS = (  # header, row key, format
     ("model", "model", "<10"),
     ("variant", "variant", "<44"),
@@ -307,6 +314,7 @@ COLUMNS = (  # header, row key, format
     ("tok/s", "tokens_per_s", "7.1f"),
     ("speedup", "speedup", "7.2f"),
     ("vs int8", "vs_int8", "7.2f"),
+    ("vs int4", "vs_int4", "7.2f"),
     ("e2e bound", "end_to_end_bytes_read_bound", "9.2f"),
     ("FFN bound", "ffn_bytes_read_bound", "9.2f"),
 )
@@ -381,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8",
         action="store_true",
         help="also time quantize_dynamic int8 of the original ('int8') and of each rewrite ('<variant> +int8')",
+    )
+    parser.add_argument(
+        "--int4",
+        action="store_true",
+        help="also time MatMulNBitsQuantizer int4 (block 32, accuracy_level 4) of the original ('int4') and of each "
+        "rewrite ('<variant> +int4')",
     )
     parser.add_argument("--out", type=Path, default=Path("out/decode"))
     parser.add_argument("--plot", type=Path, help="write a PNG of the speedups (e.g. docs/decode_tokens.png)")
