@@ -143,8 +143,7 @@ class Int4Predictor(Predictor):
 
     @classmethod
     def bytes_per_token(cls, d, h, itemsize, rank=0):
-        blocks = -(-d // INT4_BLOCK)
-        return h * blocks * (INT4_BLOCK // 2) + h * blocks * itemsize
+        return matmul_weight_bytes(d, h, "int4", itemsize)
 
     def prepare(self, w1):
         return dequantize_nbits(self.packed, self.scales, self.d, 4, product_dtype(w1))
@@ -316,13 +315,13 @@ def predictor_class(kind: str) -> type[Predictor]:
 
 def matmul_weight_bytes(k: int, n: int, quantize: str, itemsize: int) -> int:
     """Bytes a ``[k, n]`` MatMul weight reads per token under ``--quantize quantize``: ``itemsize`` a weight; one
-    (int8, ``quantize_dynamic``); half a byte and a float32 scale per block of ``INT4_BLOCK`` inputs (int4,
-    ``MatMulNBits``)."""
+    (int8, ``quantize_dynamic``); half a byte a weight and a scale of ``itemsize`` bytes (the model's float type)
+    per block of ``INT4_BLOCK`` inputs (int4, ``MatMulNBits``, as the int4 predictor)."""
     if quantize == "int8":
         return k * n
     if quantize == "int4":
         blocks = -(-k // INT4_BLOCK)
-        return n * blocks * (INT4_BLOCK // 2 + 4)
+        return n * blocks * (INT4_BLOCK // 2 + itemsize)
     return k * n * itemsize
 
 

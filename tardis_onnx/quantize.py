@@ -92,9 +92,9 @@ QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
 
 
 def quantize_model(model: onnx.ModelProto, quantize: str) -> onnx.ModelProto:
-    """``model`` as ``--quantize quantize`` leaves it: ``quantize_dynamic`` (int8) or ``MatMulNBitsQuantizer``
-    (int4) of its float MatMuls; ``model`` itself for ``"none"``."""
-    return model if quantize == "none" else QUANTIZERS[quantize](model)
+    """``model`` as ``--quantize int8|int4`` leaves it: ``quantize_dynamic`` (int8) or ``MatMulNBitsQuantizer``
+    (int4) of its float MatMuls."""
+    return QUANTIZERS[quantize](model)
 
 
 def quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ class FfnReport:
     """One folded FFN. Bytes are FFN weight bytes in the model's dtype.
 
     dense_bytes: W1 + W2 (what the original reads per token), quantized under ``--quantize`` (int8: a byte a
-        weight; int4: half a byte and a float32 scale per 32 weights).
+        weight; int4: half a byte and a scale in the model's dtype per 32 weights).
     fold_bytes: the folded matrix (likewise).
     outlier_fraction: true outliers (pre-activation outside the window) on the calibration tokens.
     predictor, flagged_fraction, recall: the predictor, the fraction of neurons it flags (what the

@@ -56,10 +56,12 @@ def test_int8_on_a_float16_model_is_refused_before_any_work_and_int4_takes_it(tm
     model = fp16_model()
     feeds = random_feeds(model, seed=1)
     want = create_session(fp16_model()).run(None, feeds)[0].astype(np.float32)
-    optimize_model(model, TardisConfig(coverage=0.9, quantize="int4", speed_check=False))
-    assert "MatMulNBits" in {n.op_type for n in model.graph.node} and "MatMul" not in {
-        n.op_type for n in model.graph.node
-    }
+    result = optimize_model(model, TardisConfig(coverage=0.9, quantize="int4", speed_check=False))
+    for row in result.ffns:  # MatMulNBits keeps a float16 model's scales in float16: 2 bytes per 32 weights
+        blocks_d, blocks_h = -(-row.d // 32), -(-row.hidden // 32)
+        assert row.dense_bytes == row.hidden * blocks_d * (16 + 2) + row.d * blocks_h * (16 + 2)
+    ops = {n.op_type for n in model.graph.node}
+    assert "MatMulNBits" in ops and "MatMul" not in ops
     got = create_session(model).run(None, feeds)[0].astype(np.float32)
     assert np.abs(got - want).max() <= 0.3 * np.abs(want).max()
 
