@@ -65,11 +65,16 @@ def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
 def quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with its MatMuls quantized by ``onnxruntime.quantization``'s ``MatMulNBitsQuantizer`` (4 bits,
     block 32, symmetric, ``accuracy_level=4``: the int4 predictor's settings), the MatMuls inside If/Loop
-    branches too, but the rewrites' predictors (:func:`predictor_nodes`); ``model`` unchanged."""
+    branches too, but the rewrites' predictors (:func:`predictor_nodes`); ``model`` unchanged.
+
+    Its ``Gemm`` layers (GPT-2's exported Conv1D) are written as ``MatMul`` + ``Add`` first, as ``quantize_dynamic``
+    does for int8: ``MatMulNBitsQuantizer`` takes MatMuls only, and would leave them in float."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.onnx_model import ONNXModel
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    ONNXModel(copy).replace_gemm_with_matmul()  # in place, If/Loop branches too
     quantizer = MatMulNBitsQuantizer(
         copy,
         bits=4,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from ffn_graphs import D, ffn_model, fp16_model, if_model
+from ffn_graphs import D, ffn_model, fp16_model, gpt2_gemm_model, if_model
 from onnx import numpy_helper
 from test_speed import _fake_timings, two_ffn_model
 
@@ -123,6 +123,32 @@ def test_the_speed_check_compares_with_the_quantized_ffn(monkeypatch, quantize, 
         ffn_model("erf_div"), TardisConfig(coverage=0.9, quantize=quantize, speed_check=True, shapes=((1, 4),))
     )
     assert seen and all("MatMul" not in ops and ops.count(product) == 2 for ops in seen)
+
+
+@pytest.mark.parametrize(
+    ("quantize", "product", "tolerance"), [("int8", "MatMulInteger", 0.05), ("int4", "MatMulNBits", 0.2)]
+)
+def test_gemm_layers_are_quantized_too(monkeypatch, quantize, product, tolerance):
+    """GPT-2's export spells its linear layers as Gemm (one with transB): quantize_dynamic writes them as MatMul + Add
+    and quantizes them; MatMulNBitsQuantizer would leave them float, so --quantize int4 does the same first. The
+    speed check's baseline is then a quantized FFN, not a float one."""
+    original = gpt2_gemm_model()
+    quantized = quantize_model(gpt2_gemm_model(), quantize)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert "Gemm" not in ops and "MatMul" not in ops and ops.count(product) == 2
+    feeds = random_feeds(original, seed=3)
+    want = create_session(original).run(None, feeds)[0]
+    got = create_session(quantized).run(None, feeds)[0]
+    assert np.abs(got - want).max() <= tolerance * np.abs(want).max()
+    seen = []
+
+    def measure(dense, rewritten, inputs_per_shape):
+        seen.append([n.op_type for n in onnx.load_from_string(dense).graph.node])
+        return [(1.0, 0.5)] * len(inputs_per_shape)
+
+    monkeypatch.setattr("tardis_onnx.speed.measure_pair", measure)
+    optimize_model(original, TardisConfig(coverage=0.9, quantize=quantize, speed_check=True, shapes=((1, 4),)))
+    assert seen and all("Gemm" not in ops and ops.count(product) == 2 for ops in seen)
 
 
 @pytest.mark.parametrize(
