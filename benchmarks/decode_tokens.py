@@ -23,6 +23,7 @@ on ``f``, not on which neurons fall back.
     python benchmarks/decode_tokens.py --variants "" "--target-reduction 0.8 --predictor lowrank"
     python benchmarks/decode_tokens.py --models gpt2_124m --variants "" "--quantize int8" --int8   # beside int8
     python benchmarks/decode_tokens.py --models gpt2_124m --variants "--quantize int4" --int4      # beside int4
+    python benchmarks/decode_tokens.py --models <cache>/gpt-selftrained__<size>__<tag>/onnx/model.onnx --int8 --int4
 """
 
 from __future__ import annotations
@@ -153,9 +154,27 @@ def make_session(path: Path, args: argparse.Namespace):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def bench_model(arch: str, args: argparse.Namespace, tokenizer, workdir: Path) -> list[dict]:
+def model_and_tokenizer(name: str, args: argparse.Namespace) -> tuple[str, Path, object]:
+    """``--models`` entry → (its name in the rows, the export, its tokenizer): an ``optimum_zoo`` recipe (GPT-2's BPE,
+    ``--tokenizer`` or fetched), or the path of a text-generation-with-past export (``.onnx``) with its tokenizer
+    beside it (e.g. the self-trained GPT of ``models/gpt_selftrained.py``)."""
+    if name.endswith(".onnx"):
+        path = Path(name)
+        tokenizer = text.load_tokenizer(path.parent)
+        arch = path.parent.parent.name.split("__")[0] if path.parent.name == "onnx" else path.parent.name
+    else:
+        if args.tokenizer is None:
+            from models.gpt_selftrained import fetch_gpt2_bpe
+
+            args.tokenizer = fetch_gpt2_bpe(zoo.default_cache_dir())
+        path, tokenizer, arch = zoo.export(name, task=zoo.TEXT_GEN_PAST), text.load_tokenizer(args.tokenizer), name
+    tokenizer.model_max_length = 1 << 30  # the held-out text is cut after tokenizing
+    return arch, path, tokenizer
+
+
+def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[dict]:
     """Calibrate, rewrite with every ``--variants`` entry and time decoding against the original: one row each."""
-    path = zoo.export(arch, task=zoo.TEXT_GEN_PAST)
+    arch, path, tokenizer = model_and_tokenizer(name, args)
     dense = onnx.load(path)
     ffns = find_ffns(dense)[0]
     t0 = time.perf_counter()
@@ -358,7 +377,11 @@ def plot(rows: list[dict], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--models", nargs="+", default=["gpt2_124m", "gpt2_355m"], help="optimum_zoo recipes with GPT-2's vocabulary"
+        "--models",
+        nargs="+",
+        default=["gpt2_124m", "gpt2_355m"],
+        help="optimum_zoo recipes with GPT-2's vocabulary, or paths of text-generation-with-past exports (.onnx, "
+        "tokenizer beside it)",
     )
     parser.add_argument(
         "--variants",
@@ -403,20 +426,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     check_output_folders(args.out, *([args.plot.parent] if args.plot else []))  # before any work
+    for name in args.models:
+        if name.endswith(".onnx") and not Path(name).is_file():
+            raise TardisError(f"--models: '{name}' is not a file")
     import onnxruntime as ort
 
-    if args.tokenizer is None:
-        from models.gpt_selftrained import fetch_gpt2_bpe
-
-        args.tokenizer = fetch_gpt2_bpe(zoo.default_cache_dir())
-    tokenizer = text.load_tokenizer(args.tokenizer)
-    tokenizer.model_max_length = 1 << 30  # the held-out text is cut after tokenizing
     make_output_folders(args.out)
     print_row(None)
     rows = []
     with tempfile.TemporaryDirectory(prefix="tardis-decode-") as workdir:
-        for arch in args.models:
-            rows += bench_model(arch, args, tokenizer, Path(workdir))
+        for name in args.models:
+            rows += bench_model(name, args, Path(workdir))
     meta = {
         "onnxruntime": ort.__version__,
         "machine": platform.processor() or platform.machine(),

@@ -10,7 +10,11 @@ appended to the model), so the logits never leave ONNX Runtime.
 The comparison (defaults: the self-trained GPT of ``models/gpt_selftrained.py``): calibrate once on
 the training text (never the test split), then score the dense export; TARDIS with the ``accurate``
 preset at several fallback reductions, the plain recipe at several coverages, and the accurate one
-with an int4 predictor; magnitude / Wanda / RIA pruning at the same FFN reductions. Each TARDIS row
+with an int4 predictor; magnitude / Wanda / RIA pruning at the same FFN reductions; and what users would pick
+instead, beside the plain command composed with it (``--quantized``, on by default): ONNX Runtime's int8
+(``quantize_dynamic``) and int4 (``MatMulNBitsQuantizer``) of the export, the plain command's defaults, and
+``--quantize int8`` / ``--quantize int4``, every FFN folded (the never-slower check off: its accuracy is measured, its
+speed is ``benchmarks/decode_tokens.py``'s). Each TARDIS row
 reports the outlier fraction ``f`` measured per layer on the held-out tokens and both bytes-read
 figures of docs/design.md §2 (fallback reduction; total read with the predictor). Writes
 ``results.json`` and ``perplexity.png`` to ``--out`` (default ``out/perplexity``), the plot elsewhere with
@@ -45,6 +49,7 @@ from experiments.evaluate import (
 from tardis_onnx import text
 from tardis_onnx.calibrate import capture_ffn_inputs
 from tardis_onnx.config import PRESETS, TardisConfig
+from tardis_onnx.emit import fallback_form
 from tardis_onnx.errors import (
     TardisError,
     fraction,
@@ -56,7 +61,10 @@ from tardis_onnx.errors import (
 from tardis_onnx.feeds import Feeds, random_feeds
 from tardis_onnx.files import StagedWrites, check_targets, model_files
 from tardis_onnx.io import check_output_folders, load_model, make_output_folders
+from tardis_onnx.optimize import optimize_model
 from tardis_onnx.passes import find_ffns
+from tardis_onnx.predictor import matmul_weight_bytes
+from tardis_onnx.quantize import QUANTIZERS, quantize_model
 from tardis_onnx.session import create_session, run_session
 
 LOGPROB = "tardis_eval/token_logprob"
@@ -139,6 +147,33 @@ class PerplexityEvaluator:
         return math.exp(nll / self.predicted), outside
 
 
+def quantized_rows(model: onnx.ModelProto, ffns, samples, evaluator, max_samples: int) -> list[dict]:
+    """ONNX Runtime's int8 and int4 of ``model`` (what users pick instead), then the plain command's defaults alone
+    and composed with each (``--quantize``), every FFN folded. ``weights_read``: the FFN weight bytes a token reads
+    (the report's, at the calibration tokens' flag rate, predictor included) over the float FFNs'."""
+    itemsize = np.dtype(ffns[0].dtype).itemsize
+    float_bytes = sum(2 * f.w1_stored.size * itemsize for f in ffns)
+    rows = []
+    for kind in QUANTIZERS:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        value, _ = evaluator.score(quantize_model(copy, kind))
+        read = sum(matmul_weight_bytes(*f.w1_stored.shape, kind, itemsize) * 2 for f in ffns)
+        rows.append({"method": "quantized", "name": kind, "perplexity": value, "weights_read": read / float_bytes})
+    for kind in ("none", *QUANTIZERS):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        config = TardisConfig(quantize=kind, speed_check=False, max_samples=max_samples)
+        result = optimize_model(copy, config, samples=samples)
+        value, _ = evaluator.score(result.model)
+        read = sum(r.fallback_read_bytes + r.predictor_bytes for r in result.ffns)
+        name = "tardis" if kind == "none" else f"tardis --quantize {kind}"
+        predictors = [r.predictor for r in result.ffns]
+        row = {"method": "composed", "name": name, "perplexity": value, "weights_read": read / float_bytes}
+        rows.append({**row, "predictors": predictors, "fallback": fallback_form(config.fallback).name})
+    return rows
+
+
 def train_windows(ids: np.ndarray, context: int, count: int) -> np.ndarray:
     """``count`` windows spread evenly over the training tokens (calibration)."""
     if len(ids) < context:
@@ -186,6 +221,10 @@ def plot(rows: list[dict], dense: float, title: str, path: Path) -> None:
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker + "-", color="k", alpha=0.6, label=f"{method} pruning")
+    for r in rows:  # ONNX Runtime's quantizers, the plain command and its compositions with them
+        if r["method"] in ("quantized", "composed"):
+            marker = "X" if r["method"] == "quantized" else "P"
+            ax.plot(r["weights_read"], r["perplexity"], marker, ms=8, label=r["name"], alpha=0.8)
     worst = max(r["perplexity"] for r in rows)
     ax.set_ylim(dense - 0.02 * (worst - dense) - 1e-6, min(worst, 3 * dense) + 0.05 * (min(worst, 3 * dense) - dense))
     ax.set_xlabel("FFN weights read per token / dense")
@@ -219,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", type=fraction, nargs="*", default=None, help="pruning (default: the reductions)")
     p.add_argument(
         "--predictors", type=predictor_spec, nargs="*", default=["int4"], help="on accurate at the top reduction"
+    )
+    p.add_argument(
+        "--quantized",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ONNX Runtime's int8 and int4, the plain command and --quantize int8|int4 beside them",
     )
     p.add_argument("--out", type=Path, default=REPO / "out" / "perplexity")
     p.add_argument("--plot", type=Path, default=None, help="where the plot goes (default: perplexity.png in --out)")
@@ -296,6 +341,9 @@ def run(args: argparse.Namespace) -> dict:
     for method in baselines.METHODS:
         for s in args.reductions if args.sparsities is None else args.sparsities:
             log(baseline_row(method, s, model, ffns, samples, evaluator, metric="perplexity"))
+    if args.quantized:
+        for row in quantized_rows(model, ffns, samples, evaluator, args.max_samples):
+            log(row)
     result = {
         "model": str(model_path),
         "method": "non-overlapping windows of the context length, each from an empty cache; "

@@ -106,6 +106,67 @@ def test_tardis_at_coverage_zero_keeps_the_dense_perplexity(tiny):
     assert folded["ppl"] != dense and 0 < np.mean(folded["outlier_fraction_eval"]) < 0.5
 
 
+def test_quantized_rows_beside_the_plain_command_and_its_compositions(tiny):
+    """ONNX Runtime's int8 and int4 of the export, then the plain command alone and with --quantize int8|int4, every
+    FFN folded: each scored on the same windows, its FFN bytes against the float FFNs'."""
+    from experiments.perplexity import quantized_rows
+    from tardis_onnx import runtime
+    from tardis_onnx.calibrate import capture_ffn_inputs
+    from tardis_onnx.passes import find_ffns
+    from tardis_onnx.quantize import quantize_model
+
+    path, _, _, ids = tiny
+    model = onnx.load(path)
+    ffns, _ = find_ffns(model)
+    evaluator = PerplexityEvaluator(model, ids, 32)
+    samples = capture_ffn_inputs(model, ffns, [lm_feeds(model, windows(ids, 32)[:16])], 4096)
+    dense, _ = evaluator.score(model)
+    rows = {r["name"]: r for r in quantized_rows(model, ffns, samples, evaluator, 4096)}
+    assert list(rows) == ["int8", "int4", "tardis", "tardis --quantize int8", "tardis --quantize int4"]
+    assert rows["int8"]["perplexity"] == evaluator.score(quantize_model(onnx.load(path), "int8"))[0]
+    # d = 32, h = 128: int8 a byte a weight; int4 half a byte and a float32 scale per 32 weights
+    assert rows["int8"]["weights_read"] == 0.25 and rows["int4"]["weights_read"] == (16 + 4) / 32 / 4
+    form = "custom" if runtime.library_available() else "portable"
+    for name in ("tardis", "tardis --quantize int8", "tardis --quantize int4"):
+        assert rows[name]["fallback"] == form and len(rows[name]["predictors"]) == 2
+        assert 0 < rows[name]["weights_read"] < 1
+    for row in rows.values():
+        assert row["perplexity"] == pytest.approx(dense, rel=0.05)
+
+
+def test_decode_tokens_takes_an_export_with_its_own_tokenizer(tiny, tmp_path, capsys):
+    """benchmarks/decode_tokens.py on the self-trained GPT's export (tokenizer beside it): the original, int8 and int4
+    of it, and a rewrite, decoded side by side; a missing export is refused before any work."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import decode_tokens
+
+    path = tiny[0]
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(
+        "\n\n".join(f"The king {i} said that the land was wide and the sea was old." for i in range(40))
+    )
+    argv = ["--variants=--no-speed-check", "--int8", "--int4", "--calib", str(text_file), "--calib-samples", "8"]
+    argv += ["--calib-seq-len", "16", "--prompt-tokens", "4", "--new-tokens", "4", "--repeats", "1", "--warmup", "0"]
+    assert decode_tokens.main(["--models", str(path), *argv, "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "decode_tokens.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == [
+        "int8",
+        "int4",
+        "--no-speed-check",
+        "--no-speed-check +int8",
+        "--no-speed-check +int4",
+    ]
+    assert {r["model"] for r in rows} == {"gpt-selftrained"} and all(r["tokens_per_s"] > 0 for r in rows)
+    absent = str(tmp_path / "absent" / "model.onnx")
+    assert decode_tokens.main(["--models", absent, *argv, "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --models: '{absent}' is not a file" and not (tmp_path / "out2").exists()
+
+
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
     from experiments.perplexity import main
     from models.gpt_selftrained import export_selftrained
