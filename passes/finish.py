@@ -5,6 +5,7 @@ shapes annotated (:func:`tardis_onnx.schema.annotate_shapes`)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import onnx
 
@@ -12,6 +13,7 @@ from tardis_onnx import __version__
 from tardis_onnx.config import TardisConfig
 from tardis_onnx.contract import METADATA_CONFIG, METADATA_FFNS, METADATA_VERSION
 from tardis_onnx.emit import FallbackForm, replace_nodes
+from tardis_onnx.io import ExternalDataWriter, load_external_weights
 from tardis_onnx.predictor import Predictor
 from tardis_onnx.quantize import quantize_model
 from tardis_onnx.report import FfnReport
@@ -25,15 +27,20 @@ def finish(
     predictors: list[Predictor],
     form: FallbackForm,
     config: TardisConfig,
+    weights_dir: Path | None = None,
+    weights: ExternalDataWriter | None = None,
 ) -> None:
     """In place: ``replacements`` (:meth:`FfnMatch.rewrite`) made; ``rows`` and ``predictors``: per FFN, its
-    report row and predictor (the FFNs kept as they were included)."""
+    report row and predictor (the FFNs kept as they were included). A model read graph-only (``weights_dir``, its
+    new tensors in ``weights``) is read into memory to be quantized: the quantizers need its weights there."""
     replace_nodes(model, replacements)
     folded_predictors = [p for p, r in zip(predictors, rows, strict=True) if not r.kept_original]
     for domain in form.domains(folded_predictors):
         if not any(o.domain == domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     if config.quantize != "none":
+        if weights_dir is not None or weights is not None:
+            load_external_weights(model, weights_dir, weights)
         model.CopyFrom(quantize_model(model, config.quantize))
     _set_metadata(model, config, form.name, rows)
     annotate_shapes(model)

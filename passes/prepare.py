@@ -6,8 +6,6 @@ every exporter's spelling as it is.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import onnx
 
 from tardis_onnx.config import TardisConfig
@@ -17,16 +15,11 @@ from tardis_onnx.errors import TardisError
 from tardis_onnx.subgraphs import walk
 
 
-def prepare(model: onnx.ModelProto, config: TardisConfig, weights_dir: Path | None) -> int:
+def prepare(model: onnx.ModelProto, config: TardisConfig) -> int:
     """The model's standard opset; a :class:`TardisError` for a model already rewritten, an opset the
-    fallback cannot be written in, ``--quantize`` on a model read graph-only (``weights_dir``), or ``--quantize
-    int8`` on a float16 model."""
+    fallback cannot be written in, or ``--quantize int8`` on a float16 model."""
     if is_rewritten(model):
         raise TardisError("the model was already rewritten by tardis-onnx: nothing to do")
-    if weights_dir is not None and config.quantize != "none":
-        raise TardisError(
-            f"--quantize {config.quantize} needs the model's weights in memory: not for a model with external data"
-        )
     if config.quantize == "int8" and _has_float16_weights(model):
         raise TardisError(
             "--quantize int8 needs a float32 model (onnxruntime's quantize_dynamic cannot quantize float16 "

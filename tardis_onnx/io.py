@@ -263,6 +263,15 @@ class ExternalDataWriter:
             self._file.write(b"\0" * padding)
         return offset + padding
 
+    def flush(self) -> None:
+        self._file.flush()
+
+    def restart(self) -> None:
+        """Empty the file: nothing written yet (what it held must have been read back first)."""
+        self._file.seek(0)
+        self._file.truncate()
+        self.written.clear()
+
     def close(self) -> None:
         self._file.close()
 
@@ -278,6 +287,24 @@ def data_path(output: str | Path) -> Path:
     (beside the file a symlinked output points to)."""
     output = Path(output)
     return Path(os.path.realpath(os.path.abspath(output))).parent / (output.name + ".data")
+
+
+def load_external_weights(
+    model: onnx.ModelProto, weights_dir: Path | None, weights: ExternalDataWriter | None = None
+) -> None:
+    """In place: the data of every tensor of a model read graph-only read into its proto, from ``weights``' file for
+    the tensors it wrote, else from ``weights_dir``; ``weights`` then starts its file afresh (the whole model is
+    written again). For a quantizer, which takes the model with its weights in memory."""
+    if weights is not None:
+        weights.flush()
+    folder = weights.path.parent if weights is not None else None
+    for tensor in all_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            written = weights is not None and tensor.name in weights.written
+            array = np.array(tensor_array(tensor, folder if written else weights_dir))  # a copy, not a mapping
+            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    if weights is not None:
+        weights.restart()
 
 
 def _initializers(graph: onnx.GraphProto):

@@ -118,7 +118,7 @@ def optimize_model(
     """
     started = time.perf_counter()
     stages = Stages()
-    opset = prepare(model, config, weights_dir)
+    opset = prepare(model, config)
     with stages("match"):
         ffns, refusals = find_ffns(model, weights_dir)
     if not ffns:
@@ -154,7 +154,7 @@ def optimize_model(
     kept = [r for r in rows if r.kept_original]
     if kept:
         warnings.append(kept_warning(kept, len(rows), config.shapes))
-    finish(model, replacements, rows, predictors, form, config)
+    finish(model, replacements, rows, predictors, form, config, weights_dir, weights)
     summary = captured.summary(config)
     result = OptimizeResult(
         model, rows, refusals, config, form.name, windows, predictors, flag_lines, summary, warnings

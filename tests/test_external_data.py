@@ -4,6 +4,7 @@ weights written to the output's external data as they come, and the result equal
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,39 @@ def test_a_terminated_run_leaves_no_temporary_behind(tmp_path):
     # 143 (128 + SIGTERM); 1 when the signal lands inside an import that wraps it in an ImportError
     assert process.wait(60) in (1, 128 + signal.SIGTERM), process.stderr.read()[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["feeds.npz", "m.onnx", "m.onnx.data"]
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantize_on_a_model_with_external_data_equals_the_in_memory_rewrite(tmp_path, quantize):
+    """--quantize reads a graph-only model's weights into memory for the quantizer (the original's from its data
+    file, the rewrite's from the output's, which is then written afresh): the same model as from the inline input."""
+    inline = save(chain_model(["a", "b", "c"]), tmp_path / "inline.onnx")
+    external = save(chain_model(["a", "b", "c"]), tmp_path / "external.onnx", external=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    flags = ["--quantize", quantize, "--no-speed-check", "--calib-samples", "4"]
+    for path in (inline, external):
+        assert optimize.main([str(path), "-o", str(path.with_suffix(".tardis.onnx")), *flags]) == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before  # inputs intact
+    rewritten = tmp_path / "external.tardis.onnx"
+    graph = onnx.load(str(rewritten), load_external_data=False)
+    assert io.has_external_data(graph) and "MatMul" not in {n.op_type for n in graph.graph.node}
+    # written afresh: the file holds the tensors the model refers to, back to back (aligned), and nothing else
+    spans = sorted(
+        (int(info.offset), int(info.length))
+        for t in graph.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for info in [onnx.external_data_helper.ExternalDataInfo(t)]
+    )
+    align = io.ExternalDataWriter.ALIGNMENT
+    assert spans[0][0] == 0 and all(b[0] == -(-(a[0] + a[1]) // align) * align for a, b in pairwise(spans))
+    assert (tmp_path / "external.tardis.onnx.data").stat().st_size == spans[-1][0] + spans[-1][1]
+    got, want = _weights(rewritten), _weights(tmp_path / "inline.tardis.onnx")
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    # both run with the same session options (a session on an external-data file runs memory-frugal, without
+    # prepacking, and MatMulNBits then takes another path)
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    runs = [create_session(onnx.load(str(p))).run(None, {"x": x}) for p in (rewritten, tmp_path / "inline.tardis.onnx")]
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
