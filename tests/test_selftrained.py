@@ -106,6 +106,26 @@ def test_tardis_at_coverage_zero_keeps_the_dense_perplexity(tiny):
     assert folded["ppl"] != dense and 0 < np.mean(folded["outlier_fraction_eval"]) < 0.5
 
 
+def test_an_evaluation_row_folds_every_ffn_whatever_the_speed_check_says(tiny, monkeypatch):
+    """The experiments measure a recipe's accuracy and read every FFN's probes: an FFN the never-slower check would
+    keep (the portable form is slower than the original) is folded all the same (it failed on a missing probe)."""
+    from test_speed import _fake_timings
+
+    from experiments.evaluate import tardis_row
+    from tardis_onnx.calibrate import capture_ffn_inputs
+    from tardis_onnx.config import TardisConfig
+    from tardis_onnx.passes import find_ffns
+
+    path, _, _, ids = tiny
+    model = onnx.load(path)
+    ffns, _ = find_ffns(model)
+    timed = _fake_timings(monkeypatch, slower={f.name for f in ffns})
+    samples = capture_ffn_inputs(model, ffns, [lm_feeds(model, windows(ids, 32)[:16])], 4096)
+    config = TardisConfig(coverage=0.9, fallback="portable", speed_check=True)
+    row = tardis_row("t", model, ffns, samples, PerplexityEvaluator(model, ids, 32), config, "ppl")
+    assert not timed and len(row["outlier_fraction_eval"]) == 2 and 0 < np.mean(row["outlier_fraction_eval"]) < 0.5
+
+
 def test_quantized_rows_beside_the_plain_command_and_its_compositions(tiny):
     """ONNX Runtime's int8 and int4 of the export, then the plain command alone and with --quantize int8|int4, every
     FFN folded: each scored on the same windows, its FFN bytes against the float FFNs'."""
