@@ -221,10 +221,10 @@ def plot(rows: list[dict], dense: float, title: str, path: Path) -> None:
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker + "-", color="k", alpha=0.6, label=f"{method} pruning")
-    for r in rows:  # ONNX Runtime's quantizers, the plain command and its compositions with them
-        if r["method"] in ("quantized", "composed"):
-            marker = "X" if r["method"] == "quantized" else "P"
-            ax.plot(r["weights_read"], r["perplexity"], marker, ms=8, label=r["name"], alpha=0.8)
+    # ONNX Runtime's quantizers, the plain command and its compositions with them
+    for k, r in enumerate(r for r in rows if r["method"] in ("quantized", "composed")):
+        marker = "X" if r["method"] == "quantized" else "P"
+        ax.plot(r["weights_read"], r["perplexity"], marker, ms=8, color=f"C{5 + k}", label=r["name"], alpha=0.8)
     worst = max(r["perplexity"] for r in rows)
     ax.set_ylim(dense - 0.02 * (worst - dense) - 1e-6, min(worst, 3 * dense) + 0.05 * (min(worst, 3 * dense) - dense))
     ax.set_xlabel("FFN weights read per token / dense")
