@@ -267,7 +267,7 @@ class ExternalDataWriter:
         self._file.flush()
 
     def restart(self) -> None:
-        """Empty the file: nothing written yet (what it held must have been read back first)."""
+        """Empty the file: nothing written yet (what it held is no longer referred to)."""
         self._file.seek(0)
         self._file.truncate()
         self.written.clear()
@@ -289,22 +289,21 @@ def data_path(output: str | Path) -> Path:
     return Path(os.path.realpath(os.path.abspath(output))).parent / (output.name + ".data")
 
 
-def load_external_weights(
-    model: onnx.ModelProto, weights_dir: Path | None, weights: ExternalDataWriter | None = None
+def save_whole(
+    model: onnx.ModelProto, path: Path, weights_dir: Path | None, weights: ExternalDataWriter | None = None
 ) -> None:
-    """In place: the data of every tensor of a model read graph-only read into its proto, from ``weights``' file for
-    the tensors it wrote, else from ``weights_dir``; ``weights`` then starts its file afresh (the whole model is
-    written again). For a quantizer, which takes the model with its weights in memory."""
+    """A model read graph-only written to ``path`` as a model ONNX tools can load by itself (external data in
+    ``<name>.data`` beside it): each tensor's data copied a chunk at a time, from ``weights``' file for the tensors
+    it wrote, else from ``weights_dir``; ``model`` unchanged. For a quantizer, which reads the model whole."""
     if weights is not None:
         weights.flush()
-    folder = weights.path.parent if weights is not None else None
-    for tensor in all_tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with ExternalDataWriter(data_path(path)) as writer:
+        for tensor in all_tensors(copy.graph):
             written = weights is not None and tensor.name in weights.written
-            array = np.array(tensor_array(tensor, folder if written else weights_dir))  # a copy, not a mapping
-            tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
-    if weights is not None:
-        weights.restart()
+            writer.add(tensor, weights.path.parent if written else weights_dir)
+    onnx.save_model(copy, str(path))
 
 
 def _initializers(graph: onnx.GraphProto):

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from tardis_onnx.contract import ffn_of
+from tardis_onnx.files import model_files
 from tardis_onnx.io import EXTERNAL_DATA_THRESHOLD, model_bytes
 from tardis_onnx.predictor import INT4_ACCURACY_LEVEL, INT4_BLOCK
 from tardis_onnx.predictor import quantize_int8 as quantize_columns
@@ -40,40 +41,47 @@ def predictor_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for _, g in walk(model.graph) for n in g.node if ffn_of(n.name) and "/Predictor/" in n.name]
 
 
-def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its MatMuls quantized by ``onnxruntime.quantization.quantize_dynamic`` (QInt8), but the
-    rewrites' predictors (:func:`predictor_nodes`)."""
+def quantize_int8(model: onnx.ModelProto | Path) -> onnx.ModelProto:
+    """``model`` (or the model file at that path, external data beside it) with its MatMuls quantized by
+    ``onnxruntime.quantization.quantize_dynamic`` (QInt8), but the rewrites' predictors (:func:`predictor_nodes`)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    large = model_bytes(model) >= EXTERNAL_DATA_THRESHOLD  # past protobuf's 2 GB limit: external data
-    with tempfile.TemporaryDirectory(prefix="tardis-quantize-") as folder:
-        out = Path(folder) / "quantized.onnx"
+    if isinstance(model, Path):
+        graph, folder = onnx.load(str(model), load_external_data=False), model.parent  # its temporaries beside it
+        large = sum(f.stat().st_size for f in model_files(model)) >= EXTERNAL_DATA_THRESHOLD
+    else:
+        graph, folder, large = model, None, model_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory(prefix="tardis-quantize-", dir=folder) as temporary:
+        out = Path(temporary) / "quantized.onnx"
         # The custom op has no schema ONNX Runtime's quantizer sees: tensors it cannot type are float. The
         # MatMuls inside If/Loop branches (Optimum's merged decoders) are quantized too.
         options = {"DefaultTensorType": onnx.TensorProto.FLOAT, "EnableSubgraph": True}
         quantize_dynamic(
-            model,
+            str(model) if isinstance(model, Path) else model,
             out,
             weight_type=QuantType.QInt8,
-            use_external_data_format=large,
-            nodes_to_exclude=predictor_nodes(model),
+            use_external_data_format=large,  # past protobuf's 2 GB limit: external data
+            nodes_to_exclude=predictor_nodes(graph),
             extra_options=options,
         )
         return onnx.load(out)
 
 
-def quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with its MatMuls quantized by ``onnxruntime.quantization``'s ``MatMulNBitsQuantizer`` (4 bits,
-    block 32, symmetric, ``accuracy_level=4``: the int4 predictor's settings), the MatMuls inside If/Loop
-    branches too, but the rewrites' predictors (:func:`predictor_nodes`); ``model`` unchanged.
+def quantize_int4(model: onnx.ModelProto | Path) -> onnx.ModelProto:
+    """``model`` (or the model file at that path) with its MatMuls quantized by ``onnxruntime.quantization``'s
+    ``MatMulNBitsQuantizer`` (4 bits, block 32, symmetric, ``accuracy_level=4``: the int4 predictor's settings), the
+    MatMuls inside If/Loop branches too, but the rewrites' predictors (:func:`predictor_nodes`); ``model`` unchanged.
 
     Its ``Gemm`` layers (GPT-2's exported Conv1D) are written as ``MatMul`` + ``Add`` first, as ``quantize_dynamic``
     does for int8: ``MatMulNBitsQuantizer`` takes MatMuls only, and would leave them in float."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    if isinstance(model, Path):
+        copy = onnx.load(str(model))  # read once, ours to change
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
     ONNXModel(copy).replace_gemm_with_matmul()  # in place, If/Loop branches too
     quantizer = MatMulNBitsQuantizer(
         copy,
@@ -96,9 +104,9 @@ def quantize_int4(model: onnx.ModelProto) -> onnx.ModelProto:
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4}
 
 
-def quantize_model(model: onnx.ModelProto, quantize: str) -> onnx.ModelProto:
-    """``model`` as ``--quantize int8|int4`` leaves it: ``quantize_dynamic`` (int8) or ``MatMulNBitsQuantizer``
-    (int4) of its float MatMuls."""
+def quantize_model(model: onnx.ModelProto | Path, quantize: str) -> onnx.ModelProto:
+    """``model`` (or the model file at that path) as ``--quantize int8|int4`` leaves it: ``quantize_dynamic`` (int8)
+    or ``MatMulNBitsQuantizer`` (int4) of its float MatMuls."""
     return QUANTIZERS[quantize](model)
 
 

@@ -135,8 +135,9 @@ def test_a_terminated_run_leaves_no_temporary_behind(tmp_path):
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantize_on_a_model_with_external_data_equals_the_in_memory_rewrite(tmp_path, quantize):
-    """--quantize reads a graph-only model's weights into memory for the quantizer (the original's from its data
-    file, the rewrite's from the output's, which is then written afresh): the same model as from the inline input."""
+    """--quantize writes a graph-only model whole to a temporary file for the quantizer (the original's weights copied
+    from its data file, the rewrite's from the output's, which is then written afresh): the same model as from the
+    inline input, and no temporary left behind."""
     inline = save(chain_model(["a", "b", "c"]), tmp_path / "inline.onnx")
     external = save(chain_model(["a", "b", "c"]), tmp_path / "external.onnx", external=True)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -144,6 +145,10 @@ def test_quantize_on_a_model_with_external_data_equals_the_in_memory_rewrite(tmp
     for path in (inline, external):
         assert optimize.main([str(path), "-o", str(path.with_suffix(".tardis.onnx")), *flags]) == 0
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in before} == before  # inputs intact
+    outputs = {f"{m}.tardis.{e}" for m in ("inline", "external") for e in ("onnx", "json")} | {
+        "external.tardis.onnx.data"
+    }
+    assert {p.name for p in tmp_path.iterdir()} == set(before) | outputs  # the whole temporary model is gone
     rewritten = tmp_path / "external.tardis.onnx"
     graph = onnx.load(str(rewritten), load_external_data=False)
     assert io.has_external_data(graph) and "MatMul" not in {n.op_type for n in graph.graph.node}
