@@ -14,8 +14,10 @@ original FFN quantized the same way, so the result is never slower than the quan
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,23 @@ def predictor_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for _, g in walk(model.graph) for n in g.node if ffn_of(n.name) and "/Predictor/" in n.name]
 
 
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger, keep: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """While inside: ``logger``'s records that ``keep`` refuses are dropped."""
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _not_pre_processing_advice(record: logging.LogRecord) -> bool:
+    """``quantize_dynamic`` advises every model it is given, on the root logger, to run its pre-processing first
+    (shape inference and ONNX Runtime's graph optimisations): a line per FFN timed and per model, of a step that is
+    not our users' to take."""
+    return not record.getMessage().startswith("Please consider to run pre-processing")
+
+
 def quantize_int8(model: onnx.ModelProto | Path) -> onnx.ModelProto:
     """``model`` (or the model file at that path, external data beside it) with its MatMuls quantized by
     ``onnxruntime.quantization.quantize_dynamic`` (QInt8), but the rewrites' predictors (:func:`predictor_nodes`)."""
@@ -56,14 +75,15 @@ def quantize_int8(model: onnx.ModelProto | Path) -> onnx.ModelProto:
         # The custom op has no schema ONNX Runtime's quantizer sees: tensors it cannot type are float. The
         # MatMuls inside If/Loop branches (Optimum's merged decoders) are quantized too.
         options = {"DefaultTensorType": onnx.TensorProto.FLOAT, "EnableSubgraph": True}
-        quantize_dynamic(
-            str(model) if isinstance(model, Path) else model,
-            out,
-            weight_type=QuantType.QInt8,
-            use_external_data_format=large,  # past protobuf's 2 GB limit: external data
-            nodes_to_exclude=predictor_nodes(graph),
-            extra_options=options,
-        )
+        with _quiet(logging.getLogger(), _not_pre_processing_advice):
+            quantize_dynamic(
+                str(model) if isinstance(model, Path) else model,
+                out,
+                weight_type=QuantType.QInt8,
+                use_external_data_format=large,  # past protobuf's 2 GB limit: external data
+                nodes_to_exclude=predictor_nodes(graph),
+                extra_options=options,
+            )
         return onnx.load(out)
 
 
@@ -92,12 +112,8 @@ def quantize_int4(model: onnx.ModelProto | Path) -> onnx.ModelProto:
         nodes_to_exclude=predictor_nodes(copy),
     )
     log = logging.getLogger(MatMulNBitsQuantizer.__module__)  # a line per node at INFO otherwise
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
+    with _quiet(log, lambda record: record.levelno >= logging.WARNING):
         quantizer.process()
-    finally:
-        log.setLevel(level)
     return quantizer.model.model
 
 

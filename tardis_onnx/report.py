@@ -221,6 +221,7 @@ def print_report(result, output: Path, report_path: Path) -> None:
     t = FfnReport.totals(result.ffns)
     kinds = Counter(r.predictor for r in result.ffns if not r.kept_original)
     predictors = ", ".join(f"{kind} ×{count}" for kind, count in kinds.most_common())
+    predictors += "; " if predictors else ""  # none where every FFN was kept
     c = result.calibration
     if c:
         print(
@@ -233,7 +234,7 @@ def print_report(result, output: Path, report_path: Path) -> None:
         f"folded {t['ffns']} FFN(s){kept}, fallback '{result.fallback}': FFN weights read per token "
         f"{1 - t['fallback_reduction']:.1%} of dense without the predictor "
         f"(reduction {t['fallback_reduction']:.1%}), {1 - t['total_read_reduction']:.1%} with the "
-        f"predictors ({predictors}; reduction {t['total_read_reduction']:.1%}); "
+        f"predictors ({predictors}reduction {t['total_read_reduction']:.1%}); "
         f"stored {_mib(t['storage_bytes'])} MiB vs {_mib(t['dense_bytes'])} MiB dense"
     )
     print(f"took {result.elapsed_s:.1f} s, peak memory {result.peak_rss_mib:.0f} MiB")

@@ -3,6 +3,8 @@ MatMulNBitsQuantizer (int4) does, never slower than it."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -41,6 +43,23 @@ def test_unknown_quantization_is_refused(tmp_path, capsys):
     onnx.save(ffn_model("erf_div"), path)
     assert main([str(path), "--quantize", "int3"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_command_says_nothing_of_the_quantizers_own(monkeypatch, tmp_path, capsys, caplog, quantize):
+    """quantize_dynamic advises pre-processing on the root logger for every model it is given (here each FFN timed and
+    the whole model), MatMulNBitsQuantizer logs a line per node: the command's output is its own report. Where every
+    FFN was kept, the summary names no predictor (it printed "(; reduction 0.0%)")."""
+    _fake_timings(monkeypatch, slower={"layer.0/mlp"})
+    path = tmp_path / "m.onnx"
+    onnx.save(ffn_model("erf_div"), path)
+    caplog.set_level(logging.INFO)
+    assert main([str(path), "--quantize", quantize, "--speed-check"]) == 0
+    out = capsys.readouterr()
+    shown = [r for r in caplog.records if r.levelno >= logging.WARNING or r.name.endswith("matmul_nbits_quantizer")]
+    assert not shown and "pre-processing" not in out.err + out.out
+    summary = next(line for line in out.out.splitlines() if line.startswith("folded "))
+    assert "(;" not in summary and "with the predictors (" in summary, summary
 
 
 def test_int8_on_a_float16_model_is_refused_before_any_work_and_int4_takes_it(tmp_path, capsys):
