@@ -87,17 +87,24 @@ def test_onnx_perplexity_equals_torch_perplexity(tiny):
     assert ort_ppl == pytest.approx(torch_perplexity(hf, ids, 32), rel=1e-5)
 
 
-def test_tardis_at_coverage_zero_keeps_the_dense_perplexity(tiny):
-    from experiments.evaluate import tardis_row
+@pytest.fixture
+def probed(tiny):
+    """(ONNX path, its model, its FFNs, an evaluator on the held-out windows, the FFN inputs the rows fold from)."""
     from tardis_onnx.calibrate import capture_ffn_inputs
-    from tardis_onnx.config import TardisConfig
     from tardis_onnx.passes import find_ffns
 
     path, _, _, ids = tiny
     model = onnx.load(path)
     ffns, _ = find_ffns(model)
-    evaluator = PerplexityEvaluator(model, ids, 32)
     samples = capture_ffn_inputs(model, ffns, [lm_feeds(model, windows(ids, 32)[:16])], 4096)
+    return path, model, ffns, PerplexityEvaluator(model, ids, 32), samples
+
+
+def test_tardis_at_coverage_zero_keeps_the_dense_perplexity(probed):
+    from experiments.evaluate import tardis_row
+    from tardis_onnx.config import TardisConfig
+
+    _, model, ffns, evaluator, samples = probed
     dense, _ = evaluator.score(model)
     exact = tardis_row("exact", model, ffns, samples, evaluator, TardisConfig(coverage=0.0, fallback="portable"), "ppl")
     assert exact["ppl"] == pytest.approx(dense, rel=1e-5)
@@ -106,40 +113,29 @@ def test_tardis_at_coverage_zero_keeps_the_dense_perplexity(tiny):
     assert folded["ppl"] != dense and 0 < np.mean(folded["outlier_fraction_eval"]) < 0.5
 
 
-def test_an_evaluation_row_folds_every_ffn_whatever_the_speed_check_says(tiny, monkeypatch):
+def test_an_evaluation_row_folds_every_ffn_whatever_the_speed_check_says(probed, monkeypatch):
     """The experiments measure a recipe's accuracy and read every FFN's probes: an FFN the never-slower check would
     keep (the portable form is slower than the original) is folded all the same (it failed on a missing probe)."""
     from test_speed import _fake_timings
 
     from experiments.evaluate import tardis_row
-    from tardis_onnx.calibrate import capture_ffn_inputs
     from tardis_onnx.config import TardisConfig
-    from tardis_onnx.passes import find_ffns
 
-    path, _, _, ids = tiny
-    model = onnx.load(path)
-    ffns, _ = find_ffns(model)
+    _, model, ffns, evaluator, samples = probed
     timed = _fake_timings(monkeypatch, slower={f.name for f in ffns})
-    samples = capture_ffn_inputs(model, ffns, [lm_feeds(model, windows(ids, 32)[:16])], 4096)
     config = TardisConfig(coverage=0.9, fallback="portable", speed_check=True)
-    row = tardis_row("t", model, ffns, samples, PerplexityEvaluator(model, ids, 32), config, "ppl")
+    row = tardis_row("t", model, ffns, samples, evaluator, config, "ppl")
     assert not timed and len(row["outlier_fraction_eval"]) == 2 and 0 < np.mean(row["outlier_fraction_eval"]) < 0.5
 
 
-def test_quantized_rows_beside_the_plain_command_and_its_compositions(tiny):
+def test_quantized_rows_beside_the_plain_command_and_its_compositions(probed):
     """ONNX Runtime's int8 and int4 of the export, then the plain command alone and with --quantize int8|int4, every
     FFN folded: each scored on the same windows, its FFN bytes against the float FFNs'."""
     from experiments.perplexity import quantized_rows
     from tardis_onnx import runtime
-    from tardis_onnx.calibrate import capture_ffn_inputs
-    from tardis_onnx.passes import find_ffns
     from tardis_onnx.quantize import quantize_model
 
-    path, _, _, ids = tiny
-    model = onnx.load(path)
-    ffns, _ = find_ffns(model)
-    evaluator = PerplexityEvaluator(model, ids, 32)
-    samples = capture_ffn_inputs(model, ffns, [lm_feeds(model, windows(ids, 32)[:16])], 4096)
+    path, model, ffns, evaluator, samples = probed
     dense, _ = evaluator.score(model)
     rows = {r["name"]: r for r in quantized_rows(model, ffns, samples, evaluator, 4096)}
     assert list(rows) == ["int8", "int4", "tardis", "tardis --quantize int8", "tardis --quantize int4"]
