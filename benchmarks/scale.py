@@ -206,6 +206,7 @@ def plot(result: dict, path: Path) -> None:
     for i, d in enumerate(decode.values()):
         right.annotate(f"{d['read_gib_per_token']:.2f} GiB", (i, 1 / d["s_per_token"]), ha="center", va="bottom")
     right.set_title("decode")
+    right.tick_params(axis="x", labelrotation=20)  # six names side by side overlap
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
