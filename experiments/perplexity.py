@@ -152,13 +152,17 @@ def quantized_rows(model: onnx.ModelProto, ffns, samples, evaluator, max_samples
     and composed with each (``--quantize``), every FFN folded. ``weights_read``: the FFN weight bytes a token reads
     (the report's, at the calibration tokens' flag rate, predictor included) over the float FFNs'."""
     itemsize = np.dtype(ffns[0].dtype).itemsize
-    float_bytes = sum(2 * f.w1_stored.size * itemsize for f in ffns)
+    float_bytes = sum((f.w1_stored.size + f.w2_stored.size) * itemsize for f in ffns)
     rows = []
     for kind in QUANTIZERS:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         value, _ = evaluator.score(quantize_model(copy, kind))
-        read = sum(matmul_weight_bytes(*f.w1_stored.shape, kind, itemsize) * 2 for f in ffns)
+        read = sum(
+            matmul_weight_bytes(*f.w1_stored.shape, kind, itemsize)
+            + matmul_weight_bytes(*f.w2_stored.shape, kind, itemsize)
+            for f in ffns
+        )
         rows.append({"method": "quantized", "name": kind, "perplexity": value, "weights_read": read / float_bytes})
     for kind in ("none", *QUANTIZERS):
         copy = onnx.ModelProto()
