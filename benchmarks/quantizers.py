@@ -14,12 +14,9 @@ from pathlib import Path
 
 import onnx
 
+from tardis_onnx.files import model_file_bytes
+
 EXTERNAL_DATA_BYTES = 1 << 30
-
-
-def model_file_bytes(path: Path) -> int:
-    """Bytes of the model file and of its external data files beside it (``name.onnx*``)."""
-    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*") if p.is_file())
 
 
 def quantize_int8(source: Path, target: Path) -> None:

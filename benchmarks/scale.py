@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -43,16 +42,17 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # models/
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quantizers import model_file_bytes, quantize_int4, quantize_int8  # noqa: E402
+from quantizers import quantize_int4, quantize_int8  # noqa: E402
 
 from models import gelu_decoder  # noqa: E402
 from tardis_onnx.errors import TardisError, positive_int, run_command  # noqa: E402
 from tardis_onnx.files import (
     StagedWrites,  # noqa: E402
     all_tensors,  # noqa: E402
+    model_file_bytes,  # noqa: E402
 )
 from tardis_onnx.io import check_output_folders, make_output_folders  # noqa: E402
-from tardis_onnx.session import create_session  # noqa: E402
+from tardis_onnx.session import create_session, physical_memory  # noqa: E402
 from tardis_onnx.text import embedding_rows  # noqa: E402
 
 STAGES = ("match", "calibrate", "fit", "emit", "save")
@@ -128,7 +128,7 @@ def per_token_bytes(path: Path) -> int:
 def baselines(names: list[str], args: argparse.Namespace, model: Path, rewritten: Path, work: Path):
     """Baseline name → model file, built in ``work`` (or, per skipped one, a line saying why)."""
     float32 = args.dtype == "float32"
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = physical_memory()
     files, skipped = {}, {}
     for name in names:
         quantized = model if name in ("int8", "int4") else rewritten

@@ -2,7 +2,7 @@
 everything a command writes is staged beside its target and renamed in place only once all of it
 was written.
 
-* :func:`model_files`: a model file and every external-data file it references.
+* :func:`model_files`: a model file and every external-data file it references; :func:`model_file_bytes`, their size.
 * :func:`check_targets`: a one-line :class:`TardisError` when an output would alias an input or
   another output (same path, ``..``, symlink, hard link), is not a regular file, or cannot be written.
 * :class:`StagedWrites`: temporaries in a hidden folder beside each target, ``os.replace``-d onto
@@ -50,6 +50,11 @@ def model_files(path: str | Path) -> list[Path]:
             if data not in files:
                 files.append(data)
     return files
+
+
+def model_file_bytes(path: str | Path) -> int:
+    """Bytes of the model file and of every external-data file it references (those that exist)."""
+    return sum(f.stat().st_size for f in model_files(path) if f.is_file())
 
 
 def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

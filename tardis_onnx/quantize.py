@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from tardis_onnx.contract import ffn_of
-from tardis_onnx.files import model_files
+from tardis_onnx.files import model_file_bytes
 from tardis_onnx.io import EXTERNAL_DATA_THRESHOLD, model_bytes
 from tardis_onnx.predictor import INT4_ACCURACY_LEVEL, INT4_BLOCK
 from tardis_onnx.predictor import quantize_int8 as quantize_columns
@@ -67,7 +67,7 @@ def quantize_int8(model: onnx.ModelProto | Path) -> onnx.ModelProto:
 
     if isinstance(model, Path):
         graph, folder = onnx.load(str(model), load_external_data=False), model.parent  # its temporaries beside it
-        large = sum(f.stat().st_size for f in model_files(model)) >= EXTERNAL_DATA_THRESHOLD
+        large = model_file_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     else:
         graph, folder, large = model, None, model_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     with tempfile.TemporaryDirectory(prefix="tardis-quantize-", dir=folder) as temporary:

@@ -10,7 +10,7 @@ import onnx
 
 from tardis_onnx.contract import DOMAIN
 from tardis_onnx.errors import TardisError, external_error, is_onnxruntime_error
-from tardis_onnx.files import model_files
+from tardis_onnx.files import model_file_bytes
 from tardis_onnx.io import has_external_data, save_model
 from tardis_onnx.subgraphs import walk
 
@@ -29,7 +29,7 @@ def create_session(
     Graph optimisations are off by default so ONNX Runtime cannot fuse or hide
     what the pass produced. ``weights_dir``: where a graph-only ``model`` (:func:`tardis_onnx.io.open_model`)
     keeps its external data. A model with external data runs memory-frugal (:func:`frugal`); a model file among
-    them keeps ONNX Runtime's prepacking where its weights fit in memory twice over (:func:`prepacking_fits`).
+    them keeps ONNX Runtime's prepacking where its weights fit in memory three times (:func:`prepacking_fits`).
     """
     import onnxruntime as ort
 
@@ -85,8 +85,12 @@ def frugal(options, prepack: bool = False) -> None:
 def prepacking_fits(path: Path) -> bool:
     """Whether the model file's weights (its external data included) fit in this machine's memory three times:
     mapped, prepacked into copies (float32 MatMuls copy every weight) and room to run."""
-    weights = sum(f.stat().st_size for f in model_files(path) if f.is_file())
-    return 3 * weights <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 3 * model_file_bytes(path) <= physical_memory()
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def run_session(session, names: list[str] | None, feeds: dict, label: str = "the model") -> list:
